@@ -1,0 +1,1 @@
+"""Accuracy: comparing models and scoring them on their task."""

@@ -1,0 +1,46 @@
+"""Typed errors: every failure a user can cause is a KilnError with one clear line of text.
+
+The CLI prints ``str(error)`` and exits non-zero; anything that is not a KilnError is a bug and
+shows its traceback.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base of every error modelkiln raises on purpose."""
+
+
+class ModelNotFound(KilnError):
+    """A zoo name, model file or weights file that does not exist."""
+
+
+class WeightsError(KilnError):
+    """A weights file that exists but cannot be used (corrupt, foreign pickle, wrong layout)."""
+
+
+class ExportError(KilnError):
+    """torch -> ONNX export failed or produced a model that disagrees with torch."""
+
+
+class ParityError(ExportError):
+    """The exported model's outputs differ from torch's beyond tolerance."""
+
+
+class BadInput(KilnError):
+    """An input (image, tensor, feed) that does not match what the model expects."""
+
+
+class BackendError(KilnError):
+    """A runtime backend could not load or run a model."""
+
+
+class MissingDependency(KilnError):
+    """An optional dependency (an install extra) is needed for this step."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs '{package}', which is not installed: pip install 'modelkiln[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra

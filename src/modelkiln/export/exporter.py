@@ -1,0 +1,178 @@
+"""Export a zoo model to ONNX with a dynamic batch axis and prove it matches torch.
+
+Files are written to a temporary name and moved into place only after the parity check passes,
+so a failed export never leaves a file that looks usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from modelkiln import zoo
+from modelkiln._deps import require
+from modelkiln.errors import ExportError, ParityError
+from modelkiln.export.nms import append_nms
+from modelkiln.export.parity import OutputParity, Tolerance, compare_output
+from modelkiln.runtime.session import ort_session, run
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+PARITY_BATCHES = (1, 3)  # batch 3 proves the batch axis is really dynamic
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how closely each file matches torch."""
+
+    model: str
+    files: dict[str, Path]
+    parity: list[OutputParity] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.parity)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "files": {k: str(v) for k, v in self.files.items()},
+            "passed": self.passed,
+            "parity": [p.to_dict() for p in self.parity],
+        }
+
+
+def output_paths(entry: zoo.ZooModel, out: str | Path) -> dict[str, Path]:
+    """One file per part: ``out`` itself for single-part models, ``out/<part>.onnx`` otherwise."""
+    out = Path(out)
+    if len(entry.parts) == 1:
+        if out.suffix != ".onnx":
+            out = out / f"{entry.name}.onnx" if out.is_dir() else out.with_suffix(".onnx")
+        return {entry.parts[0].name: out}
+    if out.suffix == ".onnx":
+        raise ExportError(f"{entry.name} has {len(entry.parts)} parts; give -o a folder, not {out}")
+    return {p.name: out / f"{p.name}.onnx" for p in entry.parts}
+
+
+def export(
+    model: str,
+    out: str | Path,
+    weights: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    image_size: int | None = None,
+    nms: bool = False,
+    tolerance: Tolerance | None = None,
+) -> ExportResult:
+    """Export zoo ``model`` to ``out`` and check it against torch; raises ParityError on mismatch."""
+    entry = zoo.get(model, image_size)
+    if nms and entry.task != "detection":
+        raise ExportError(f"--nms applies to detectors; {entry.name} is a {entry.task} model")
+    torch = require("torch", "export")
+    modules = entry.build(weights if weights is not None else entry.default_weights)
+    paths = output_paths(entry, out)
+    result = ExportResult(entry.name, paths)
+    for part in entry.parts:
+        proto = _trace(torch, entry, part, modules[part.name], opset)
+        checks = _parity(torch, entry, part, modules[part.name], proto, tolerance or Tolerance())
+        result.parity.extend(checks)
+        if not all(c.passed for c in checks):
+            worst = max(checks, key=lambda c: c.max_abs)
+            raise ParityError(
+                f"{entry.name}/{part.name}: ONNX output {worst.output!r} differs from torch at batch "
+                f"{worst.batch}: max abs {worst.max_abs:.3g} > {worst.limit_abs:.3g} or cosine "
+                f"{worst.cosine:.6f} too low; no file written"
+            )
+        if nms:
+            proto = append_nms(proto)
+        _set_metadata(proto, entry, part.name, weights)
+        _save(proto, paths[part.name])
+        log.info("wrote %s (%s)", paths[part.name], part.name)
+    return result
+
+
+def _trace(torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, opset: int) -> onnx.ModelProto:
+    """torch.onnx (TorchScript tracer) export into memory, then onnx.checker."""
+    example = entry.example_inputs(part.name, batch=1)
+    args = tuple(torch.from_numpy(example[s.name]) for s in part.inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        try:
+            with torch.no_grad(), _exportable_attention(torch), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
+                torch.onnx.export(
+                    module, args, path, dynamo=False, opset_version=opset,
+                    input_names=[s.name for s in part.inputs], output_names=[s.name for s in part.outputs],
+                    dynamic_axes=part.dynamic_axes(), do_constant_folding=True,
+                )
+            proto = onnx.load(path)
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as exc:
+            raise ExportError(f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}") from exc
+    return proto
+
+
+@contextlib.contextmanager
+def _exportable_attention(torch: Any) -> Iterator[None]:
+    """Disable nn.MultiheadAttention's fused fast path, which has no ONNX symbolic."""
+    mha = torch.backends.mha
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
+
+
+def _parity(
+    torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, proto: onnx.ModelProto, tol: Tolerance
+) -> list[OutputParity]:
+    """Run torch and ONNX Runtime (optimisations off: we test the file, not ORT's rewrites)."""
+    session = ort_session(proto.SerializeToString(), optimization="disable")
+    checks = []
+    for batch in PARITY_BATCHES:
+        feed = entry.example_inputs(part.name, batch=batch, seed=batch)
+        with torch.no_grad():
+            ref = module(*(torch.from_numpy(feed[s.name]) for s in part.inputs))
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        got = run(session, feed)
+        for spec, r in zip(part.outputs, refs, strict=True):
+            checks.append(compare_output(part.name, spec.name, batch, got[spec.name], r.numpy(), tol))
+    return checks
+
+
+def _set_metadata(proto: onnx.ModelProto, entry: zoo.ZooModel, part: str, weights: str | None) -> None:
+    meta = {"modelkiln.zoo": entry.name, "modelkiln.part": part, "modelkiln.task": entry.task,
+            "modelkiln.weights": "random" if weights in (None, "random") and entry.default_weights is None
+            else Path(weights).name if weights and os.sep in weights else str(weights or entry.default_weights)}
+    meta.update(entry.metadata())
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "modelkiln"
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    """Write atomically: a temp file beside the target, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

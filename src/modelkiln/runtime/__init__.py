@@ -1,0 +1,1 @@
+"""Runtime: backends that run ONNX models (ONNX Runtime CPU by default)."""

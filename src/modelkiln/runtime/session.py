@@ -1,0 +1,53 @@
+"""ONNX Runtime sessions with the options modelkiln uses everywhere, and clear load errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelkiln.errors import BackendError, BadInput, ModelNotFound
+
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(
+    model: str | Path | bytes,
+    threads: int | None = None,
+    optimization: str = "all",
+    providers: list[str] | None = None,
+) -> Any:
+    """An InferenceSession on ``providers`` (CPU by default) with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    if isinstance(model, (str, Path)):
+        if not Path(model).is_file():
+            raise ModelNotFound(f"model file not found: {model}")
+        model = os.fspath(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[optimization])
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:
+        name = model if isinstance(model, str) else "<in-memory model>"
+        raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def run(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run and return outputs by name; input names are checked so a typo gives a clear error."""
+    expected = {i.name for i in session.get_inputs()}
+    if set(feed) != expected:
+        raise BadInput(f"model expects inputs {sorted(expected)}, got {sorted(feed)}")
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def model_metadata(session: Any) -> dict[str, str]:
+    """The ONNX model's metadata_props (where export records the zoo family and class names)."""
+    return dict(session.get_modelmeta().custom_metadata_map)
