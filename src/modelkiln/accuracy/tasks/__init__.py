@@ -1,0 +1,1 @@
+"""Task metrics: how a model is scored on what it is for (ImageNet top-k, COCO mAP)."""

@@ -1,0 +1,54 @@
+"""``kiln``: entry point, global options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import typer
+
+from modelkiln.cli import export as export_cmd
+from modelkiln.cli import predict as predict_cmd
+from modelkiln.errors import KilnError
+from modelkiln.log import configure_logging, console
+
+app = typer.Typer(
+    name="kiln",
+    help="modelkiln: export, optimize, quantize, compare, bench and serve neural networks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_state = {"verbose": False}
+
+
+@app.callback()
+def _global(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    _state["verbose"] = verbose
+    configure_logging(verbose=verbose, quiet=quiet)
+
+
+app.command("export")(export_cmd.export)
+app.command("predict")(predict_cmd.predict)
+
+
+def main() -> None:
+    """Run the CLI; a KilnError is one red line and exit code 1 (traceback only with --verbose)."""
+    try:
+        code = app(standalone_mode=False)
+    except KilnError as exc:
+        if _state["verbose"]:
+            logging.getLogger("modelkiln").exception("failed")
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,47 @@
+"""``kiln predict``: run a model on images and print (and draw) what it sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import typer
+
+from modelkiln.log import console
+from modelkiln.predict import Predictor
+from modelkiln.zoo.images import read_image
+
+
+def predict(
+    model: str = typer.Argument(..., help="An exported .onnx file, a folder of parts (CLIP) or a zoo name."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    zoo_name: str = typer.Option(None, "--zoo", help="Zoo family of an ONNX file without modelkiln metadata."),
+    weights: str = typer.Option(None, "--weights", "-w", help="Weights when MODEL is a zoo name."),
+    labels: str = typer.Option(None, "--labels", help="CLIP: comma-separated labels for zero-shot."),
+    out_dir: Path = typer.Option(None, "--out-dir", help="Where drawn detections go (default: beside each image)."),
+) -> None:
+    """Top-5 labels for classifiers; boxes listed and drawn into a PNG for detectors."""
+    predictor = Predictor.open(model, zoo_name=zoo_name, weights=weights)
+    label_list = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
+    for pred in predictor.predict(images, labels=label_list):
+        console.print(f"[bold]{pred.image}[/]")
+        console.print(str(pred.result), highlight=False)
+        if predictor.entry.task == "detection":
+            console.print(f"  drawn: {_save_drawing(pred, out_dir)}")
+
+
+def _save_drawing(pred: object, out_dir: Path | None) -> Path:
+    """Write ``<stem>.pred.png`` beside the image, or into out_dir / the current folder if read-only."""
+    from modelkiln.zoo.draw import draw_detections
+
+    image_path: Path = pred.image  # type: ignore[attr-defined]
+    drawn = draw_detections(read_image(image_path), pred.result)  # type: ignore[attr-defined]
+    for folder in ([out_dir] if out_dir else [image_path.parent, Path.cwd()]):
+        target = folder / f"{image_path.stem}.pred.png"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if cv2.imwrite(str(target), drawn):
+                return target
+        except OSError:
+            continue
+    raise OSError(f"cannot write the drawing of {image_path} to {out_dir or image_path.parent} or {Path.cwd()}")
