@@ -43,7 +43,7 @@ def main() -> None:
     except KilnError as exc:
         if _state["verbose"]:
             logging.getLogger("modelkiln").exception("failed")
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Abort:
         console.print("aborted")

@@ -118,10 +118,29 @@ def _trace(torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, opset: 
                     dynamic_axes=part.dynamic_axes(), do_constant_folding=True,
                 )
             proto = onnx.load(path)
+            _declare_output_shapes(proto, part)
             onnx.checker.check_model(proto, full_check=True)
         except Exception as exc:
             raise ExportError(f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}") from exc
     return proto
+
+
+def _declare_output_shapes(proto: onnx.ModelProto, part: zoo.Part) -> None:
+    """Write the part's output shapes into the graph: the tracer names every dim of an output with a
+    dynamic axis symbolically, but tools (and YOLOv5's own) expect e.g. [batch, 25200, 85]."""
+    specs = {s.name: s for s in part.outputs}
+    for out in proto.graph.output:
+        spec = specs.get(out.name)
+        if spec is None:
+            continue
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(spec.shape):
+            raise ExportError(f"{part.name}: output {out.name} has rank {len(dims)}, expected {len(spec.shape)}")
+        for dim, want in zip(dims, spec.shape, strict=True):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ torch's own rebuild functions, and any other global (``os.system``, ``builtins.e
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import logging
 import pickle
@@ -33,7 +34,6 @@ _ALLOWED = {
     ("builtins", "set"),
     ("builtins", "frozenset"),
     ("builtins", "slice"),
-    ("__builtin__", "set"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
@@ -82,9 +82,12 @@ def _placeholder(module: str, name: str) -> type:
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles carry Python 2 names (__builtin__, commands…): translate as pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ALLOWED:
             module = module.replace("numpy.core.", "numpy._core.") if _numpy2() else module
-            module = "builtins" if module == "__builtin__" else module
             return getattr(importlib.import_module(module), name)
         if module == "torch" and name in _TORCH_DTYPES:
             return getattr(importlib.import_module("torch"), name)

@@ -1,0 +1,87 @@
+"""The kiln command as a user runs it: exit codes, one-line errors, readable output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def kiln(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelkiln", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_help_lists_commands() -> None:
+    res = kiln("--help")
+    assert res.returncode == 0
+    assert "export" in res.stdout and "predict" in res.stdout
+
+
+def test_unknown_model_is_one_clear_line(tmp_path: Path) -> None:
+    res = kiln("export", "resnet5O", "-o", str(tmp_path / "x.onnx"))
+    assert res.returncode == 1
+    assert "unknown model 'resnet5O'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    res = kiln("export", "yolov5n", "--weights", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "y.onnx"))
+    assert res.returncode == 1
+    assert "weights file not found" in res.stderr and "missing.pt" in res.stderr
+    assert not (tmp_path / "y.onnx").exists()
+
+
+def test_foreign_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.pt"
+    torch.save({"model": subprocess.CompletedProcess(["x"], 0)}, path)
+    res = kiln("export", "yolov5n", "--weights", str(path), "-o", str(tmp_path / "y.onnx"))
+    assert res.returncode == 1
+    assert "refused global 'subprocess.CompletedProcess'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_verbose_shows_traceback(tmp_path: Path) -> None:
+    res = kiln("--verbose", "export", "nosuchmodel", "-o", str(tmp_path / "x.onnx"))
+    assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+def test_export_then_predict_classifier(tmp_path: Path) -> None:
+    out = tmp_path / "lite.onnx"
+    res = kiln("export", "efficientnet_lite0", "--weights", "random", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert out.is_file() and "cosine" in res.stderr
+    image = tmp_path / "img.png"
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    res = kiln("predict", str(out), str(image))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("%") == 5  # top-5 with probabilities
+
+
+def test_predict_unreadable_image(tmp_path: Path) -> None:
+    out = tmp_path / "y.onnx"
+    assert kiln("export", "yolov5n", "--weights", "random", "--image-size", "64", "-o", str(out)).returncode == 0
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    res = kiln("predict", str(out), str(bad))
+    assert res.returncode == 1 and "cannot decode image" in res.stderr
+
+
+def test_predict_draws_detections(tmp_path: Path) -> None:
+    out = tmp_path / "y.onnx"
+    assert kiln("export", "yolov5n", "--weights", "random", "--image-size", "64", "-o", str(out)).returncode == 0
+    import cv2
+    import numpy as np
+
+    image = tmp_path / "street.jpg"
+    cv2.imwrite(str(image), np.full((120, 90, 3), 200, np.uint8))
+    res = kiln("predict", str(out), str(image))
+    assert res.returncode == 0, res.stderr
+    drawn = tmp_path / "street.pred.png"
+    assert drawn.is_file() and cv2.imread(str(drawn)).shape == (120, 90, 3)

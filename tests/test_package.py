@@ -1,0 +1,24 @@
+"""The package stays light: importing it, the zoo and predict must not pull in torch."""
+
+import subprocess
+import sys
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_import_modelkiln_does_not_import_torch() -> None:
+    mods = _modules_after("import modelkiln")
+    assert "torch" not in mods
+
+
+def test_zoo_and_predict_paths_do_not_import_torch() -> None:
+    mods = _modules_after(
+        "import modelkiln.predict, modelkiln.zoo as z; [z.get(n) for n in ('resnet50', 'efficientnet_lite0',"
+        " 'yolov5n', 'clip-vit-b-32')]"
+    )
+    assert "torch" not in mods
+    assert "open_clip" not in mods
