@@ -11,8 +11,14 @@ import torch
 
 
 def kiln(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "modelkiln", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "modelkiln", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_help_lists_commands() -> None:
@@ -53,7 +59,7 @@ def test_export_then_predict_classifier(tmp_path: Path) -> None:
     out = tmp_path / "lite.onnx"
     res = kiln("export", "efficientnet_lite0", "--weights", "random", "-o", str(out))
     assert res.returncode == 0, res.stderr
-    assert out.is_file() and "cosine" in res.stderr
+    assert out.is_file() and "cosine" in res.stdout
     image = tmp_path / "img.png"
     import cv2
     import numpy as np
@@ -61,12 +67,14 @@ def test_export_then_predict_classifier(tmp_path: Path) -> None:
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8))
     res = kiln("predict", str(out), str(image))
     assert res.returncode == 0, res.stderr
-    assert res.stderr.count("%") == 5  # top-5 with probabilities
+    assert res.stdout.count("%") == 5  # top-5 with probabilities
 
 
 def test_predict_unreadable_image(tmp_path: Path) -> None:
     out = tmp_path / "y.onnx"
-    assert kiln("export", "yolov5n", "--weights", "random", "--image-size", "64", "-o", str(out)).returncode == 0
+    assert (
+        kiln("export", "yolov5n", "--weights", "random", "--image-size", "64", "-o", str(out)).returncode == 0
+    )
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     res = kiln("predict", str(out), str(bad))
@@ -75,7 +83,9 @@ def test_predict_unreadable_image(tmp_path: Path) -> None:
 
 def test_predict_draws_detections(tmp_path: Path) -> None:
     out = tmp_path / "y.onnx"
-    assert kiln("export", "yolov5n", "--weights", "random", "--image-size", "64", "-o", str(out)).returncode == 0
+    assert (
+        kiln("export", "yolov5n", "--weights", "random", "--image-size", "64", "-o", str(out)).returncode == 0
+    )
     import cv2
     import numpy as np
 
@@ -85,3 +95,17 @@ def test_predict_draws_detections(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     drawn = tmp_path / "street.pred.png"
     assert drawn.is_file() and cv2.imread(str(drawn)).shape == (120, 90, 3)
+
+
+def test_predict_without_images_uses_builtin_sample(tmp_path: Path) -> None:
+    out = tmp_path / "lite.onnx"
+    assert (
+        kiln(
+            "export", "efficientnet_lite0", "--weights", "random", "--image-size", "64", "-o", str(out)
+        ).returncode
+        == 0
+    )
+    res = kiln("predict", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "built-in sample grace_hopper.jpg" in res.stderr
+    assert "grace_hopper.jpg" in res.stdout and res.stdout.count("%") == 5

@@ -75,7 +75,8 @@ def test_in_graph_nms_agrees_with_numpy_nms(yolo_onnx: Path, assets: Path, tmp_p
         total += len(a.result.boxes)
         for box in a.result.boxes:
             matched += any(
-                o.class_id == box.class_id and abs(o.score - box.score) < 1e-4
+                o.class_id == box.class_id
+                and abs(o.score - box.score) < 1e-4
                 and max(abs(o.x1 - box.x1), abs(o.y2 - box.y2)) < 0.5
                 for o in b.result.boxes
             )

@@ -7,14 +7,15 @@ import logging
 from rich.console import Console
 from rich.logging import RichHandler
 
-#: Console for human-facing output; stderr so that stdout stays clean for --json and pipes.
-console = Console(stderr=True)
+#: Results (tables, predictions) go to stdout; logs, progress and errors to stderr.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Route modelkiln's log records to a rich handler at the level the user asked for."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=console, show_path=verbose, show_time=verbose, markup=False)
+    handler = RichHandler(console=err_console, show_path=verbose, show_time=verbose, markup=False)
     root = logging.getLogger("modelkiln")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -32,8 +32,13 @@ class Predictor:
         self.sessions = sessions
 
     @classmethod
-    def open(cls, model: str | Path, zoo_name: str | None = None, weights: str | None = None,
-             threads: int | None = None) -> Predictor:
+    def open(
+        cls,
+        model: str | Path,
+        zoo_name: str | None = None,
+        weights: str | None = None,
+        threads: int | None = None,
+    ) -> Predictor:
         """From an .onnx file, a folder of part files (CLIP), or a zoo name (exported to a temp dir)."""
         path = Path(model)
         if not path.exists():
@@ -59,9 +64,12 @@ class Predictor:
         from modelkiln.export import export
 
         entry = zoo.get(name)
-        tmp = Path(tempfile.mkdtemp(prefix="kiln-predict-"))
-        result = export(name, tmp if len(entry.parts) > 1 else tmp / f"{entry.name}.onnx", weights=weights)
-        return cls.open(tmp if len(result.files) > 1 else next(iter(result.files.values())), threads=threads)
+        with tempfile.TemporaryDirectory(prefix="kiln-predict-") as tmp:  # sessions keep the model in memory
+            out = Path(tmp) if len(entry.parts) > 1 else Path(tmp) / f"{entry.name}.onnx"
+            result = export(name, out, weights=weights)
+            return cls.open(
+                out if len(result.files) > 1 else result.files[entry.parts[0].name], threads=threads
+            )
 
     def predict(self, images: list[str | Path], labels: list[str] | None = None) -> list[Prediction]:
         """Results in input order; images are read and run in batches of ``BATCH``."""
@@ -75,8 +83,10 @@ class Predictor:
                 ids = self.entry.tokenize([f"a photo of a {label}" for label in labels])  # type: ignore[attr-defined]
                 outputs.update(run(self.sessions["text"], {"input_ids": ids}))
                 prepared.meta = [{"labels": labels}]
-            results.extend(Prediction(p, r) for p, r in zip(paths, self.entry.postprocess(outputs, prepared),
-                                                            strict=True))
+            results.extend(
+                Prediction(p, r)
+                for p, r in zip(paths, self.entry.postprocess(outputs, prepared), strict=True)
+            )
         return results
 
 

@@ -85,7 +85,9 @@ def test_nms_export_gives_detection_rows(tmp_path: Path) -> None:
 def test_parity_failure_raises_and_writes_nothing(tmp_path: Path) -> None:
     impossible = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)
     with pytest.raises(ExportError, match="differs from torch"):
-        export("efficientnet_lite0", tmp_path / "x.onnx", weights="random", image_size=32, tolerance=impossible)
+        export(
+            "efficientnet_lite0", tmp_path / "x.onnx", weights="random", image_size=32, tolerance=impossible
+        )
     assert not list(tmp_path.iterdir())
 
 

@@ -16,7 +16,7 @@ from modelkiln.zoo.checkpoint import load_checkpoint, load_state_dict
 class _Payload:
     """A pickle that would run a shell command when unpickled the ordinary way."""
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, ("echo pwned > /tmp/kiln-pwned",))
 
 

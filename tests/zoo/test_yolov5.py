@@ -71,7 +71,7 @@ def test_image_size_must_be_stride_multiple() -> None:
         get("yolov5n", image_size=100)
 
 
-def test_in_graph_nms_rows_are_read(tmp_path) -> None:  # noqa: ANN001
+def test_in_graph_nms_rows_are_read() -> None:
     entry = get("yolov5n")
     prepared: Prepared = entry.preprocess([np.zeros((640, 640, 3), np.uint8)] * 2)
     rows = np.array([[1, 10, 20, 30, 40, 0.8, 0]], np.float32)

@@ -10,27 +10,38 @@ from rich.table import Table
 
 from modelkiln.export import export as export_model
 from modelkiln.export.exporter import DEFAULT_OPSET
-from modelkiln.log import console
+from modelkiln.log import console, err_console
 
 
 def export(
-    model: str = typer.Argument(..., help="Zoo name: resnet50, efficientnet_lite0, yolov5n|s|m|l|x, clip-vit-b-32."),
+    model: str = typer.Argument(
+        ..., help="Zoo name: resnet50, efficientnet_lite0, yolov5n|s|m|l|x, clip-vit-b-32."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Output .onnx file (a folder for multi-part models)."),
     weights: str = typer.Option(None, "--weights", "-w", help="Weights file, release name, or 'random'."),
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset version."),
-    image_size: int = typer.Option(None, "--image-size", help="Input height and width (model default if unset)."),
+    image_size: int = typer.Option(
+        None, "--image-size", help="Input height and width (model default if unset)."
+    ),
     nms: bool = typer.Option(False, "--nms", help="Detectors: add NMS to the graph (end-to-end model)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the parity report as JSON."),
 ) -> None:
     """Export a zoo model to ONNX (dynamic batch) and check it against torch."""
-    with console.status(f"exporting {model}…"):
+    with err_console.status(f"exporting {model}…"):
         result = export_model(model, out, weights=weights, opset=opset, image_size=image_size, nms=nms)
     table = Table(title=f"{result.model}: ONNX Runtime vs torch")
     for col in ("part", "output", "batch", "max abs", "max rel", "cosine", "ok"):
         table.add_column(col, justify="right" if col not in ("part", "output") else "left")
     for p in result.parity:
-        table.add_row(p.part, p.output, str(p.batch), f"{p.max_abs:.2e}", f"{p.max_rel:.2e}", f"{p.cosine:.8f}",
-                      "[green]yes[/]" if p.passed else "[red]no[/]")
+        table.add_row(
+            p.part,
+            p.output,
+            str(p.batch),
+            f"{p.max_abs:.2e}",
+            f"{p.max_rel:.2e}",
+            f"{p.cosine:.8f}",
+            "[green]yes[/]" if p.passed else "[red]no[/]",
+        )
     console.print(table)
     for part, path in result.files.items():
         console.print(f"wrote [bold]{path}[/] ({part})")

@@ -11,7 +11,7 @@ import typer
 from modelkiln.cli import export as export_cmd
 from modelkiln.cli import predict as predict_cmd
 from modelkiln.errors import KilnError
-from modelkiln.log import configure_logging, console
+from modelkiln.log import configure_logging, err_console
 
 app = typer.Typer(
     name="kiln",
@@ -43,10 +43,10 @@ def main() -> None:
     except KilnError as exc:
         if _state["verbose"]:
             logging.getLogger("modelkiln").exception("failed")
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Abort:
-        console.print("aborted")
+        err_console.print("aborted")
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

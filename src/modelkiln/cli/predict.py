@@ -7,21 +7,29 @@ from pathlib import Path
 import cv2
 import typer
 
-from modelkiln.log import console
+from modelkiln.data.samples import sample_images
+from modelkiln.log import console, err_console
 from modelkiln.predict import Predictor
 from modelkiln.zoo.images import read_image
 
 
 def predict(
     model: str = typer.Argument(..., help="An exported .onnx file, a folder of parts (CLIP) or a zoo name."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
-    zoo_name: str = typer.Option(None, "--zoo", help="Zoo family of an ONNX file without modelkiln metadata."),
+    images: list[Path] = typer.Argument(None, help="Image files (default: the built-in sample image)."),
+    zoo_name: str = typer.Option(
+        None, "--zoo", help="Zoo family of an ONNX file without modelkiln metadata."
+    ),
     weights: str = typer.Option(None, "--weights", "-w", help="Weights when MODEL is a zoo name."),
     labels: str = typer.Option(None, "--labels", help="CLIP: comma-separated labels for zero-shot."),
-    out_dir: Path = typer.Option(None, "--out-dir", help="Where drawn detections go (default: beside each image)."),
+    out_dir: Path = typer.Option(
+        None, "--out-dir", help="Where drawn detections go (default: beside each image)."
+    ),
 ) -> None:
     """Top-5 labels for classifiers; boxes listed and drawn into a PNG for detectors."""
     predictor = Predictor.open(model, zoo_name=zoo_name, weights=weights)
+    if not images:
+        images = sample_images()
+        err_console.print(f"no images given: using the built-in sample {', '.join(p.name for p in images)}")
     label_list = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
     for pred in predictor.predict(images, labels=label_list):
         console.print(f"[bold]{pred.image}[/]")
@@ -36,7 +44,7 @@ def _save_drawing(pred: object, out_dir: Path | None) -> Path:
 
     image_path: Path = pred.image  # type: ignore[attr-defined]
     drawn = draw_detections(read_image(image_path), pred.result)  # type: ignore[attr-defined]
-    for folder in ([out_dir] if out_dir else [image_path.parent, Path.cwd()]):
+    for folder in [out_dir] if out_dir else [image_path.parent, Path.cwd()]:
         target = folder / f"{image_path.stem}.pred.png"
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -44,4 +52,6 @@ def _save_drawing(pred: object, out_dir: Path | None) -> Path:
                 return target
         except OSError:
             continue
-    raise OSError(f"cannot write the drawing of {image_path} to {out_dir or image_path.parent} or {Path.cwd()}")
+    raise OSError(
+        f"cannot write the drawing of {image_path} to {out_dir or image_path.parent} or {Path.cwd()}"
+    )

@@ -113,15 +113,23 @@ def _trace(torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, opset: 
             with torch.no_grad(), _exportable_attention(torch), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
                 torch.onnx.export(
-                    module, args, path, dynamo=False, opset_version=opset,
-                    input_names=[s.name for s in part.inputs], output_names=[s.name for s in part.outputs],
-                    dynamic_axes=part.dynamic_axes(), do_constant_folding=True,
+                    module,
+                    args,
+                    path,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[s.name for s in part.inputs],
+                    output_names=[s.name for s in part.outputs],
+                    dynamic_axes=part.dynamic_axes(),
+                    do_constant_folding=True,
                 )
             proto = onnx.load(path)
             _declare_output_shapes(proto, part)
             onnx.checker.check_model(proto, full_check=True)
         except Exception as exc:
-            raise ExportError(f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}") from exc
+            raise ExportError(
+                f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}"
+            ) from exc
     return proto
 
 
@@ -135,7 +143,9 @@ def _declare_output_shapes(proto: onnx.ModelProto, part: zoo.Part) -> None:
             continue
         dims = out.type.tensor_type.shape.dim
         if len(dims) != len(spec.shape):
-            raise ExportError(f"{part.name}: output {out.name} has rank {len(dims)}, expected {len(spec.shape)}")
+            raise ExportError(
+                f"{part.name}: output {out.name} has rank {len(dims)}, expected {len(spec.shape)}"
+            )
         for dim, want in zip(dims, spec.shape, strict=True):
             if isinstance(want, str):
                 dim.dim_param = want
@@ -173,9 +183,16 @@ def _parity(
 
 
 def _set_metadata(proto: onnx.ModelProto, entry: zoo.ZooModel, part: str, weights: str | None) -> None:
-    meta = {"modelkiln.zoo": entry.name, "modelkiln.part": part, "modelkiln.task": entry.task,
-            "modelkiln.weights": "random" if weights in (None, "random") and entry.default_weights is None
-            else Path(weights).name if weights and os.sep in weights else str(weights or entry.default_weights)}
+    meta = {
+        "modelkiln.zoo": entry.name,
+        "modelkiln.part": part,
+        "modelkiln.task": entry.task,
+        "modelkiln.weights": "random"
+        if weights in (None, "random") and entry.default_weights is None
+        else Path(weights).name
+        if weights and os.sep in weights
+        else str(weights or entry.default_weights),
+    }
     meta.update(entry.metadata())
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -194,4 +211,3 @@ def _save(proto: onnx.ModelProto, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-

@@ -23,13 +23,16 @@ def append_nms(
     xyxy = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]], np.float32)
     consts = {
         "nms_xyxy": xyxy,
-        "nms_starts0": np.array([0], np.int64), "nms_ends4": np.array([4], np.int64),
-        "nms_ends5": np.array([5], np.int64), "nms_big": np.array([1 << 30], np.int64),
+        "nms_starts0": np.array([0], np.int64),
+        "nms_ends4": np.array([4], np.int64),
+        "nms_ends5": np.array([5], np.int64),
+        "nms_big": np.array([1 << 30], np.int64),
         "nms_axis2": np.array([2], np.int64),
         "nms_max": np.array([max_per_class], np.int64),
         "nms_iou": np.array([iou_threshold], np.float32),
         "nms_score": np.array([score_threshold], np.float32),
-        "nms_bidx": np.array([0, 2], np.int64), "nms_cidx": np.array([1], np.int64),
+        "nms_bidx": np.array([0, 2], np.int64),
+        "nms_cidx": np.array([1], np.int64),
     }
     nodes = [
         helper.make_node("Slice", [out, "nms_starts0", "nms_ends4", "nms_axis2"], ["nms_xywh"]),
@@ -38,8 +41,11 @@ def append_nms(
         helper.make_node("Mul", ["nms_cls", "nms_obj"], ["nms_scores_nac"]),
         helper.make_node("MatMul", ["nms_xywh", "nms_xyxy"], ["nms_boxes"]),
         helper.make_node("Transpose", ["nms_scores_nac"], ["nms_scores"], perm=[0, 2, 1]),
-        helper.make_node("NonMaxSuppression", ["nms_boxes", "nms_scores", "nms_max", "nms_iou", "nms_score"],
-                         ["nms_selected"]),
+        helper.make_node(
+            "NonMaxSuppression",
+            ["nms_boxes", "nms_scores", "nms_max", "nms_iou", "nms_score"],
+            ["nms_selected"],
+        ),
         # selected rows are (batch, class, box): gather boxes by (batch, box), scores by all three
         helper.make_node("Gather", ["nms_selected", "nms_bidx"], ["nms_bbox_idx"], axis=1),
         helper.make_node("GatherND", ["nms_boxes", "nms_bbox_idx"], ["nms_sel_boxes"]),
@@ -49,8 +55,12 @@ def append_nms(
         helper.make_node("Slice", ["nms_selected", "nms_cidx", "nms_bidx_end", "nms_cidx"], ["nms_class_i"]),
         helper.make_node("Cast", ["nms_batch_i"], ["nms_batch_f"], to=TensorProto.FLOAT),
         helper.make_node("Cast", ["nms_class_i"], ["nms_class_f"], to=TensorProto.FLOAT),
-        helper.make_node("Concat", ["nms_batch_f", "nms_sel_boxes", "nms_sel_scores", "nms_class_f"],
-                         ["detections"], axis=1),
+        helper.make_node(
+            "Concat",
+            ["nms_batch_f", "nms_sel_boxes", "nms_sel_scores", "nms_class_f"],
+            ["detections"],
+            axis=1,
+        ),
     ]
     consts["nms_bidx_end"] = np.array([2], np.int64)
     new = onnx.ModelProto()

@@ -40,4 +40,6 @@ def get(name: str, image_size: int | None = None) -> ZooModel:
         from modelkiln.zoo.clip import CLIPFamily, resolve_arch
 
         return CLIPFamily(_CLIP_ARCHS.get(key) or resolve_arch(key), image_size)
-    raise ModelNotFound(f"unknown model {name!r}; the zoo has: {', '.join(names())} (and clip-<open_clip arch>)")
+    raise ModelNotFound(
+        f"unknown model {name!r}; the zoo has: {', '.join(names())} (and clip-<open_clip arch>)"
+    )

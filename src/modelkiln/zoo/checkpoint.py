@@ -178,5 +178,6 @@ def load_into(model: Any, state: dict[str, Any], what: str) -> None:
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
             f"{len(wrong)} wrong shapes {wrong[:3]}"
         )
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                          strict=False)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False
+    )

@@ -63,10 +63,16 @@ class CLIPFamily(ZooModel):
     def parts(self) -> tuple[Part, ...]:
         s, d = self.image_size, self.embed_dim
         return (
-            Part("image", (TensorSpec("image", "float32", ("batch", 3, s, s)),),
-                 (TensorSpec("image_embeds", "float32", ("batch", d)),)),
-            Part("text", (TensorSpec("input_ids", "int64", ("batch", self.context_length)),),
-                 (TensorSpec("text_embeds", "float32", ("batch", d)),)),
+            Part(
+                "image",
+                (TensorSpec("image", "float32", ("batch", 3, s, s)),),
+                (TensorSpec("image_embeds", "float32", ("batch", d)),),
+            ),
+            Part(
+                "text",
+                (TensorSpec("input_ids", "int64", ("batch", self.context_length)),),
+                (TensorSpec("text_embeds", "float32", ("batch", d)),),
+            ),
         )
 
     def example_inputs(self, part: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,7 +110,9 @@ class CLIPFamily(ZooModel):
         try:
             model = open_clip.create_model(self.arch, pretrained=pretrained, force_image_size=self.image_size)
         except Exception as exc:
-            raise WeightsError(f"{self.name}: cannot load weights {weights!r}: {type(exc).__name__}: {exc}") from exc
+            raise WeightsError(
+                f"{self.name}: cannot load weights {weights!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         model.eval()
         self.embed_dim = int(model.text_projection.shape[1])
         self.context_length = int(model.context_length)
@@ -144,7 +152,9 @@ class CLIPFamily(ZooModel):
         labels = prepared.meta[0].get("labels") if prepared.meta else None
         if labels is None or "text_embeds" not in outputs:
             return [Embedding(v) for v in image]
-        probs = softmax(zero_shot_logits(image, np.asarray(outputs["text_embeds"], np.float64), self.logit_scale))
+        probs = softmax(
+            zero_shot_logits(image, np.asarray(outputs["text_embeds"], np.float64), self.logit_scale)
+        )
         return [
             Embedding(v, sorted(zip(labels, map(float, p), strict=True), key=lambda t: -t[1]))
             for v, p in zip(image, probs, strict=True)

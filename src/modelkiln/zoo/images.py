@@ -43,5 +43,5 @@ def resize_shorter(image: np.ndarray, size: int, interpolation: int = cv2.INTER_
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """The central ``size`` x ``size`` window (the image must be at least that big)."""
     h, w = image.shape[:2]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
     return image[top : top + size, left : left + size]

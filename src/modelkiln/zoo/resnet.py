@@ -38,7 +38,9 @@ def _torchvision_state_dict(tv: object, name: str) -> dict:
         enum = tv.models.get_weight(f"ResNet50_Weights.{name}")  # type: ignore[attr-defined]
     except (ValueError, KeyError, AttributeError) as exc:
         choices = [w.name for w in tv.models.ResNet50_Weights]  # type: ignore[attr-defined]
-        raise ModelNotFound(f"resnet50: unknown weights {name!r}; use a file path, 'random' or one of {choices}") from exc
+        raise ModelNotFound(
+            f"resnet50: unknown weights {name!r}; use a file path, 'random' or one of {choices}"
+        ) from exc
     try:
         return enum.get_state_dict(progress=False)
     except Exception as exc:  # network or cache failure

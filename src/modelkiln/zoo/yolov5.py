@@ -21,8 +21,8 @@ from modelkiln.zoo.base import Part, Prepared, TensorSpec, ZooModel
 from modelkiln.zoo.checkpoint import Inert, load_checkpoint, load_into, module_tensors
 from modelkiln.zoo.coco import COCO80_NAMES
 from modelkiln.zoo.nms import yolo_nms
-from modelkiln.zoo.yolov5_cfg import SCALES, official_yaml
 from modelkiln.zoo.weights import is_random, warn_random
+from modelkiln.zoo.yolov5_cfg import SCALES, official_yaml
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,8 @@ class Detections:
         if not self.boxes:
             return "no detections"
         return "\n".join(
-            f"{b.label:>14s} {b.score:5.2f}  [{b.x1:.0f}, {b.y1:.0f}, {b.x2:.0f}, {b.y2:.0f}]" for b in self.boxes
+            f"{b.label:>14s} {b.score:5.2f}  [{b.x1:.0f}, {b.y1:.0f}, {b.x2:.0f}, {b.y2:.0f}]"
+            for b in self.boxes
         )
 
 
@@ -138,13 +139,22 @@ class YOLOv5Family(ZooModel):
         if isinstance(model, Inert):
             cfg = getattr(model, "yaml", None)
             if not isinstance(cfg, dict) or "backbone" not in cfg:
-                raise WeightsError(f"{self.name}: {weights} holds a model without its YOLOv5 yaml description")
+                raise WeightsError(
+                    f"{self.name}: {weights} holds a model without its YOLOv5 yaml description"
+                )
             names = getattr(model, "names", COCO80_NAMES)
             names = tuple(names.values()) if isinstance(names, dict) else tuple(names)
-            state = {k: v for k, v in module_tensors(model).items() if not k.endswith(("anchor_grid", ".grid"))}
+            state = {
+                k: v for k, v in module_tensors(model).items() if not k.endswith(("anchor_grid", ".grid"))
+            }
             if (cfg["depth_multiple"], cfg["width_multiple"]) != SCALES[self.size]:
-                log.warning("%s: %s holds a model of another scale (depth %s, width %s); using the checkpoint's",
-                            self.name, weights, cfg["depth_multiple"], cfg["width_multiple"])
+                log.warning(
+                    "%s: %s holds a model of another scale (depth %s, width %s); using the checkpoint's",
+                    self.name,
+                    weights,
+                    cfg["depth_multiple"],
+                    cfg["width_multiple"],
+                )
             return cfg, state, names
         if isinstance(ckpt, dict) and ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
             return official_yaml(self.size), dict(ckpt), COCO80_NAMES
@@ -187,4 +197,3 @@ class YOLOv5Family(ZooModel):
 
     def _label(self, class_id: int) -> str:
         return self.class_names[class_id] if 0 <= class_id < len(self.class_names) else str(class_id)
-

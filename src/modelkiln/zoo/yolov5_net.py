@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+
 class Conv(nn.Module):
     """Conv2d (no bias) + BatchNorm + SiLU, 'same' padding for odd kernels."""
 
@@ -154,7 +155,9 @@ def _parse(cfg: dict[str, Any], ch_in: int) -> tuple[list[nn.Module], list[Any],
             elif n == 1:
                 module = _BLOCKS[name](c1, c2, *args[1:])
             else:
-                module = nn.Sequential(*(_BLOCKS[name](c1 if j == 0 else c2, c2, *args[1:]) for j in range(n)))
+                module = nn.Sequential(
+                    *(_BLOCKS[name](c1 if j == 0 else c2, c2, *args[1:]) for j in range(n))
+                )
         elif name == "nn.Upsample":
             module, c2 = nn.Upsample(scale_factor=args[1], mode=args[2]), ch[f]
         elif name == "Concat":

@@ -31,7 +31,9 @@ def load_image_ids(annotation_file: str | Path) -> dict[str, int]:
         data = json.loads(path.read_text())
         return {img["file_name"]: int(img["id"]) for img in data["images"]}
     except (ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"{path} is not a COCO annotation file (needs 'images' with file_name and id)") from exc
+        raise BadInput(
+            f"{path} is not a COCO annotation file (needs 'images' with file_name and id)"
+        ) from exc
 
 
 def to_coco_results(image_id: int, detections: Detections, coco80: bool = True) -> list[dict]:
@@ -39,10 +41,14 @@ def to_coco_results(image_id: int, detections: Detections, coco80: bool = True) 
     rows = []
     for b in detections.boxes:
         category = COCO80_TO_91[b.class_id] if coco80 else b.class_id
-        rows.append({
-            "image_id": image_id, "category_id": category, "score": round(b.score, 5),
-            "bbox": [round(b.x1, 3), round(b.y1, 3), round(b.x2 - b.x1, 3), round(b.y2 - b.y1, 3)],
-        })
+        rows.append(
+            {
+                "image_id": image_id,
+                "category_id": category,
+                "score": round(b.score, 5),
+                "bbox": [round(b.x1, 3), round(b.y1, 3), round(b.x2 - b.x1, 3), round(b.y2 - b.y1, 3)],
+            }
+        )
     return rows
 
 
