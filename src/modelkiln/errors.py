@@ -44,3 +44,23 @@ class MissingDependency(KilnError):
         )
         self.package = package
         self.extra = extra
+
+
+class QueueFull(KilnError):
+    """A bounded queue is at capacity (backpressure: the caller should retry or shed load)."""
+
+
+class DeadlineExceeded(KilnError):
+    """A task's deadline passed before it could start; it was not run."""
+
+
+class PoolClosed(KilnError):
+    """Work was submitted to a thread pool that is shutting down or shut down."""
+
+
+class PoolExhausted(KilnError):
+    """A memory pool cannot hand out a buffer without exceeding its byte limit."""
+
+
+class BadRelease(KilnError):
+    """An array was released twice, or released to a pool that did not hand it out."""

@@ -8,6 +8,7 @@ import sys
 import click
 import typer
 
+from modelkiln.cli import bench as bench_cmd
 from modelkiln.cli import export as export_cmd
 from modelkiln.cli import predict as predict_cmd
 from modelkiln.errors import KilnError
@@ -34,6 +35,7 @@ def _global(
 
 app.command("export")(export_cmd.export)
 app.command("predict")(predict_cmd.predict)
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:

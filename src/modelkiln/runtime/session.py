@@ -23,6 +23,7 @@ def ort_session(
     threads: int | None = None,
     optimization: str = "all",
     providers: list[str] | None = None,
+    inter_op_threads: int | None = None,
 ) -> Any:
     """An InferenceSession on ``providers`` (CPU by default) with ``threads`` intra-op threads."""
     import onnxruntime as ort
@@ -35,6 +36,8 @@ def ort_session(
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[optimization])
     if threads:
         options.intra_op_num_threads = threads
+    if inter_op_threads:
+        options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])

@@ -1,0 +1,102 @@
+"""The one small protocol every backend implements (Polygraphy-style runners).
+
+``infer`` is public: it validates the feed against the model's inputs and raises one BadInput
+that names the model, the input, what was expected and what came; ``_infer`` runs.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelkiln.errors import BadInput
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, numpy dtype and shape of a model input/output; str or None for symbolic dims."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+
+def _describe_array(value: Any) -> str:
+    if not isinstance(value, np.ndarray):
+        return type(value).__name__
+    return f"{value.dtype}[{', '.join(map(str, value.shape))}]"
+
+
+def validate_feed(model: str, inputs: list[TensorMeta], feed: dict[str, Any]) -> dict[str, int]:
+    """Check names, dtypes, ranks and dims; returns the values bound to symbolic dims."""
+    expected = {m.name for m in inputs}
+    missing, unexpected = sorted(expected - set(feed)), sorted(set(feed) - expected)
+    if missing or unexpected:
+        raise BadInput(
+            f"{model}: expected inputs {sorted(expected)}, got {sorted(feed)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {unexpected})" if unexpected else "")
+        )
+    bound: dict[str, int] = {}
+    for meta in inputs:
+        value = feed[meta.name]
+        problem = _mismatch(meta, value, bound)
+        if problem:
+            raise BadInput(
+                f"{model}: input '{meta.name}' expects {meta.describe()}, got {_describe_array(value)} ({problem})"
+            )
+    return bound
+
+
+def _mismatch(meta: TensorMeta, value: Any, bound: dict[str, int]) -> str | None:
+    if not isinstance(value, np.ndarray):
+        return "not a numpy array"
+    if value.dtype != np.dtype(meta.dtype):
+        return f"dtype {value.dtype} instead of {meta.dtype}"
+    if value.ndim != len(meta.shape):
+        return f"rank {value.ndim} instead of {len(meta.shape)}"
+    for axis, (want, got) in enumerate(zip(meta.shape, value.shape, strict=True)):
+        if isinstance(want, int) and want != got:
+            return f"dim {axis} is {got} instead of {want}"
+        if isinstance(want, str):
+            if bound.setdefault(want, got) != got:
+                return f"dim {axis} ('{want}') is {got} but another input has {want}={bound[want]}"
+    return None
+
+
+class Backend(abc.ABC):
+    """A loaded model on one runtime."""
+
+    name: str = "?"
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, path: str | Path, options: Any = None) -> Backend:
+        """Load the model at ``path`` with backend-specific ``options``."""
+
+    @property
+    @abc.abstractmethod
+    def input_metadata(self) -> list[TensorMeta]: ...
+
+    @property
+    @abc.abstractmethod
+    def output_metadata(self) -> list[TensorMeta]: ...
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate ``feed`` and run; outputs by name."""
+        validate_feed(self.model_name, self.input_metadata, feed)
+        return self._infer(feed)
+
+    @abc.abstractmethod
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
