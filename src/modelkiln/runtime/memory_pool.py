@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class PooledArray(np.ndarray):
             raise BadRelease("this array was not handed out by a memory pool (or is a view of one)")
         self._kiln_pool.release(self)
 
-    def __enter__(self) -> PooledArray:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -162,7 +162,7 @@ class ThreadPool:
         counters.running = True
         try:
             result = task.fn(*task.args, **task.kwargs)
-        except BaseException as exc:  # the task's failure belongs to its future, never to the worker
+        except BaseException as exc:  # noqa: BLE001 - a task's failure goes to its future, never kills the worker
             counters.failed += 1
             future.set_exception(exc)
         else:
@@ -189,7 +189,7 @@ class ThreadPool:
             for t in self._threads:
                 t.join()
 
-    def __enter__(self) -> ThreadPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

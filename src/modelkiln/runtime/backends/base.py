@@ -66,9 +66,8 @@ def _mismatch(meta: TensorMeta, value: Any, bound: dict[str, int]) -> str | None
     for axis, (want, got) in enumerate(zip(meta.shape, value.shape, strict=True)):
         if isinstance(want, int) and want != got:
             return f"dim {axis} is {got} instead of {want}"
-        if isinstance(want, str):
-            if bound.setdefault(want, got) != got:
-                return f"dim {axis} ('{want}') is {got} but another input has {want}={bound[want]}"
+        if isinstance(want, str) and bound.setdefault(want, got) != got:
+            return f"dim {axis} ('{want}') is {got} but another input has {want}={bound[want]}"
     return None
 
 

@@ -1,0 +1,85 @@
+"""kiln bench: JSON that an independent check can recompute, plots, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelkiln.bench.runner import LoopSpec, benchmark, synthesize_feed
+from modelkiln.errors import BadInput
+from modelkiln.runtime.backends import TensorMeta, load_backend
+
+
+def kiln(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "modelkiln", *args], capture_output=True, text=True, check=False, env=env
+    )
+
+
+def test_bench_json_is_self_consistent(tiny: Path, tmp_path: Path) -> None:
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    res = kiln(
+        "bench",
+        str(tiny),
+        "--batch",
+        "1,4",
+        "--concurrency",
+        "1,2",
+        "--iterations",
+        "200",
+        "--warmup",
+        "5",
+        "--threads",
+        "1",
+        "--shape",
+        "scale:1",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["batch"], r["concurrency"]) for r in rows] == [(1, 1), (1, 2), (4, 1), (4, 2)]
+    for r in rows:
+        lat = np.asarray(r["latencies_ms"])
+        assert r["iterations"] == len(lat) == 200 * r["concurrency"]
+        assert (
+            r["latency_ms"]["min"]
+            <= r["latency_ms"]["median"]
+            <= r["latency_ms"]["p90"]
+            <= r["latency_ms"]["p99"]
+        )
+        assert r["latency_ms"]["mean"] == pytest.approx(lat.mean())
+        assert r["throughput"] == pytest.approx(r["batch"] * r["iterations"] / r["wall_s"])
+        assert r["wall_s"] >= lat.sum() / 1e3 / r["concurrency"] * 0.999  # callers cannot overlap more
+    assert png.stat().st_size > 10_000
+    assert "items/s" in res.stdout and "p99" in res.stdout
+
+
+def test_symbolic_dims_need_a_shape() -> None:
+    with pytest.raises(BadInput, match=r"--shape ids:1xN"):
+        synthesize_feed([TensorMeta("ids", "int64", ("batch", "seq"))], batch=1)
+    feed = synthesize_feed([TensorMeta("ids", "int64", ("batch", "seq"))], batch=1, shapes={"ids": (2, 7)})
+    assert feed["ids"].shape == (2, 7) and feed["ids"].dtype == np.int64
+
+
+def test_duration_mode_runs_for_about_that_long(tiny: Path) -> None:
+    backend = load_backend(tiny)
+    feed = synthesize_feed(backend.input_metadata, 2, {"scale": (1,)})
+    result = benchmark(backend, feed, 2, 2, LoopSpec(warmup=1, iterations=None, duration=0.3))
+    assert 0.3 <= result.wall_s < 2 and result.iterations > 10
+
+
+def test_bad_options_are_clear(tiny: Path) -> None:
+    res = kiln("bench", str(tiny), "--batch", "1,x", "--shape", "scale:1")
+    assert res.returncode == 1 and "--batch must be comma-separated integers" in res.stderr
+    with pytest.raises(ValueError, match="exactly one"):
+        LoopSpec(iterations=None, duration=None)
