@@ -50,24 +50,40 @@ def steady_loop(model: str, iterations: int, batch: int) -> dict:
     }
 
 
+def _per_call_us(fn, n: int) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def acquire_cost(shape: tuple[int, ...], n: int, repeats: int) -> dict:
+    """Bare acquire+release vs np.empty, and the same with the buffer written once (page touch)."""
     pool = MemoryPool()
     pool.acquire(shape).release()
-    pooled, empty = [], []
+
+    def pooled() -> None:
+        pool.acquire(shape).release()
+
+    def pooled_touch() -> None:
+        a = pool.acquire(shape)
+        a.fill(1)
+        a.release()
+
+    def empty_touch() -> None:
+        np.empty(shape, np.float32).fill(1)
+
+    variants = {"pool": pooled, "np_empty": lambda: np.empty(shape, np.float32),
+                "pool_touch": pooled_touch, "np_empty_touch": empty_touch}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    calls = max(200, n // max(1, int(np.prod(shape)) // 100_000))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            pool.acquire(shape).release()
-        pooled.append((time.perf_counter() - t0) / n * 1e6)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            np.empty(shape, np.float32)
-        empty.append((time.perf_counter() - t0) / n * 1e6)
-    return {
-        "bench": "memory_pool_acquire_release", "shape": list(shape), "calls": n,
-        "pool_us_median": statistics.median(pooled), "pool_us_min": min(pooled),
-        "np_empty_us_median": statistics.median(empty), "np_empty_us_min": min(empty),
-    }
+        for name, fn in variants.items():
+            times[name].append(_per_call_us(fn, calls))
+    out = {"bench": "memory_pool_acquire_release", "shape": list(shape), "calls": calls}
+    for name, ts in times.items():
+        out[f"{name}_us_median"], out[f"{name}_us_min"] = statistics.median(ts), min(ts)
+    return out
 
 
 def main() -> None:

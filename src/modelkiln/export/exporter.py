@@ -207,6 +207,9 @@ def _save(proto: onnx.ModelProto, path: Path) -> None:
     os.close(fd)
     try:
         onnx.save(proto, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ or releasing an array the pool never gave, is an error rather than silent corrup
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Self
@@ -91,7 +92,7 @@ class MemoryPool:
         """An uninitialised array of ``shape``/``dtype`` on a 64-byte boundary."""
         dtype = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         cls = size_class(max(nbytes, 1))
         with self._lock:
             free = self._free.get(cls)
@@ -105,7 +106,7 @@ class MemoryPool:
             self._in_use += cls
             self._peak = max(self._peak, self._in_use + self._cached)
             self._out[id(block)] = (block, cls)  # holding the block keeps its id unique while out
-        array = block[:nbytes].view(dtype).reshape(shape).view(PooledArray)
+        array = PooledArray(shape, dtype, buffer=block)  # one array object, no intermediate views
         array._kiln_pool, array._kiln_block = self, block
         return array
 
