@@ -16,7 +16,7 @@ from modelkiln.runtime.backends import load_backend
 from modelkiln.runtime.backends.onnxruntime import OrtOptions
 
 
-def bare_loop(session, feed: dict, n: int) -> list[float]:  # noqa: ANN001
+def bare_loop(session, feed: dict, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()

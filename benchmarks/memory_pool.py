@@ -50,7 +50,7 @@ def steady_loop(model: str, iterations: int, batch: int) -> dict:
     }
 
 
-def _per_call_us(fn, n: int) -> float:  # noqa: ANN001
+def _per_call_us(fn, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
