@@ -45,17 +45,28 @@ def main() -> None:
             bare_med.append(statistics.median(b))
             ours_all += r.latencies_ms
             bare_all += b
-        print(json.dumps({
-            "bench": "kiln_bench_overhead", "model": a.onnx, "batch": batch, "threads": a.threads,
-            "rounds": a.rounds, "iterations_per_round": a.iterations,
-            "kiln_median_ms": statistics.median(ours_all), "kiln_min_ms": min(ours_all),
-            "bare_median_ms": statistics.median(bare_all), "bare_min_ms": min(bare_all),
-            "ratio_median": statistics.median(ours_all) / statistics.median(bare_all),
-            "ratio_min": min(ours_all) / min(bare_all),
-            "kiln_throughput": batch * 1e3 / statistics.mean(ours_all),
-            "bare_throughput": batch * 1e3 / statistics.mean(bare_all),
-            "machine": machine_info(a.threads),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "kiln_bench_overhead",
+                    "model": a.onnx,
+                    "batch": batch,
+                    "threads": a.threads,
+                    "rounds": a.rounds,
+                    "iterations_per_round": a.iterations,
+                    "kiln_median_ms": statistics.median(ours_all),
+                    "kiln_min_ms": min(ours_all),
+                    "bare_median_ms": statistics.median(bare_all),
+                    "bare_min_ms": min(bare_all),
+                    "ratio_median": statistics.median(ours_all) / statistics.median(bare_all),
+                    "ratio_min": min(ours_all) / min(bare_all),
+                    "kiln_throughput": batch * 1e3 / statistics.mean(ours_all),
+                    "bare_throughput": batch * 1e3 / statistics.mean(bare_all),
+                    "machine": machine_info(a.threads),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,16 @@ def steady_loop(model: str, iterations: int, batch: int) -> dict:
             rss_marks.append(peak_rss_mb())
     end = pool.stats()
     return {
-        "bench": "memory_pool_steady_state", "model": model, "batch": batch, "iterations": iterations,
-        "misses_after_warmup": end.misses - warm.misses, "hits_after_warmup": end.hits - warm.hits,
-        "peak_rss_mb_after_warmup": rss0, "peak_rss_mb_end": peak_rss_mb(),
-        "peak_rss_growth_mb": peak_rss_mb() - rss0, "rss_marks_mb": rss_marks,
+        "bench": "memory_pool_steady_state",
+        "model": model,
+        "batch": batch,
+        "iterations": iterations,
+        "misses_after_warmup": end.misses - warm.misses,
+        "hits_after_warmup": end.hits - warm.hits,
+        "peak_rss_mb_after_warmup": rss0,
+        "peak_rss_mb_end": peak_rss_mb(),
+        "peak_rss_growth_mb": peak_rss_mb() - rss0,
+        "rss_marks_mb": rss_marks,
         "pool_peak_bytes": end.peak_bytes,
     }
 
@@ -73,8 +79,12 @@ def acquire_cost(shape: tuple[int, ...], n: int, repeats: int) -> dict:
     def empty_touch() -> None:
         np.empty(shape, np.float32).fill(1)
 
-    variants = {"pool": pooled, "np_empty": lambda: np.empty(shape, np.float32),
-                "pool_touch": pooled_touch, "np_empty_touch": empty_touch}
+    variants = {
+        "pool": pooled,
+        "np_empty": lambda: np.empty(shape, np.float32),
+        "pool_touch": pooled_touch,
+        "np_empty_touch": empty_touch,
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     calls = max(200, n // max(1, int(np.prod(shape)) // 100_000))
     for _ in range(repeats):

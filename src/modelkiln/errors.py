@@ -64,3 +64,15 @@ class PoolExhausted(KilnError):
 
 class BadRelease(KilnError):
     """An array was released twice, or released to a pool that did not hand it out."""
+
+
+class PassError(KilnError):
+    """A graph pass produced an invalid model (a bug in the pass, reported with its name)."""
+
+
+class ParityFailed(KilnError):
+    """An optimised or converted model's outputs differ from the original beyond tolerance."""
+
+
+class ConfigError(KilnError, ValueError):
+    """An invalid option or configuration value (also a ValueError for library callers)."""

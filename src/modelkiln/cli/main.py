@@ -10,6 +10,7 @@ import typer
 
 from modelkiln.cli import bench as bench_cmd
 from modelkiln.cli import export as export_cmd
+from modelkiln.cli import optimize as optimize_cmd
 from modelkiln.cli import predict as predict_cmd
 from modelkiln.errors import KilnError
 from modelkiln.log import configure_logging, err_console
@@ -36,6 +37,7 @@ def _global(
 app.command("export")(export_cmd.export)
 app.command("predict")(predict_cmd.predict)
 app.command("bench")(bench_cmd.bench)
+app.command("optimize")(optimize_cmd.optimize_cmd)
 
 
 def main() -> None:

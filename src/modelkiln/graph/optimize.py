@@ -1,0 +1,194 @@
+"""``optimize``: load, run the pass pipeline, prove parity on ONNX Runtime, plan memory, save."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from modelkiln.accuracy.metrics import max_abs_error
+from modelkiln.errors import BadInput, ModelNotFound, ParityFailed
+from modelkiln.graph.manager import PassManager
+from modelkiln.graph.memory_plan import MemoryPlan, plan_memory
+from modelkiln.graph.pipeline import build_pipeline
+
+log = logging.getLogger(__name__)
+TOLERANCE = 1e-4  # max abs error allowed, relative to max(1, max |original output|)
+
+
+@dataclass
+class GraphStats:
+    nodes: int
+    ops: dict[str, int]
+    param_bytes: int
+
+
+@dataclass
+class OutputCheck:
+    output: str
+    max_abs: float
+    limit: float
+    passed: bool
+
+
+@dataclass
+class OptimizeResult:
+    source: str
+    output: str | None
+    target: str
+    rewrites: dict[str, int]
+    steps: int
+    before: GraphStats
+    after: GraphStats
+    parity: list[OutputCheck] = field(default_factory=list)
+    memory: MemoryPlan | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.parity)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in vars(self).items() if k not in ("memory", "before", "after", "parity")}
+        d.update(
+            before=vars(self.before),
+            after=vars(self.after),
+            parity=[vars(c) for c in self.parity],
+            memory=self.memory.to_dict() if self.memory else None,
+            passed=self.passed,
+        )
+        return d
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """An ONNX model from disk (external data included), or a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFound(f"model file not found: {path}")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:
+        raise BadInput(f"{path} is not an ONNX model: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not model.graph.node:
+        raise BadInput(f"{path} is not an ONNX model (no graph nodes)")
+    return model
+
+
+def graph_stats(model: onnx.ModelProto) -> GraphStats:
+    ops = collections.Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node
+    )
+    params = sum(_tensor_nbytes(t) for t in model.graph.initializer)
+    return GraphStats(len(model.graph.node), dict(ops.most_common()), params)
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def optimize(
+    source: str | Path,
+    output: str | Path | None,
+    target: str = "portable",
+    passes: list[str] | None = None,
+    disable: tuple[str, ...] = (),
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    check: bool = True,
+    max_steps: int = 8,
+    plan: bool = True,
+) -> OptimizeResult:
+    """Optimise ``source`` into ``output``; ParityFailed (and no file) if outputs drift."""
+    proto = load_model(source)
+    before = graph_stats(proto)
+    model = ir.from_proto(proto)
+    report = PassManager(build_pipeline(target, passes, disable), max_steps=max_steps).run(model)
+    optimized = ir.to_proto(model)
+    result = OptimizeResult(
+        str(source),
+        str(output) if output else None,
+        target,
+        report.rewrites,
+        report.steps,
+        before,
+        graph_stats(optimized),
+    )
+    if check:
+        result.parity = check_parity(proto, optimized, shapes or {})
+        if not result.passed:
+            worst = max(result.parity, key=lambda c: c.max_abs / c.limit)
+            raise ParityFailed(
+                f"{source}: optimised output {worst.output!r} differs by {worst.max_abs:.3g} "
+                f"(limit {worst.limit:.3g}); nothing written"
+            )
+    if plan:
+        result.memory = plan_memory(optimized, shapes)
+    if output:
+        save_model(optimized, Path(output))
+    return result
+
+
+def check_parity(
+    original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0
+) -> list[OutputCheck]:
+    """Both models on ONNX Runtime with its own optimisations off, same random inputs."""
+    from modelkiln.bench.runner import synthesize_feed
+    from modelkiln.runtime.backends.base import TensorMeta
+    from modelkiln.runtime.session import ort_session, run
+
+    sessions = [ort_session(m.SerializeToString(), optimization="disable") for m in (original, optimized)]
+    metas = [
+        TensorMeta(
+            i.name,
+            _np_type(i.type),
+            tuple(d if isinstance(d, int) else "batch" if k == 0 else None for k, d in enumerate(i.shape)),
+        )
+        for i in sessions[0].get_inputs()
+    ]
+    filled = {
+        m.name: shapes.get(m.name) or tuple(d if isinstance(d, int) else 1 for d in m.shape) for m in metas
+    }
+    feed = synthesize_feed(metas, 1, filled, seed=seed)
+    ref, got = run(sessions[0], feed), run(sessions[1], feed)
+    checks = []
+    for name, r in ref.items():
+        if name not in got or got[name].shape != r.shape:
+            checks.append(OutputCheck(name, float("inf"), 0.0, False))
+            continue
+        limit = TOLERANCE * max(1.0, float(np.max(np.abs(r))) if r.size else 1.0)
+        err = (
+            max_abs_error(got[name], r)
+            if np.issubdtype(r.dtype, np.number)
+            else float(not np.array_equal(got[name], r))
+        )
+        checks.append(OutputCheck(name, err, limit, err <= limit))
+    return checks
+
+
+def _np_type(ort_type: str) -> str:
+    from modelkiln.runtime.backends.onnxruntime import _ORT_TYPES
+
+    return _ORT_TYPES.get(ort_type, "float32")
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Atomic write; models over 1.8 GB keep their weights in ``<name>.data`` beside the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
+    os.close(fd)
+    try:
+        big = model.ByteSize() > 1_800_000_000
+        onnx.save(model, tmp, save_as_external_data=big, location=f"{path.name}.data" if big else None)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
