@@ -76,3 +76,11 @@ class ParityFailed(KilnError):
 
 class ConfigError(KilnError, ValueError):
     """An invalid option or configuration value (also a ValueError for library callers)."""
+
+
+class CalibrationError(KilnError):
+    """Calibration data that is missing, empty or unusable."""
+
+
+class QuantizationError(KilnError):
+    """A model that cannot be quantized as asked (e.g. it has no float weights)."""

@@ -9,9 +9,12 @@ import click
 import typer
 
 from modelkiln.cli import bench as bench_cmd
+from modelkiln.cli import compare as compare_cmd
+from modelkiln.cli import evaluate as evaluate_cmd
 from modelkiln.cli import export as export_cmd
 from modelkiln.cli import optimize as optimize_cmd
 from modelkiln.cli import predict as predict_cmd
+from modelkiln.cli import quantize as quantize_cmd
 from modelkiln.errors import KilnError
 from modelkiln.log import configure_logging, err_console
 
@@ -38,6 +41,9 @@ app.command("export")(export_cmd.export)
 app.command("predict")(predict_cmd.predict)
 app.command("bench")(bench_cmd.bench)
 app.command("optimize")(optimize_cmd.optimize_cmd)
+app.command("quantize")(quantize_cmd.quantize_cmd)
+app.command("compare")(compare_cmd.compare_cmd)
+app.command("evaluate")(evaluate_cmd.evaluate_cmd)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from modelkiln.errors import BackendError, BadInput, ModelNotFound
 
@@ -58,3 +59,12 @@ def run(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def model_metadata(session: Any) -> dict[str, str]:
     """The ONNX model's metadata_props (where export records the zoo family and class names)."""
     return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are exactly ``names`` (intermediate tensors included)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return exposed

@@ -1,0 +1,35 @@
+"""``kiln evaluate``: task metrics through the zoo's pre/post-processing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from modelkiln.accuracy.evaluate import evaluate
+from modelkiln.log import console, err_console
+
+
+def evaluate_cmd(
+    model: Path = typer.Argument(..., help="ONNX model (FP32 or INT8)."),
+    data: Path = typer.Option(..., "--data", help="Image folder."),
+    zoo_name: str = typer.Option(
+        None, "--zoo", help="Zoo family (read from the model's metadata if absent)."
+    ),
+    labels: Path = typer.Option(
+        None, "--labels", help="Classifier: CSV file,class_index; detector: COCO JSON."
+    ),
+    predictions: Path = typer.Option(None, "--predictions", help="Write top-5 CSV or COCO results JSON."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N images."),
+    json_out: Path = typer.Option(None, "--json", help="Write the metrics as JSON."),
+) -> None:
+    """Top-1/top-5 for classifiers, COCO mAP50-95/mAP50 for detectors."""
+    with err_console.status(f"evaluating {model.name}…"):
+        result = evaluate(model, zoo_name, data, labels, predictions, limit)
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    console.print(f"{model.name}: {figures} on {result.images} images")
+    if result.predictions:
+        console.print(f"predictions: {result.predictions}")
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=1))

@@ -1,0 +1,58 @@
+"""Quantization configuration: frozen dataclasses with enums and typed granularity."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from modelkiln.errors import ConfigError
+
+
+class Method(enum.Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class Target(enum.Enum):
+    CPU = "cpu"  # ONNX Runtime integer kernels: uint8 asymmetric activations
+    TRT = "trt"  # TensorRT explicit quantization: int8 symmetric activations
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    pass
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: Method = Method.ENTROPY
+    percentile: float = 99.999
+    weights: PerTensor | PerChannel = field(default_factory=PerChannel)
+    target: Target = Target.CPU
+    exclude: tuple[str, ...] = ()
+    #: Concat/Add whose input ranges differ by more than this stay float (one 8-bit scale cannot
+    #: serve, e.g., pixel boxes and 0-1 scores together).
+    max_range_ratio: float = 16.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, Method):
+            raise ConfigError(f"method must be a Method, got {self.method!r}")
+        if not isinstance(self.target, Target):
+            raise ConfigError(f"target must be a Target, got {self.target!r}")
+        if not isinstance(self.weights, (PerTensor, PerChannel)):
+            raise ConfigError(f"weights must be PerTensor() or PerChannel(axis), got {self.weights!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.max_range_ratio < 1:
+            raise ConfigError(f"max_range_ratio must be >= 1, got {self.max_range_ratio}")
+
+    @property
+    def symmetric_activations(self) -> bool:
+        return self.target is Target.TRT

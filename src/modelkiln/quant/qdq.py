@@ -1,0 +1,279 @@
+"""QDQ insertion in two steps: mark tensors (which activations, weights and biases get quantized,
+and which tensors share a scale), then emit QuantizeLinear/DequantizeLinear pairs.
+
+Marking follows the per-op rules in ``rules.py``. Graph outputs are never quantized, and a
+Concat/Add whose calibrated input ranges differ by more than ``max_range_ratio`` stays float:
+that is what keeps YOLOv5's decoded output (pixel boxes beside 0-1 scores) in float without
+anyone naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from modelkiln.graph.ir_utils import const, new_initializer
+from modelkiln.quant.calibrators.base import Range
+from modelkiln.quant.config import PerChannel, QuantConfig, Target
+from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams, quantize, weight_qparams
+from modelkiln.quant.rules import ACTIVATIONS, DATA_MOVEMENT, OpRule, rule_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What to quantize: activation tensors (by name) grouped by shared scale, weights, biases."""
+
+    groups: dict[str, str] = field(default_factory=dict)  # tensor -> group root
+    weights: list[tuple[ir.Node, int, int | None]] = field(default_factory=list)
+    biases: list[tuple[ir.Node, int]] = field(default_factory=list)
+    nodes: list[ir.Node] = field(default_factory=list)
+    kept_float: dict[str, str] = field(default_factory=dict)  # node name -> reason
+    range_of: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
+
+    @property
+    def activations(self) -> list[str]:
+        return list(self.groups)
+
+    def root(self, name: str) -> str:
+        while self.groups[name] != name:
+            self.groups[name] = self.groups[self.groups[name]]
+            name = self.groups[name]
+        return name
+
+    def add(self, name: str) -> None:
+        self.groups.setdefault(name, name)
+
+    def union(self, a: str, b: str) -> None:
+        self.add(a)
+        self.add(b)
+        ra, rb = self.root(a), self.root(b)
+        if ra != rb:
+            self.groups[rb] = ra
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in (ir.DataType.FLOAT, None)
+
+
+def _mismatched(values: list[ir.Value], ranges: dict[str, Range] | None, ratio: float) -> bool:
+    if ranges is None:
+        return False
+    widths = [ranges[v.name].width for v in values if v.name in ranges]
+    return len(widths) > 1 and min(widths) > 0 and max(widths) / min(widths) > ratio
+
+
+def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None = None) -> Plan:
+    """Decide what to quantize; ``ranges=None`` gives the calibration candidates.
+
+    An op runs in int8 only if its output is wanted in int8: some quantized consumer reads it
+    (looking through data-movement ops, and for Conv/Gemm/MatMul through a float activation).
+    Ops are dropped until that holds everywhere, so nothing is quantized for no kernel to use it.
+    """
+    plan = Plan()
+    rules: dict[int, tuple[ir.Node, OpRule]] = {}
+    for node in model.graph:
+        if node.name in config.exclude:
+            plan.kept_float[node.name] = "excluded by user"
+            continue
+        rule = rule_for(node)
+        if rule is None or not all(_is_float(node.inputs[i]) for i in rule.activations):
+            continue
+        acts = [node.inputs[i] for i in rule.activations]
+        if node.op_type in ("Concat", "Add") and _mismatched(
+            [*acts, node.outputs[0]], ranges, config.max_range_ratio
+        ):
+            plan.kept_float[node.name] = f"input ranges differ by more than {config.max_range_ratio:g}x"
+            continue
+        rules[id(node)] = (node, rule)
+    changed = True
+    while changed:  # drop data-movement/pooling ops whose output no quantized op reads
+        changed = False
+        for key, (node, rule) in list(rules.items()):
+            if rule.output != "via_activation" and _wanted(node, rule, rules) is None:
+                del rules[key]
+                changed = True
+    for node, rule in rules.values():
+        if node.op_type == "Concat" and config.target is Target.CPU:
+            rule = OpRule(rule.activations)  # ORT's QLinearConcat requantizes: each input keeps its scale
+        _apply(plan, node, rule, _wanted(node, rule, rules))
+    return plan
+
+
+def _readers(value: ir.Value) -> list[tuple[ir.Node, ir.Value, list[ir.Value]]]:
+    """(consumer, the tensor it reads, data-movement tensors passed through) for every real consumer."""
+    found = []
+    for use in value.uses():
+        node = use.node
+        if node.op_type in DATA_MOVEMENT and use.idx == 0 and not node.outputs[0].is_graph_output():
+            for reader, read, path in _readers(node.outputs[0]):
+                found.append((reader, read, [node.outputs[0], *path]))
+        else:
+            found.append((node, value, []))
+    return found
+
+
+def _reads_as_activation(reader: ir.Node, value: ir.Value, rules: dict) -> bool:
+    entry = rules.get(id(reader))
+    return entry is not None and any(reader.inputs[i] is value for i in entry[1].activations)
+
+
+def _wanted(node: ir.Node, rule: OpRule, rules: dict) -> list[ir.Value] | None:
+    """Tensors between this op's output and quantized readers (to share its scale), or None when the
+    output should stay float: no quantized op reads it, directly, through data movement, or (for
+    Conv/Gemm/MatMul) through a float activation such as SiLU or ReLU."""
+    out = node.outputs[0]
+    if out.is_graph_output():
+        return None
+    for reader, read, path in _readers(out):
+        if _reads_as_activation(reader, read, rules):
+            return path
+    if rule.output == "via_activation":
+        users = [u.node for u in out.uses()]
+        if users and all(u.op_type in ACTIVATIONS for u in users):
+            finals = [u.outputs[0] for u in users if u.op_type != "Sigmoid"] or [users[0].outputs[0]]
+            if all(any(_reads_as_activation(r, v, rules) for r, v, _ in _readers(f)) for f in finals):
+                return []
+    return None
+
+
+def _apply(plan: Plan, node: ir.Node, rule: OpRule, path: list[ir.Value] | None) -> None:
+    """Mark inputs, weights and bias; the output too unless ``path`` is None (it stays float:
+    Conv/Gemm/MatMul then still read int8 inputs and weights, in a float kernel)."""
+    acts = [node.inputs[i] for i in rule.activations]
+    for v in acts:
+        plan.add(v.name)
+    out = node.outputs[0]
+    if path is None:
+        plan.kept_float[node.name] = "output feeds float ops only: int8 inputs and weights, float output"
+    else:
+        plan.add(out.name)
+        for v in path:  # data movement after the output: same values, same scale
+            plan.union(out.name, v.name)
+    if rule.output == "same" and path is not None:
+        for v in acts:
+            plan.union(v.name, out.name)
+    if rule.output == "via_activation" and path is not None:
+        clip = _clipping_activation(out)
+        if clip is not None:
+            plan.nodes.append(clip.producer())  # absorbed: the quantize to its range does its work
+            plan.union(clip.name, out.name)  # Relu/Clip: quantizing to its output range saturates alike
+            plan.range_of[out.name] = clip.name
+    if rule.weight is not None:
+        idx, axis = rule.weight
+        plan.weights.append((node, idx, axis))
+        if rule.bias is not None:
+            plan.biases.append((node, rule.bias))
+    plan.nodes.append(node)
+
+
+def _clipping_activation(value: ir.Value) -> ir.Value | None:
+    """The output of a single Relu/Clip consumer (whose effect quantization to its range repeats)."""
+    users = [u.node for u in value.uses()]
+    if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
+        return users[0].outputs[0]
+    return None
+
+
+def _group_ranges(plan: Plan, ranges: dict[str, Range]) -> dict[str, Range]:
+    merged: dict[str, Range] = {}
+    for name in plan.groups:
+        source = plan.range_of.get(name, name)
+        if source not in ranges:
+            continue
+        root = plan.root(name)
+        r = ranges[source]
+        m = merged.get(root)
+        merged[root] = r if m is None else Range(min(m.rmin, r.rmin), max(m.rmax, r.rmax))
+    return merged
+
+
+def emit(model: ir.Model, plan: Plan, ranges: dict[str, Range], config: QuantConfig) -> Counter:
+    """Insert Q/DQ for the plan; returns counts of quantized ops by type."""
+    graph = model.graph
+    act_dtype = np.int8 if config.symmetric_activations else np.uint8
+    group_ranges = _group_ranges(plan, ranges)
+    values = {v.name: v for v in _all_values(graph)}
+    act_qp: dict[str, QParams] = {}  # by dequantized value name
+    for name in plan.groups:
+        r = group_ranges.get(plan.root(name))
+        if r is None or name not in values:
+            continue
+        qp = compute_qparams(r.rmin, r.rmax, act_dtype, config.symmetric_activations)
+        act_qp[_insert_qdq(graph, values[name], qp).name] = qp
+    per_channel = isinstance(config.weights, PerChannel)
+    weight_qp: dict[int, QParams] = {}
+    for node, idx, axis in plan.weights:
+        qp = _quantize_weight(graph, node, idx, axis if per_channel else None)
+        weight_qp[id(node)] = qp
+    for node, idx in plan.biases:
+        in_qp = act_qp.get(node.inputs[0].name)
+        if in_qp is not None and id(node) in weight_qp:
+            _quantize_bias(graph, node, idx, in_qp, weight_qp[id(node)])
+    graph.sort()
+    return Counter(n.op_type for n in plan.nodes)
+
+
+def _all_values(graph: ir.Graph) -> list[ir.Value]:
+    vals = list(graph.inputs)
+    for node in graph:
+        vals.extend(node.outputs)
+    return vals
+
+
+def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams) -> ir.Value:
+    scale = new_initializer(graph, np.asarray(qp.scale, np.float32).reshape(()), f"{value.name}_scale")
+    zero = new_initializer(graph, np.asarray(qp.zero_point).reshape(()), f"{value.name}_zero_point")
+    dq_out = ir.Value(name=f"{value.name}_dq", shape=value.shape, type=value.type)
+    ir.convenience.replace_all_uses_with(value, dq_out)
+    q = ir.Node("", "QuantizeLinear", [value, scale, zero], num_outputs=1, name=f"{value.name}_Q")
+    q.outputs[0].name = f"{value.name}_q"
+    dq = ir.Node(
+        "", "DequantizeLinear", [q.outputs[0], scale, zero], outputs=[dq_out], name=f"{value.name}_DQ"
+    )
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, [q, dq])
+    else:
+        graph.insert_before(next(iter(graph)), [q, dq])
+    return dq_out
+
+
+def _quantize_weight(graph: ir.Graph, node: ir.Node, idx: int, axis: int | None) -> QParams:
+    w = const(node.inputs[idx])
+    qp = weight_qparams(w, axis)
+    _replace_with_dq(graph, node, idx, quantize(w, qp), qp, f"{node.inputs[idx].name}")
+    return qp
+
+
+def _quantize_bias(graph: ir.Graph, node: ir.Node, idx: int, in_qp: QParams, w_qp: QParams) -> None:
+    b = const(node.inputs[idx])
+    qp = bias_qparams(in_qp.scale, w_qp.scale)
+    scale = np.broadcast_to(qp.scale, b.shape) if qp.scale.ndim else qp.scale
+    q = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    full = QParams(
+        np.asarray(scale, np.float32), np.zeros(np.shape(scale), np.int32), 0 if np.ndim(scale) else None
+    )
+    _replace_with_dq(graph, node, idx, q, full, f"{node.inputs[idx].name}")
+
+
+def _replace_with_dq(graph: ir.Graph, node: ir.Node, idx: int, q: np.ndarray, qp: QParams, hint: str) -> None:
+    qv = new_initializer(graph, q, f"{hint}_quantized")
+    scale = new_initializer(graph, np.asarray(qp.scale, np.float32), f"{hint}_scale")
+    zero = new_initializer(graph, np.asarray(qp.zero_point), f"{hint}_zero_point")
+    attrs = (
+        {"axis": ir.Attr("axis", ir.AttributeType.INT, qp.axis)}
+        if qp.axis is not None and np.ndim(qp.scale)
+        else {}
+    )
+    dq = ir.Node(
+        "", "DequantizeLinear", [qv, scale, zero], attributes=attrs, num_outputs=1, name=f"{hint}_DQ"
+    )
+    dq.outputs[0].name = f"{hint}_dequantized"
+    graph.insert_before(node, dq)
+    node.replace_input_with(idx, dq.outputs[0])

@@ -1,0 +1,108 @@
+"""Per-op quantization rules, keyed by (domain, op_type): which inputs are activations to quantize,
+which is a weight (and its channel axis), which a bias, and how the output is treated.
+
+Outputs are quantized when a consumer asks for them (its activation inputs), so an op whose result
+only feeds float ops stays float. ``via_activation`` ops (Conv, Gemm, MatMul) also quantize their
+output when it goes through a float activation (SiLU, ReLU, Clip) into quantized consumers, so ONNX
+Runtime can still use its integer kernel for them. ``same`` ops (MaxPool, Resize, Concat) share one
+scale between inputs and output, which integer kernels need and which loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from modelkiln.graph.ir_utils import attr_int, const
+
+
+@dataclass(frozen=True)
+class OpRule:
+    activations: tuple[int, ...]
+    weight: tuple[int, int] | None = None  # (input index, channel axis)
+    bias: int | None = None
+    output: str = "consumers"  # "consumers" | "via_activation" | "same"
+
+
+def _conv(node: ir.Node) -> OpRule | None:
+    w = const(node.inputs[1])
+    if w is None or w.dtype.kind != "f":
+        return None
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and const(node.inputs[2]) is not None
+    return OpRule(
+        (0,), (1, 1 if node.op_type == "ConvTranspose" else 0), 2 if has_bias else None, "via_activation"
+    )
+
+
+def _gemm(node: ir.Node) -> OpRule | None:
+    w = const(node.inputs[1])
+    if w is None or w.ndim != 2 or attr_int(node, "transA", 0) or w.dtype.kind != "f":
+        return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    b = const(bias) if bias is not None else None
+    ok_bias = (
+        b is not None
+        and b.ndim == 1
+        and b.size == (w.shape[0] if attr_int(node, "transB", 0) else w.shape[1])
+    )
+    return OpRule(
+        (0,), (1, 0 if attr_int(node, "transB", 0) else 1), 2 if ok_bias else None, "via_activation"
+    )
+
+
+def _matmul(node: ir.Node) -> OpRule | None:
+    w = const(node.inputs[1])
+    if w is None:
+        return OpRule((0, 1), None, None, "via_activation") if const(node.inputs[0]) is None else None
+    if w.ndim != 2 or w.dtype.kind != "f":
+        return None
+    return OpRule((0,), (1, 1), None, "via_activation")
+
+
+def _binary(node: ir.Node) -> OpRule | None:
+    return OpRule((0, 1)) if all(const(v) is None for v in node.inputs) else None
+
+
+def _same(node: ir.Node) -> OpRule | None:
+    if node.op_type == "Resize":
+        mode = node.attributes.get("mode")
+        if mode is not None and mode.as_string() != "nearest":
+            return None
+    return OpRule((0,), output="same")
+
+
+def _concat(node: ir.Node) -> OpRule | None:
+    if any(const(v) is not None for v in node.inputs):
+        return None
+    return OpRule(tuple(range(len(node.inputs))), output="same")
+
+
+def _pool(node: ir.Node) -> OpRule | None:
+    return OpRule((0,))
+
+
+RULES: dict[tuple[str, str], Callable[[ir.Node], OpRule | None]] = {
+    ("", "Conv"): _conv,
+    ("", "ConvTranspose"): _conv,
+    ("", "Gemm"): _gemm,
+    ("", "MatMul"): _matmul,
+    ("", "Add"): _binary,
+    ("", "Concat"): _concat,
+    ("", "MaxPool"): _same,
+    ("", "Resize"): _same,
+    ("", "AveragePool"): _pool,
+    ("", "GlobalAveragePool"): _pool,
+}
+
+#: Float activations a quantized Conv/Gemm/MatMul output may pass through (kept in float).
+ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "Mul", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh"}
+
+#: Ops that only move data: quantized tensors pass through them unchanged.
+DATA_MOVEMENT = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather"}
+
+
+def rule_for(node: ir.Node) -> OpRule | None:
+    fn = RULES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+    return fn(node) if fn is not None else None
