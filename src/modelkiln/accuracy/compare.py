@@ -133,7 +133,9 @@ def compare(
     ref_sess = ort_session(
         expose_outputs(ref_model, [a for a, _ in pairs]).SerializeToString(), optimization="basic"
     )
-    cand_sess = ort_session(expose_outputs(cand_model, [b for _, b in pairs]).SerializeToString())
+    cand_sess = ort_session(
+        expose_outputs(cand_model, [b for _, b in pairs]).SerializeToString(), optimization="basic"
+    )
     acc = {a: _Accumulator(a) for a, _ in pairs}
     samples = 0
     for feed in feeds:

@@ -58,9 +58,14 @@ def collect(
     """Feed every batch from ``batches()`` and pass the exposed tensors to ``observe``."""
     groups = groups_within_budget(tensor_elements(model, names, batch_size), budget_bytes)
     log.info("calibrating %d tensors in %d group(s)", len(names), len(groups))
+    from modelkiln.runtime.backends.base import validate_feed
+    from modelkiln.runtime.backends.onnxruntime import _meta
+
     for group in groups:
         session = ort_session(expose_outputs(model, list(group)).SerializeToString(), optimization="basic")
+        inputs = _meta(session.get_inputs())
         for feed in batches():
+            validate_feed(f"{model.graph.name or 'model'} (calibration)", inputs, feed)
             observe(dict(zip(group, session.run(group, feed), strict=True)))
             if progress:
                 progress(1)

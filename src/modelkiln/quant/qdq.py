@@ -208,8 +208,14 @@ def emit(model: ir.Model, plan: Plan, ranges: dict[str, Range], config: QuantCon
         act_qp[_insert_qdq(graph, values[name], qp).name] = qp
     per_channel = isinstance(config.weights, PerChannel)
     weight_qp: dict[int, QParams] = {}
+    shared: dict[tuple[int, int | None], tuple[ir.Value, QParams]] = {}  # one DQ per shared weight
     for node, idx, axis in plan.weights:
-        qp = _quantize_weight(graph, node, idx, axis if per_channel else None)
+        axis = axis if per_channel else None
+        key = (id(node.inputs[idx]), axis)
+        if key not in shared:
+            shared[key] = _quantize_weight(graph, node, idx, axis)
+        dq_out, qp = shared[key]
+        node.replace_input_with(idx, dq_out)
         weight_qp[id(node)] = qp
     for node, idx in plan.biases:
         in_qp = act_qp.get(node.inputs[0].name)
@@ -244,25 +250,28 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams) -> ir.Value:
     return dq_out
 
 
-def _quantize_weight(graph: ir.Graph, node: ir.Node, idx: int, axis: int | None) -> QParams:
+def _quantize_weight(graph: ir.Graph, node: ir.Node, idx: int, axis: int | None) -> tuple[ir.Value, QParams]:
     w = const(node.inputs[idx])
     qp = weight_qparams(w, axis)
-    _replace_with_dq(graph, node, idx, quantize(w, qp), qp, f"{node.inputs[idx].name}")
-    return qp
+    return _replace_with_dq(graph, node, idx, quantize(w, qp), qp, f"{node.inputs[idx].name}"), qp
 
 
 def _quantize_bias(graph: ir.Graph, node: ir.Node, idx: int, in_qp: QParams, w_qp: QParams) -> None:
     b = const(node.inputs[idx])
     qp = bias_qparams(in_qp.scale, w_qp.scale)
     scale = np.broadcast_to(qp.scale, b.shape) if qp.scale.ndim else qp.scale
-    q = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    safe = np.where(np.asarray(scale) > 0, scale, 1.0)
+    q = np.clip(np.rint(np.where(np.asarray(scale) > 0, b / safe, 0.0)), -(2**31), 2**31 - 1).astype(np.int32)
     full = QParams(
         np.asarray(scale, np.float32), np.zeros(np.shape(scale), np.int32), 0 if np.ndim(scale) else None
     )
     _replace_with_dq(graph, node, idx, q, full, f"{node.inputs[idx].name}")
 
 
-def _replace_with_dq(graph: ir.Graph, node: ir.Node, idx: int, q: np.ndarray, qp: QParams, hint: str) -> None:
+def _replace_with_dq(
+    graph: ir.Graph, node: ir.Node, idx: int, q: np.ndarray, qp: QParams, hint: str
+) -> ir.Value:
+    """Insert int8/int32 constant -> DequantizeLinear before ``node`` and feed it to input ``idx``."""
     qv = new_initializer(graph, q, f"{hint}_quantized")
     scale = new_initializer(graph, np.asarray(qp.scale, np.float32), f"{hint}_scale")
     zero = new_initializer(graph, np.asarray(qp.zero_point), f"{hint}_zero_point")
@@ -272,8 +281,9 @@ def _replace_with_dq(graph: ir.Graph, node: ir.Node, idx: int, q: np.ndarray, qp
         else {}
     )
     dq = ir.Node(
-        "", "DequantizeLinear", [qv, scale, zero], attributes=attrs, num_outputs=1, name=f"{hint}_DQ"
+        "", "DequantizeLinear", [qv, scale, zero], attributes=attrs, num_outputs=1, name=f"{qv.name}_DQ"
     )
-    dq.outputs[0].name = f"{hint}_dequantized"
+    dq.outputs[0].name = f"{qv.name}_dequantized"
     graph.insert_before(node, dq)
     node.replace_input_with(idx, dq.outputs[0])
+    return dq.outputs[0]

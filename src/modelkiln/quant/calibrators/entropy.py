@@ -14,8 +14,9 @@ LEVELS = 128
 
 
 def kl_threshold(counts: np.ndarray, edges: np.ndarray, levels: int = LEVELS, stride: int = 4) -> float:
-    """Upper edge of the bin count i >= levels minimising KL(P_i || Q_i) (outliers folded into P's
-    last bin; Q spreads each of ``levels`` merged bins evenly over its non-empty source bins)."""
+    """Upper edge of the bin count i >= levels minimising KL(P_i || Q_i): P is the first i bins with
+    the outliers folded into its last bin; Q merges those i bins (without the outliers) into
+    ``levels`` bins and spreads each evenly over its non-empty source bins."""
     counts = counts.astype(np.float64)
     n = counts.size
     if counts.sum() == 0 or n <= levels:
@@ -25,22 +26,29 @@ def kl_threshold(counts: np.ndarray, edges: np.ndarray, levels: int = LEVELS, st
         p = counts[:i].copy()
         p[-1] += counts[i:].sum()
         nonzero = p > 0
-        # quantize the first i bins into `levels` groups, then expand back over non-empty bins
-        groups = np.array_split(np.arange(i), levels)
-        q = np.zeros(i)
-        for g in groups:
-            mass = counts[g].sum()
-            nz = nonzero[g]
-            if nz.any():
-                q[g[nz]] = mass / nz.sum()
-        pn, qn = p / p.sum(), q / max(q.sum(), 1e-12)
+        starts = (np.arange(levels) * i) // levels
+        group = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
+        mass = np.add.reduceat(counts[:i], starts)  # Q comes from the slice without the folded outliers
+        filled = np.add.reduceat(nonzero.astype(np.float64), starts)
+        q = np.where(nonzero, (mass / np.maximum(filled, 1))[group], 0.0)
+        pn, qn = _smooth(p / p.sum()), _smooth(q / max(q.sum(), 1e-12))
         mask = pn > 0
-        if (qn[mask] == 0).any():
-            continue
         kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask])))
         if kl < best_kl:
             best_i, best_kl = i, kl
     return float(edges[min(best_i, n) - 1])
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Give empty bins a little mass taken evenly from the others, so KL stays finite."""
+    zeros = p == 0
+    n_zero, n_nonzero = int(zeros.sum()), int((~zeros).sum())
+    if n_zero == 0 or n_nonzero == 0:
+        return p
+    out = p.astype(np.float64).copy()
+    out[zeros] = eps
+    out[~zeros] -= eps * n_zero / n_nonzero
+    return np.clip(out, 1e-12, None)
 
 
 class EntropyCalibrator(Calibrator):
