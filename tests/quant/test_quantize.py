@@ -125,7 +125,9 @@ def test_npz_calibration_for_models_without_zoo(tmp_path: Path) -> None:
             input=np.random.default_rng(i).standard_normal((1, 3, 32, 32)).astype(np.float32),
         )
     result = quantize(src, tmp_path / "q.onnx", folder)
-    assert result.quantized_ops["Conv"] == 53 and result.calibration_samples == 3
+    assert result.calibration_samples == 3
+    kept_convs = sum("Conv" in name for name in result.kept_float)
+    assert result.quantized_ops["Conv"] >= 20 and result.quantized_ops["Conv"] + kept_convs == 53
 
 
 @pytest.mark.parametrize(

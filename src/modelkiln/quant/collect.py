@@ -16,7 +16,7 @@ from onnx import shape_inference
 from modelkiln.runtime.session import expose_outputs, ort_session
 
 log = logging.getLogger(__name__)
-DEFAULT_BUDGET_BYTES = 1 << 30
+DEFAULT_BUDGET_BYTES = 256 << 20
 
 
 def tensor_elements(model: onnx.ModelProto, names: Sequence[str], batch: int) -> dict[str, int]:
@@ -62,7 +62,9 @@ def collect(
     from modelkiln.runtime.backends.onnxruntime import _meta
 
     for group in groups:
-        session = ort_session(expose_outputs(model, list(group)).SerializeToString(), optimization="basic")
+        session = ort_session(
+            expose_outputs(model, list(group)).SerializeToString(), optimization="basic", memory_arena=False
+        )  # no arena: memory returns to the system per batch
         inputs = _meta(session.get_inputs())
         for feed in batches():
             validate_feed(f"{model.graph.name or 'model'} (calibration)", inputs, feed)

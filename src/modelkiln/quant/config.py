@@ -37,7 +37,7 @@ class QuantConfig:
     weights: PerTensor | PerChannel = field(default_factory=PerChannel)
     target: Target = Target.CPU
     exclude: tuple[str, ...] = ()
-    #: Concat/Add whose input ranges differ by more than this stay float (one 8-bit scale cannot
+    #: A Concat whose input ranges differ by more than this stays float (one 8-bit scale cannot
     #: serve, e.g., pixel boxes and 0-1 scores together).
     max_range_ratio: float = 16.0
 

@@ -2,7 +2,7 @@
 and which tensors share a scale), then emit QuantizeLinear/DequantizeLinear pairs.
 
 Marking follows the per-op rules in ``rules.py``. Graph outputs are never quantized, and a
-Concat/Add whose calibrated input ranges differ by more than ``max_range_ratio`` stays float:
+Concat whose calibrated input ranges differ by more than ``max_range_ratio`` stays float:
 that is what keeps YOLOv5's decoded output (pixel boxes beside 0-1 scores) in float without
 anyone naming it.
 """
@@ -85,9 +85,7 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
         if rule is None or not all(_is_float(node.inputs[i]) for i in rule.activations):
             continue
         acts = [node.inputs[i] for i in rule.activations]
-        if node.op_type in ("Concat", "Add") and _mismatched(
-            [*acts, node.outputs[0]], ranges, config.max_range_ratio
-        ):
+        if node.op_type == "Concat" and _mismatched([*acts, node.outputs[0]], ranges, config.max_range_ratio):
             plan.kept_float[node.name] = f"input ranges differ by more than {config.max_range_ratio:g}x"
             continue
         rules[id(node)] = (node, rule)
@@ -99,9 +97,14 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
                 del rules[key]
                 changed = True
     for node, rule in rules.values():
+        path = _wanted(node, rule, rules)
+        if path is None and node.op_type in ("Conv", "ConvTranspose"):
+            # no integer Conv kernel has a float output: int8 would only add error here
+            plan.kept_float[node.name] = "output feeds float ops only (no int8 kernel for it)"
+            continue
         if node.op_type == "Concat" and config.target is Target.CPU:
             rule = OpRule(rule.activations)  # ORT's QLinearConcat requantizes: each input keeps its scale
-        _apply(plan, node, rule, _wanted(node, rule, rules))
+        _apply(plan, node, rule, path)
     return plan
 
 
@@ -150,7 +153,9 @@ def _apply(plan: Plan, node: ir.Node, rule: OpRule, path: list[ir.Value] | None)
         plan.add(v.name)
     out = node.outputs[0]
     if path is None:
-        plan.kept_float[node.name] = "output feeds float ops only: int8 inputs and weights, float output"
+        plan.kept_float[node.name] = (
+            "output feeds float ops only: int8 inputs and weights, float output kernel"
+        )
     else:
         plan.add(out.name)
         for v in path:  # data movement after the output: same values, same scale

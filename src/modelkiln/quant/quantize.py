@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from modelkiln import zoo as zoo_registry
 from modelkiln.errors import QuantizationError
+from modelkiln.graph.ir_utils import const
 from modelkiln.graph.manager import PassManager
 from modelkiln.graph.optimize import load_model, save_model
 from modelkiln.graph.passes.remove_dead import RemoveDead
@@ -73,6 +74,20 @@ def calibrate(
     return calibrator.compute()
 
 
+def bounded_ranges(model: ir.Model, ranges: dict[str, Range]) -> dict[str, Range]:
+    """Clip outputs (ReLU6 …) use their analytic bounds: values pile up at the bound, so clipping
+    calibrators (entropy above all) would cut what the next layers rely on."""
+    out = {}
+    for node in model.graph:
+        if node.op_type != "Clip" or node.outputs[0].name not in ranges:
+            continue
+        lo = const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        hi = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if lo is not None and hi is not None:
+            out[node.outputs[0].name] = Range(float(lo), float(hi))
+    return out
+
+
 def quantize(
     source: str | Path,
     output: str | Path,
@@ -95,6 +110,7 @@ def quantize(
         raise QuantizationError(f"{source}: no Conv/Gemm/MatMul with constant float weights to quantize")
     optimized = ir.to_proto(model)
     ranges = calibrate(optimized, candidates.activations, files, entry, config, batch_size, progress)
+    ranges.update(bounded_ranges(model, ranges))
     plan = mark(model, config, ranges)
     counts = emit(model, plan, ranges, config)
     RemoveDead()(model)  # the float weights the quantized ones replaced

@@ -25,6 +25,7 @@ def ort_session(
     optimization: str = "all",
     providers: list[str] | None = None,
     inter_op_threads: int | None = None,
+    memory_arena: bool = True,
 ) -> Any:
     """An InferenceSession on ``providers`` (CPU by default) with ``threads`` intra-op threads."""
     import onnxruntime as ort
@@ -40,6 +41,7 @@ def ort_session(
     if inter_op_threads:
         options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     try:
         return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:
