@@ -107,3 +107,31 @@ def test_efficientnet_lite0_logits_match_torch(lite_onnx: Path, assets: Path) ->
     err = np.abs(got - ref).max()
     print(f"efficientnet_lite0 ONNX vs torch logits max abs {err:.2e}")
     assert err <= 1e-3
+
+
+def test_efficientnet_lite0_int8_keeps_top1(lite_onnx: Path, assets: Path, tmp_path: Path) -> None:
+    from modelkiln.accuracy.evaluate import evaluate
+    from modelkiln.quant.quantize import quantize
+
+    folder = assets / "imagenet-sample"
+    out = tmp_path / "lite0.int8.onnx"
+    quantize(lite_onnx, out, folder, "efficientnet_lite0", calib_size=100)  # default method (percentile)
+    fp32 = evaluate(lite_onnx, None, folder, folder / "labels.csv").metrics["top1"]
+    int8 = evaluate(out, None, folder, folder / "labels.csv").metrics["top1"]
+    print(f"efficientnet_lite0 top-1 fp32 {fp32:.4f} int8 {int8:.4f}")
+    assert fp32 - int8 <= 0.005
+
+
+def test_yolov5n_int8_keeps_map_without_exclusions(yolo_onnx: Path, assets: Path, tmp_path: Path) -> None:
+    from modelkiln.accuracy.evaluate import evaluate
+    from modelkiln.quant.quantize import quantize
+
+    coco = assets / "coco-tiny"
+    ann = coco / "annotations" / "instances_val2017.json"
+    out = tmp_path / "yolov5n.int8.onnx"
+    result = quantize(yolo_onnx, out, coco / "train2017", "yolov5n")
+    fp32 = evaluate(yolo_onnx, None, coco / "val2017", ann).metrics["map50_95"]
+    int8 = evaluate(out, None, coco / "val2017", ann).metrics["map50_95"]
+    print(f"yolov5n mAP50-95 fp32 {fp32:.4f} int8 {int8:.4f}; kept float: {result.kept_float}")
+    assert result.quantized_ops["Conv"] == 57  # all but the three Detect convs, which feed the float decode
+    assert fp32 - int8 <= 0.010

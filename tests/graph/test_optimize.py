@@ -45,24 +45,16 @@ def test_custom_ops_are_kept_and_surroundings_optimised() -> None:
 
 
 def test_subgraph_inputs_survive_dead_code_and_folding(rng: np.random.Generator) -> None:
-    model = parse(f"""{HEADER}
+    text = f"""{HEADER}
     g (bool cond, float[2] x) => (float[2] y)
     <float[2] used_inside = {{3, 4}}, float[2] two = {{2, 2}}>
     {{ k = Mul (used_inside, two)
        y = If (cond) <
          then_branch = t () => (float[2] out_t) {{ out_t = Add (x, k) }},
          else_branch = e () => (float[2] out_e) {{ out_e = Sub (x, k) }}
-       > }}""")
-    proto_before = onnx.shape_inference.infer_shapes(
-        onnx.parser.parse_model(f"""{HEADER}
-    g (bool cond, float[2] x) => (float[2] y)
-    <float[2] used_inside = {{3, 4}}, float[2] two = {{2, 2}}>
-    {{ k = Mul (used_inside, two)
-       y = If (cond) <
-         then_branch = t () => (float[2] out_t) {{ out_t = Add (x, k) }},
-         else_branch = e () => (float[2] out_e) {{ out_e = Sub (x, k) }}
-       > }}""")
-    )
+       > }}"""
+    model = parse(text)
+    proto_before = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
     PassManager(build_pipeline()).run(model)
     assert ops(model) == ["If"]  # the Mul was folded into a constant the branches still read
     import onnx_ir as ir

@@ -18,6 +18,7 @@ from modelkiln.graph.passes.fuse_matmul_add import FuseMatMulAdd
 from modelkiln.graph.passes.fuse_pad_conv import FusePadConv
 from modelkiln.graph.passes.remove_dead import RemoveDead
 from modelkiln.graph.passes.simplify_shapes import SimplifyShapes
+from modelkiln.graph.pipeline import DEFAULT_PIPELINE
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
@@ -236,22 +237,7 @@ def test_gelu_fusion_for_ort(rng: np.random.Generator) -> None:
     assert_same(before, after, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "pass_cls",
-    [
-        FoldConstants,
-        SimplifyShapes,
-        EliminateNoOps,
-        CollapseReshapes,
-        FusePadConv,
-        FuseConvBatchNorm,
-        FuseConvAffine,
-        FuseMatMulAdd,
-        CommonSubexpressions,
-        FuseGeluOrt,
-        RemoveDead,
-    ],
-)
+@pytest.mark.parametrize("pass_cls", DEFAULT_PIPELINE)
 def test_pass_that_finds_nothing_leaves_model_untouched(pass_cls: type) -> None:
     text = f"""{HEADER}
     g (float[N, 4] x) => (float[N, 4] y)

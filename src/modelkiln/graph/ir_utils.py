@@ -9,6 +9,11 @@ import onnx_ir as ir
 
 _names = itertools.count()
 
+#: Ops whose result must never be folded or merged: nondeterministic.
+NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+
 
 def const(value: ir.Value | None) -> np.ndarray | None:
     """The value's data when it is a true constant (an initializer that is not a graph input, or a

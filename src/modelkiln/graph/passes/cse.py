@@ -8,16 +8,8 @@ import hashlib
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import has_subgraph, replace_value
+from modelkiln.graph.ir_utils import NONDETERMINISTIC, has_subgraph, replace_value
 
-_NONDETERMINISTIC = {
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-}
 _MAX_DEDUP_BYTES = 1 << 16
 
 
@@ -54,7 +46,7 @@ class CommonSubexpressions(GraphPass):
         seen: dict[tuple, ir.Node] = {}
         count = 0
         for node in list(graph):
-            if node.op_type in _NONDETERMINISTIC or has_subgraph(node):
+            if node.op_type in NONDETERMINISTIC or has_subgraph(node):
                 continue
             key = (
                 node.domain,

@@ -10,18 +10,17 @@ import onnx_ir as ir
 from onnx import helper
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import attr_int, const, has_subgraph, new_initializer, replace_value
+from modelkiln.graph.ir_utils import (
+    NONDETERMINISTIC,
+    attr_int,
+    const,
+    has_subgraph,
+    new_initializer,
+    replace_value,
+)
 
-#: Never folded: nondeterministic or with side effects.
-_NEVER = {
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-    "Dropout",
-}
+#: Never folded: nondeterministic, or Dropout (eliminate_noops removes it in inference graphs).
+_NEVER = NONDETERMINISTIC | {"Dropout"}
 _MAX_OUTPUT_BYTES = 4 << 20  # folding must not bloat the file with large generated tensors
 
 

@@ -3,12 +3,10 @@ has the least KL divergence from the observed |x| distribution."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
-from modelkiln.quant.calibrators.base import Calibrator, Range
-from modelkiln.quant.calibrators.histogram import SymmetricHistogram
+from modelkiln.quant.calibrators.base import Range
+from modelkiln.quant.calibrators.histogram import HistogramCalibrator, SymmetricHistogram
 
 LEVELS = 128
 
@@ -51,20 +49,8 @@ def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
     return np.clip(out, 1e-12, None)
 
 
-class EntropyCalibrator(Calibrator):
-    def __init__(self, bins: int = 4096) -> None:
-        self._hist: dict[str, SymmetricHistogram] = defaultdict(lambda: SymmetricHistogram(bins))
-
-    def observe(self, tensors: dict[str, np.ndarray]) -> None:
-        for name, x in tensors.items():
-            self._hist[name].add(x)
-
-    def compute(self) -> dict[str, Range]:
-        out = {}
-        for name, h in self._hist.items():
-            if not np.isfinite(h.min):
-                continue
-            counts, upper = h.absolute()
-            t = kl_threshold(counts, upper)
-            out[name] = Range(max(h.min, -t), min(h.max, t))
-        return out
+class EntropyCalibrator(HistogramCalibrator):
+    def range_of(self, hist: SymmetricHistogram) -> Range:
+        counts, upper = hist.absolute()
+        t = kl_threshold(counts, upper)
+        return Range(max(hist.min, -t), min(hist.max, t))

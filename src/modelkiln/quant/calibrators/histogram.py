@@ -3,7 +3,11 @@ when a batch exceeds the range, adjacent bin pairs merge and the range doubles (
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
+
+from modelkiln.quant.calibrators.base import Calibrator, Range
 
 
 class SymmetricHistogram:
@@ -51,3 +55,21 @@ class SymmetricHistogram:
         half = self.bins // 2
         counts = self.counts[half:] + self.counts[:half][::-1]
         return counts, np.linspace(0, self.limit, half + 1)[1:]
+
+
+class HistogramCalibrator(Calibrator):
+    """Shared lifecycle of histogram calibrators: one SymmetricHistogram per tensor, then a
+    per-tensor ``range_of(hist)`` chosen by the subclass."""
+
+    def __init__(self, bins: int = 4096) -> None:
+        self._hist: dict[str, SymmetricHistogram] = defaultdict(lambda: SymmetricHistogram(bins))
+
+    def observe(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, x in tensors.items():
+            self._hist[name].add(x)
+
+    def compute(self) -> dict[str, Range]:
+        return {name: self.range_of(h) for name, h in self._hist.items() if np.isfinite(h.min)}
+
+    def range_of(self, hist: SymmetricHistogram) -> Range:
+        raise NotImplementedError

@@ -3,12 +3,10 @@ observed histogram (uniform rounding noise inside the range, clipping error outs
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
-from modelkiln.quant.calibrators.base import Calibrator, Range
-from modelkiln.quant.calibrators.histogram import SymmetricHistogram
+from modelkiln.quant.calibrators.base import Range
+from modelkiln.quant.calibrators.histogram import HistogramCalibrator, SymmetricHistogram
 
 
 def mse_threshold(counts: np.ndarray, upper: np.ndarray, levels: int = 255, candidates: int = 256) -> float:
@@ -27,21 +25,9 @@ def mse_threshold(counts: np.ndarray, upper: np.ndarray, levels: int = 255, cand
     return best_t
 
 
-class MSECalibrator(Calibrator):
-    def __init__(self, bins: int = 4096) -> None:
-        self._hist: dict[str, SymmetricHistogram] = defaultdict(lambda: SymmetricHistogram(bins))
-
-    def observe(self, tensors: dict[str, np.ndarray]) -> None:
-        for name, x in tensors.items():
-            self._hist[name].add(x)
-
-    def compute(self) -> dict[str, Range]:
-        out = {}
-        for name, h in self._hist.items():
-            if not np.isfinite(h.min):
-                continue
-            counts, upper = h.absolute()
-            one_sided = h.min >= 0  # e.g. after ReLU: all 255 levels cover [0, t]
-            t = mse_threshold(counts, upper, levels=255 if one_sided else 127)
-            out[name] = Range(max(h.min, -t), min(h.max, t))
-        return out
+class MSECalibrator(HistogramCalibrator):
+    def range_of(self, hist: SymmetricHistogram) -> Range:
+        counts, upper = hist.absolute()
+        one_sided = hist.min >= 0  # e.g. after ReLU: all 255 levels cover [0, t]
+        t = mse_threshold(counts, upper, levels=255 if one_sided else 127)
+        return Range(max(hist.min, -t), min(hist.max, t))

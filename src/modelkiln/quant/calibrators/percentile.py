@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
-from modelkiln.quant.calibrators.base import Calibrator, Range
-from modelkiln.quant.calibrators.histogram import SymmetricHistogram
+from modelkiln.quant.calibrators.base import Range
+from modelkiln.quant.calibrators.histogram import HistogramCalibrator, SymmetricHistogram
 
 
 def quantile_from_histogram(hist: SymmetricHistogram, q: float) -> float:
@@ -25,24 +23,15 @@ def quantile_from_histogram(hist: SymmetricHistogram, q: float) -> float:
     return float(edges[i] + inside * (edges[i + 1] - edges[i]))
 
 
-class PercentileCalibrator(Calibrator):
+class PercentileCalibrator(HistogramCalibrator):
     def __init__(self, percentile: float = 99.999, bins: int = 4096) -> None:
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        super().__init__(bins)
         self.percentile = percentile
-        self._hist: dict[str, SymmetricHistogram] = defaultdict(lambda: SymmetricHistogram(bins))
 
-    def observe(self, tensors: dict[str, np.ndarray]) -> None:
-        for name, x in tensors.items():
-            self._hist[name].add(x)
-
-    def compute(self) -> dict[str, Range]:
+    def range_of(self, hist: SymmetricHistogram) -> Range:
         tail = (100.0 - self.percentile) / 200.0
-        out = {}
-        for name, h in self._hist.items():
-            if not np.isfinite(h.min):
-                continue
-            lo = max(h.min, quantile_from_histogram(h, tail))
-            hi = min(h.max, quantile_from_histogram(h, 1.0 - tail))
-            out[name] = Range(lo, hi)
-        return out
+        lo = max(hist.min, quantile_from_histogram(hist, tail))
+        hi = min(hist.max, quantile_from_histogram(hist, 1.0 - tail))
+        return Range(lo, hi)

@@ -72,12 +72,13 @@ def _mismatch(meta: TensorMeta, value: Any, bound: dict[str, int]) -> str | None
 
 
 class Backend(abc.ABC):
-    """A loaded model on one runtime."""
+    """A loaded model on one runtime; subclasses pass its I/O metadata and implement ``_infer``."""
 
     name: str = "?"
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, inputs: list[TensorMeta], outputs: list[TensorMeta]) -> None:
         self.model_name = model_name
+        self._inputs, self._outputs = inputs, outputs
 
     @classmethod
     @abc.abstractmethod
@@ -85,16 +86,16 @@ class Backend(abc.ABC):
         """Load the model at ``path`` with backend-specific ``options``."""
 
     @property
-    @abc.abstractmethod
-    def input_metadata(self) -> list[TensorMeta]: ...
+    def input_metadata(self) -> list[TensorMeta]:
+        return self._inputs
 
     @property
-    @abc.abstractmethod
-    def output_metadata(self) -> list[TensorMeta]: ...
+    def output_metadata(self) -> list[TensorMeta]:
+        return self._outputs
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate ``feed`` and run; outputs by name."""
-        validate_feed(self.model_name, self.input_metadata, feed)
+        validate_feed(self.model_name, self._inputs, feed)
         return self._infer(feed)
 
     @abc.abstractmethod

@@ -85,9 +85,8 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, session: Any, model_name: str, options: OrtOptions) -> None:
-        super().__init__(model_name)
+        super().__init__(model_name, _meta(session.get_inputs()), _meta(session.get_outputs()))
         self.session, self.options = session, options
-        self._inputs, self._outputs = _meta(session.get_inputs()), _meta(session.get_outputs())
         self._output_names = [m.name for m in self._outputs]
         self._device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
 
@@ -102,14 +101,6 @@ class OrtBackend(Backend):
             inter_op_threads=options.inter_op_threads,
         )
         return cls(session, Path(path).name, options)
-
-    @property
-    def input_metadata(self) -> list[TensorMeta]:
-        return self._inputs
-
-    @property
-    def output_metadata(self) -> list[TensorMeta]:
-        return self._outputs
 
     @property
     def providers(self) -> list[str]:

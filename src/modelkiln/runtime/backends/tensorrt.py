@@ -63,7 +63,6 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine: Any, model_name: str) -> None:
-        super().__init__(model_name)
         import tensorrt as trt
 
         self.engine, self.context = engine, engine.create_execution_context()
@@ -75,8 +74,9 @@ class TensorRTBackend(Backend):
             shape = tuple(d if d >= 0 else f"{n}_dim{i}" for i, d in enumerate(engine.get_tensor_shape(n)))
             return TensorMeta(n, dtype, shape)
 
-        self._inputs = [meta(n) for n in names if is_input[n]]
-        self._outputs = [meta(n) for n in names if not is_input[n]]
+        super().__init__(
+            model_name, [meta(n) for n in names if is_input[n]], [meta(n) for n in names if not is_input[n]]
+        )
 
     @classmethod
     def load(cls, path: str | Path, options: TensorRTOptions | None = None) -> TensorRTBackend:
@@ -103,14 +103,6 @@ class TensorRTBackend(Backend):
         if engine is None:
             raise BackendError(f"TensorRT could not deserialize the engine for {path}")
         return cls(engine, Path(path).name)
-
-    @property
-    def input_metadata(self) -> list[TensorMeta]:
-        return self._inputs
-
-    @property
-    def output_metadata(self) -> list[TensorMeta]:
-        return self._outputs
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

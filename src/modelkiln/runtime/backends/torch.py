@@ -27,8 +27,8 @@ class TorchBackend(Backend):
     def __init__(
         self, module: Any, model_name: str, inputs: list[TensorMeta], outputs: list[TensorMeta]
     ) -> None:
-        super().__init__(model_name)
-        self.module, self._inputs, self._outputs = module, inputs, outputs
+        super().__init__(model_name, inputs, outputs)
+        self.module = module
 
     @classmethod
     def load(cls, path: str | Path, options: TorchOptions | None = None) -> TorchBackend:
@@ -47,14 +47,6 @@ class TorchBackend(Backend):
         meta = [TensorMeta(s.name, s.dtype, s.shape) for s in part.inputs]
         outs = [TensorMeta(s.name, s.dtype, s.shape) for s in part.outputs]
         return cls(module, f"{entry.name}/{part.name} (torch)", meta, outs)
-
-    @property
-    def input_metadata(self) -> list[TensorMeta]:
-        return self._inputs
-
-    @property
-    def output_metadata(self) -> list[TensorMeta]:
-        return self._outputs
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
