@@ -32,7 +32,7 @@ class PerChannel:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: Method = Method.ENTROPY
+    method: Method = Method.PERCENTILE
     percentile: float = 99.999
     weights: PerTensor | PerChannel = field(default_factory=PerChannel)
     target: Target = Target.CPU

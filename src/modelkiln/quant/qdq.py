@@ -98,8 +98,8 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
                 changed = True
     for node, rule in rules.values():
         path = _wanted(node, rule, rules)
-        if path is None and node.op_type in ("Conv", "ConvTranspose"):
-            # no integer Conv kernel has a float output: int8 would only add error here
+        if path is None and node.op_type in ("Conv", "ConvTranspose", "Add"):
+            # no integer Conv or Add kernel has a float output: int8 would only add error here
             plan.kept_float[node.name] = "output feeds float ops only (no int8 kernel for it)"
             continue
         if node.op_type == "Concat" and config.target is Target.CPU:

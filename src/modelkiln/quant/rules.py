@@ -2,7 +2,7 @@
 which is a weight (and its channel axis), which a bias, and how the output is treated.
 
 Outputs are quantized when a consumer asks for them (its activation inputs), so an op whose result
-only feeds float ops stays float. ``via_activation`` ops (Conv, Gemm, MatMul) also quantize their
+only feeds float ops stays float. ``via_activation`` ops (Conv, Gemm, MatMul, Add) also quantize their
 output when it goes through a float activation (SiLU, ReLU, Clip) into quantized consumers, so ONNX
 Runtime can still use its integer kernel for them. ``same`` ops (MaxPool, Resize, Concat) share one
 scale between inputs and output, which integer kernels need and which loses nothing.
@@ -62,7 +62,8 @@ def _matmul(node: ir.Node) -> OpRule | None:
 
 
 def _binary(node: ir.Node) -> OpRule | None:
-    return OpRule((0, 1)) if all(const(v) is None for v in node.inputs) else None
+    """Residual Add of two activations (QLinearAdd); like Conv it may feed a ReLU that it absorbs."""
+    return OpRule((0, 1), output="via_activation") if all(const(v) is None for v in node.inputs) else None
 
 
 def _same(node: ir.Node) -> OpRule | None:
