@@ -190,3 +190,14 @@ def test_per_layer_compare_finds_a_broken_layer(lite: Path, tmp_path: Path) -> N
     assert result.first_collapse is not None and result.first_collapse.startswith("/_blocks.5/")
     before = [layer for layer in result.layers if layer.name.startswith("/_blocks.4/")]
     assert before and all(layer.snr_db > 100 for layer in before)  # identical up to float noise
+
+
+def test_int8_silu_runs_sigmoid_and_mul_in_integer_kernels(calib_images: Path, tmp_path: Path) -> None:
+    src = tmp_path / "y.onnx"
+    export("yolov5n", src, weights="random", image_size=64)
+    out = tmp_path / "y.silu.onnx"
+    result = quantize(src, out, calib_images, "yolov5n", QuantConfig(int8_silu=True))
+    assert result.quantized_ops["Sigmoid"] == result.quantized_ops["Mul"] > 0
+    ops = ort_ops(out, tmp_path)
+    assert ops["QLinearSigmoid"] > 0 and ops["QLinearMul"] > 0
+    assert ops["Sigmoid"] == 3  # only the Detect decode sigmoids stay float

@@ -37,6 +37,9 @@ def quantize_cmd(
     target: str = typer.Option(
         "cpu", "--target", help="cpu (ONNX Runtime integer kernels) or trt (TensorRT)."
     ),
+    int8_silu: bool = typer.Option(
+        False, "--int8-silu", help="Run SiLU (Sigmoid, Mul) in int8 too: faster, less exact."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON."),
 ) -> None:
@@ -47,6 +50,7 @@ def quantize_cmd(
         weights=PerTensor() if per_tensor else PerChannel(0),
         target=_enum(Target, target, "--target"),
         exclude=tuple(exclude),
+        int8_silu=int8_silu,
     )
     with Progress(
         TextColumn("calibrating"),

@@ -40,6 +40,9 @@ class QuantConfig:
     #: A Concat whose input ranges differ by more than this stays float (one 8-bit scale cannot
     #: serve, e.g., pixel boxes and 0-1 scores together).
     max_range_ratio: float = 16.0
+    #: Also run Sigmoid and activation*activation Mul (SiLU) in int8 (QLinearSigmoid/QLinearMul)
+    #: instead of float between dequantize and quantize.
+    int8_silu: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, Method):

@@ -81,7 +81,7 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
         if node.name in config.exclude:
             plan.kept_float[node.name] = "excluded by user"
             continue
-        rule = rule_for(node)
+        rule = rule_for(node, config.int8_silu)
         if rule is None or not all(_is_float(node.inputs[i]) for i in rule.activations):
             continue
         acts = [node.inputs[i] for i in rule.activations]

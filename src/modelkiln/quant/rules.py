@@ -84,6 +84,19 @@ def _pool(node: ir.Node) -> OpRule | None:
     return OpRule((0,))
 
 
+def _elementwise(node: ir.Node) -> OpRule | None:
+    """Sigmoid and activation*activation Mul (SiLU) as QLinearSigmoid/QLinearMul: opt-in."""
+    if any(const(v) is not None for v in node.inputs):
+        return None
+    return OpRule(tuple(range(len(node.inputs))))
+
+
+#: Rules used only when QuantConfig.int8_silu is set.
+SILU_RULES: dict[tuple[str, str], Callable[[ir.Node], OpRule | None]] = {
+    ("", "Sigmoid"): _elementwise,
+    ("", "Mul"): _elementwise,
+}
+
 RULES: dict[tuple[str, str], Callable[[ir.Node], OpRule | None]] = {
     ("", "Conv"): _conv,
     ("", "ConvTranspose"): _conv,
@@ -104,6 +117,7 @@ ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "Mul", "LeakyRelu", "HardSigmoid", "Ha
 DATA_MOVEMENT = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather"}
 
 
-def rule_for(node: ir.Node) -> OpRule | None:
-    fn = RULES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+def rule_for(node: ir.Node, int8_silu: bool = False) -> OpRule | None:
+    key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
+    fn = RULES.get(key) or (SILU_RULES.get(key) if int8_silu else None)
     return fn(node) if fn is not None else None
