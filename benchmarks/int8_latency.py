@@ -9,13 +9,14 @@ One JSON line per model with median and min latency per batch size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from ort_anchor import ort_quantize_static
 
 from modelkiln.bench.runner import machine_info
 
@@ -54,34 +55,7 @@ def build(zoo: str, work: Path) -> dict[str, Path]:
         check=True,
         capture_output=True,
     )
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        quantize_static,
-    )
-
-    from modelkiln.quant.data import batches, list_samples
-    from modelkiln.zoo import get
-
-    entry = get(zoo)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(batches(list_samples(calib, size), [entry.parts[0].inputs[0].name], entry, 1))
-
-        def get_next(self) -> dict | None:
-            return next(self.it, None)
-
-    with contextlib.redirect_stdout(sys.stderr):
-        quantize_static(
-            str(fp32),
-            str(theirs),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+    ort_quantize_static(fp32, theirs, calib, zoo, "minmax", size)
     return {"fp32": fp32, "kiln_int8": ours, "ort_int8": theirs}
 
 

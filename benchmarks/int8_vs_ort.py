@@ -11,7 +11,6 @@ speed at batch 8. One JSON line per measurement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -22,12 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ort_anchor import ort_quantize_static
 
 from modelkiln.accuracy.evaluate import evaluate
 from modelkiln.bench.runner import machine_info
 from modelkiln.export import export
 from modelkiln.graph import optimize
-from modelkiln.quant.data import batches, list_samples
 from modelkiln.runtime.session import ort_session
 from modelkiln.zoo import get
 
@@ -66,38 +65,7 @@ def ours(src: Path, out: Path, calib: Path, zoo: str, method: str, size: int) ->
 
 
 def ort_anchor(src: Path, out: Path, calib: Path, zoo: str, method: str, size: int) -> dict:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        quantize_static,
-    )
-
-    entry = get(zoo)
-    files = list_samples(calib, size)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(batches(files, [entry.parts[0].inputs[0].name], entry, 1))
-
-        def get_next(self) -> dict | None:
-            return next(self.it, None)
-
-    t = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # ORT prints progress to stdout
-        quantize_static(
-            str(src),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile,
-            }[method],
-        )
-    return {"seconds": time.perf_counter() - t}
+    return {"seconds": ort_quantize_static(src, out, calib, zoo, method, size)}
 
 
 def latency(paths: dict[str, Path], zoo: str, rounds: int, iters: int) -> dict:
