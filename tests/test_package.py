@@ -22,3 +22,14 @@ def test_zoo_and_predict_paths_do_not_import_torch() -> None:
     )
     assert "torch" not in mods
     assert "open_clip" not in mods
+
+
+def test_public_verbs_resolve_lazily() -> None:
+    mods = _modules_after(
+        "import modelkiln as k; [getattr(k, v) for v in ('optimize', 'quantize', 'compare', 'evaluate', 'benchmark')]"
+    )
+    assert "torch" not in mods
+    import modelkiln
+    from modelkiln.export import export
+
+    assert callable(export) and callable(modelkiln.quantize) and callable(modelkiln.optimize)
