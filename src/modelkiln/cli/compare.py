@@ -10,8 +10,8 @@ from rich.table import Table
 
 from modelkiln import zoo as zoo_registry
 from modelkiln.accuracy.compare import CompareResult, compare, plot_layers
-from modelkiln.graph.optimize import load_model
 from modelkiln.log import console, err_console
+from modelkiln.onnx_io import load_model
 from modelkiln.quant.data import batches, list_samples
 from modelkiln.runtime.session import model_metadata, ort_session
 

@@ -23,6 +23,7 @@ from modelkiln._deps import require
 from modelkiln.errors import ExportError, ParityError
 from modelkiln.export.nms import append_nms
 from modelkiln.export.parity import OutputParity, Tolerance, compare_output
+from modelkiln.onnx_io import save_model
 from modelkiln.runtime.session import ort_session, run
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def export(
         if nms:
             proto = append_nms(proto)
         _set_metadata(proto, entry, part.name, weights)
-        _save(proto, paths[part.name])
+        save_model(proto, paths[part.name])
         log.info("wrote %s (%s)", paths[part.name], part.name)
     return result
 
@@ -198,19 +199,3 @@ def _set_metadata(proto: onnx.ModelProto, entry: zoo.ZooModel, part: str, weight
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "modelkiln"
-
-
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    """Write atomically: a temp file beside the target, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

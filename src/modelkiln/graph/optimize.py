@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +13,11 @@ import onnx
 import onnx_ir as ir
 
 from modelkiln.accuracy.metrics import max_abs_error
-from modelkiln.errors import BadInput, ModelNotFound, ParityFailed
+from modelkiln.errors import ParityFailed
 from modelkiln.graph.manager import PassManager
 from modelkiln.graph.memory_plan import MemoryPlan, plan_memory
 from modelkiln.graph.pipeline import build_pipeline
+from modelkiln.onnx_io import load_model, save_model
 
 log = logging.getLogger(__name__)
 TOLERANCE = 1e-4  # max abs error allowed, relative to max(1, max |original output|)
@@ -65,20 +64,6 @@ class OptimizeResult:
             passed=self.passed,
         )
         return d
-
-
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """An ONNX model from disk (external data included), or a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFound(f"model file not found: {path}")
-    try:
-        model = onnx.load(path)
-    except Exception as exc:
-        raise BadInput(f"{path} is not an ONNX model: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    if not model.graph.node:
-        raise BadInput(f"{path} is not an ONNX model (no graph nodes)")
-    return model
 
 
 def graph_stats(model: onnx.ModelProto) -> GraphStats:
@@ -139,18 +124,11 @@ def check_parity(
 ) -> list[OutputCheck]:
     """Both models on ONNX Runtime with its own optimisations off, same random inputs."""
     from modelkiln.bench.runner import synthesize_feed
-    from modelkiln.runtime.backends.base import TensorMeta
+    from modelkiln.runtime.backends.onnxruntime import tensor_metas
     from modelkiln.runtime.session import ort_session, run
 
     sessions = [ort_session(m.SerializeToString(), optimization="disable") for m in (original, optimized)]
-    metas = [
-        TensorMeta(
-            i.name,
-            _np_type(i.type),
-            tuple(d if isinstance(d, int) else "batch" if k == 0 else None for k, d in enumerate(i.shape)),
-        )
-        for i in sessions[0].get_inputs()
-    ]
+    metas = tensor_metas(sessions[0].get_inputs())
     filled = {
         m.name: shapes.get(m.name) or tuple(d if isinstance(d, int) else 1 for d in m.shape) for m in metas
     }
@@ -169,26 +147,3 @@ def check_parity(
         )
         checks.append(OutputCheck(name, err, limit, err <= limit))
     return checks
-
-
-def _np_type(ort_type: str) -> str:
-    from modelkiln.runtime.backends.onnxruntime import _ORT_TYPES
-
-    return _ORT_TYPES.get(ort_type, "float32")
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Atomic write; models over 1.8 GB keep their weights in ``<name>.data`` beside the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
-    os.close(fd)
-    try:
-        big = model.ByteSize() > 1_800_000_000
-        onnx.save(model, tmp, save_as_external_data=big, location=f"{path.name}.data" if big else None)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -59,13 +59,13 @@ def collect(
     groups = groups_within_budget(tensor_elements(model, names, batch_size), budget_bytes)
     log.info("calibrating %d tensors in %d group(s)", len(names), len(groups))
     from modelkiln.runtime.backends.base import validate_feed
-    from modelkiln.runtime.backends.onnxruntime import _meta
+    from modelkiln.runtime.backends.onnxruntime import tensor_metas
 
     for group in groups:
         session = ort_session(
             expose_outputs(model, list(group)).SerializeToString(), optimization="basic", memory_arena=False
         )  # no arena: memory returns to the system per batch
-        inputs = _meta(session.get_inputs())
+        inputs = tensor_metas(session.get_inputs())
         for feed in batches():
             validate_feed(f"{model.graph.name or 'model'} (calibration)", inputs, feed)
             observe(dict(zip(group, session.run(group, feed), strict=True)))

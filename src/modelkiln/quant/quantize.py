@@ -16,9 +16,9 @@ from modelkiln import zoo as zoo_registry
 from modelkiln.errors import QuantizationError
 from modelkiln.graph.ir_utils import const
 from modelkiln.graph.manager import PassManager
-from modelkiln.graph.optimize import load_model, save_model
 from modelkiln.graph.passes.remove_dead import RemoveDead
 from modelkiln.graph.pipeline import build_pipeline
+from modelkiln.onnx_io import load_model, save_model
 from modelkiln.quant.calibrators import CALIBRATORS, Calibrator, PercentileCalibrator, Range
 from modelkiln.quant.collect import collect
 from modelkiln.quant.config import Method, QuantConfig

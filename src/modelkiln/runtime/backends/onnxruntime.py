@@ -70,7 +70,8 @@ def choose_providers(requested: tuple[str, ...] | None) -> list[str]:
     return list(requested)
 
 
-def _meta(args: list[Any]) -> list[TensorMeta]:
+def tensor_metas(args: list[Any]) -> list[TensorMeta]:
+    """TensorMeta of ONNX Runtime's NodeArgs (session.get_inputs()/get_outputs())."""
     return [
         TensorMeta(
             a.name,
@@ -85,7 +86,7 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, session: Any, model_name: str, options: OrtOptions) -> None:
-        super().__init__(model_name, _meta(session.get_inputs()), _meta(session.get_outputs()))
+        super().__init__(model_name, tensor_metas(session.get_inputs()), tensor_metas(session.get_outputs()))
         self.session, self.options = session, options
         self._output_names = [m.name for m in self._outputs]
         self._device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"

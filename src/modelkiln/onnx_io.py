@@ -1,0 +1,42 @@
+"""Reading and writing ONNX files for every stage: clear errors on bad input, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from modelkiln.errors import BadInput, ModelNotFound
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """An ONNX model from disk (external data included), or a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFound(f"model file not found: {path}")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:
+        raise BadInput(f"{path} is not an ONNX model: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not model.graph.node:
+        raise BadInput(f"{path} is not an ONNX model (no graph nodes)")
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Atomic write; models over 1.8 GB keep their weights in ``<name>.data`` beside the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.part")
+    os.close(fd)
+    try:
+        big = model.ByteSize() > 1_800_000_000
+        onnx.save(model, tmp, save_as_external_data=big, location=f"{path.name}.data" if big else None)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
