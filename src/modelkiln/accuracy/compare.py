@@ -183,5 +183,21 @@ __all__ = [
     "layer_pairs",
     "max_abs_error",
     "plot_layers",
+    "sample_cosines",
     "snr_db",
 ]
+
+
+def sample_cosines(
+    reference: str | Path, candidate: str | Path, feeds: Iterable[dict[str, np.ndarray]], output: int = 0
+) -> np.ndarray:
+    """Cosine of candidate to reference per sample of one output (embeddings: the figure users
+    rank by), over every feed; samples are rows of the batch axis."""
+    ref_sess, cand_sess = ort_session(str(reference)), ort_session(str(candidate))
+    name = ref_sess.get_outputs()[output].name
+    cos: list[float] = []
+    for feed in feeds:
+        ref = ref_sess.run([name], feed)[0]
+        cand = cand_sess.run([name], feed)[0]
+        cos.extend(cosine(c, r) for r, c in zip(ref, cand, strict=True))
+    return np.asarray(cos)

@@ -12,6 +12,7 @@ from modelkiln.cli import bench as bench_cmd
 from modelkiln.cli import compare as compare_cmd
 from modelkiln.cli import evaluate as evaluate_cmd
 from modelkiln.cli import export as export_cmd
+from modelkiln.cli import feeds as feeds_cmd
 from modelkiln.cli import optimize as optimize_cmd
 from modelkiln.cli import predict as predict_cmd
 from modelkiln.cli import quantize as quantize_cmd
@@ -44,6 +45,7 @@ app.command("optimize")(optimize_cmd.optimize_cmd)
 app.command("quantize")(quantize_cmd.quantize_cmd)
 app.command("compare")(compare_cmd.compare_cmd)
 app.command("evaluate")(evaluate_cmd.evaluate_cmd)
+app.command("feeds")(feeds_cmd.feeds_cmd)
 
 
 def main() -> None:

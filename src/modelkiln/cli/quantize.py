@@ -26,7 +26,7 @@ def quantize_cmd(
     source: Path = typer.Argument(..., help="FP32 ONNX model."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the INT8 QDQ model."),
     calib: Path = typer.Option(
-        ..., "--calib", help="Folder of calibration images (with --zoo) or .npy/.npz tensors."
+        None, "--calib", help="Folder of calibration images (with --zoo) or .npy/.npz tensors."
     ),
     zoo_name: str = typer.Option(None, "--zoo", help="Zoo family whose preprocessing the images get."),
     calib_size: int = typer.Option(100, "--calib-size", help="At most this many calibration samples."),
@@ -40,6 +40,20 @@ def quantize_cmd(
     int8_silu: bool = typer.Option(
         False, "--int8-silu", help="Run SiLU (Sigmoid, Mul) in int8 too: faster, less exact."
     ),
+    smoothquant: float = typer.Option(
+        None, "--smoothquant", help="SmoothQuant alpha in [0, 1] (0.5 is usual): tame activation outliers."
+    ),
+    weight_only: bool = typer.Option(
+        False, "--weight-only", help="int8 weights only, float activations; needs no --calib."
+    ),
+    transformer: bool = typer.Option(
+        None,
+        "--transformer/--no-transformer",
+        help="Transformer defaults (residual Adds, attention MatMuls float); detected when not given.",
+    ),
+    int8_attention: bool = typer.Option(
+        False, "--int8-attention", help="Also quantize attention MatMuls (Q@K^T, P@V) in transformers."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON."),
 ) -> None:
@@ -51,6 +65,10 @@ def quantize_cmd(
         target=_enum(Target, target, "--target"),
         exclude=tuple(exclude),
         int8_silu=int8_silu,
+        transformer=transformer,
+        int8_attention=int8_attention,
+        smoothquant=smoothquant,
+        weight_only=weight_only,
     )
     with Progress(
         TextColumn("calibrating"),
@@ -83,6 +101,10 @@ def quantize_cmd(
     console.print(table)
     for node, reason in result.kept_float.items():
         console.print(f"kept float: {node}: {reason}", highlight=False)
+    if result.smoothed:
+        kinds = sorted(set(result.smoothed.values()))
+        counts = ", ".join(f"{sum(v == k for v in result.smoothed.values())} {k}" for k in kinds)
+        console.print(f"SmoothQuant: {len(result.smoothed)} tensors smoothed ({counts})")
     console.print(
         f"size {result.size_before / 1e6:.2f} MB -> {result.size_after / 1e6:.2f} MB; wrote [bold]{out}[/]"
     )

@@ -43,6 +43,15 @@ class QuantConfig:
     #: Also run Sigmoid and activation*activation Mul (SiLU) in int8 (QLinearSigmoid/QLinearMul)
     #: instead of float between dequantize and quantize.
     int8_silu: bool = False
+    #: Transformer defaults (residual Adds and attention MatMuls stay float, as do LayerNorm,
+    #: Softmax and GELU, which no rule quantizes): None detects transformer blocks in the graph.
+    transformer: bool | None = None
+    #: In a transformer, also quantize the attention MatMuls (Q @ K^T, P @ V).
+    int8_attention: bool = False
+    #: SmoothQuant migration strength alpha in [0, 1]; None disables it.
+    smoothquant: float | None = None
+    #: Only weights become int8 (per channel, DequantizeLinear before the float op): no calibration.
+    weight_only: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, Method):
@@ -53,6 +62,10 @@ class QuantConfig:
             raise ConfigError(f"weights must be PerTensor() or PerChannel(axis), got {self.weights!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
+            raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.smoothquant}")
+        if self.weight_only and self.smoothquant is not None:
+            raise ConfigError("smoothquant needs quantized activations; it does nothing with weight_only")
         if self.max_range_ratio < 1:
             raise ConfigError(f"max_range_ratio must be >= 1, got {self.max_range_ratio}")
 

@@ -36,9 +36,24 @@ def batches(
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         if tensors:
-            yield _stack([_read_tensor(f, input_names) for f in chunk])
+            yield from _stack_by_shape([_read_tensor(f, input_names) for f in chunk])
         else:
             yield zoo.preprocess([read_image(f) for f in chunk]).feed
+
+
+def write_text_feeds(zoo: ZooModel, texts: list[str], folder: str | Path) -> list[Path]:
+    """One ``.npz`` per text (unpadded, keyed by input name) through the zoo's own tokenizer."""
+    prepare = getattr(zoo, "preprocess_texts", None)
+    if prepare is None:
+        raise BadInput(f"{zoo.name} does not take text; feeds from text need a text model")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, text in enumerate(texts):
+        path = folder / f"{i:05d}.npz"
+        np.savez(path, **prepare([text]).feed)
+        paths.append(path)
+    return paths
 
 
 def _read_tensor(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
@@ -58,13 +73,20 @@ def _read_tensor(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
     return feed
 
 
+def _stack_by_shape(feeds: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Samples of equal shapes stacked into one feed each (sentences of different lengths are
+    not padded: padding is model-specific and would change what is calibrated)."""
+    groups: dict[tuple, list[dict[str, np.ndarray]]] = {}
+    for feed in feeds:
+        groups.setdefault(tuple((k, v.shape) for k, v in sorted(feed.items())), []).append(feed)
+    for group in groups.values():
+        yield _stack(group)
+
+
 def _stack(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-sample feeds along the batch axis (samples may carry their own batch dim)."""
     out = {}
     for name in feeds[0]:
         parts = [f[name] for f in feeds]
-        shapes = {p.shape[1:] for p in parts}
-        if len(shapes) > 1:
-            raise BadInput(f"calibration tensors for input '{name}' have different shapes: {sorted(shapes)}")
         out[name] = np.concatenate(parts) if parts[0].ndim else np.stack(parts)
     return out

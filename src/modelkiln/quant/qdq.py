@@ -20,7 +20,14 @@ from modelkiln.graph.ir_utils import const, new_initializer
 from modelkiln.quant.calibrators.base import Range
 from modelkiln.quant.config import PerChannel, QuantConfig, Target
 from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams, quantize, weight_qparams
-from modelkiln.quant.rules import ACTIVATIONS, DATA_MOVEMENT, OpRule, rule_for
+from modelkiln.quant.rules import (
+    ACTIVATIONS,
+    DATA_MOVEMENT,
+    OpRule,
+    is_attention_matmul,
+    is_transformer,
+    rule_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +84,17 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
     """
     plan = Plan()
     rules: dict[int, tuple[ir.Node, OpRule]] = {}
+    transformer = is_transformer(model) if config.transformer is None else config.transformer
     for node in model.graph:
         if node.name in config.exclude:
             plan.kept_float[node.name] = "excluded by user"
             continue
         rule = rule_for(node, config.int8_silu)
         if rule is None or not all(_is_float(node.inputs[i]) for i in rule.activations):
+            continue
+        reason = _transformer_float(node, rule, config) if transformer else None
+        if reason:
+            plan.kept_float[node.name] = reason
             continue
         acts = [node.inputs[i] for i in rule.activations]
         if node.op_type == "Concat" and _mismatched([*acts, node.outputs[0]], ranges, config.max_range_ratio):
@@ -106,6 +118,15 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
             rule = OpRule(rule.activations)  # ORT's QLinearConcat requantizes: each input keeps its scale
         _apply(plan, node, rule, path)
     return plan
+
+
+def _transformer_float(node: ir.Node, rule: OpRule, config: QuantConfig) -> str | None:
+    """Why a transformer keeps this op in float (None: quantize it)."""
+    if node.op_type == "Add" and rule.weight is None:
+        return "residual Add (transformer default: the residual stream stays float)"
+    if is_attention_matmul(node) and not config.int8_attention:
+        return "attention MatMul (transformer default; int8_attention quantizes it)"
+    return None
 
 
 def _readers(value: ir.Value) -> list[tuple[ir.Node, ir.Value, list[ir.Value]]]:
@@ -210,7 +231,7 @@ def emit(model: ir.Model, plan: Plan, ranges: dict[str, Range], config: QuantCon
         if r is None or name not in values:
             continue
         qp = compute_qparams(r.rmin, r.rmax, act_dtype, config.symmetric_activations)
-        act_qp[_insert_qdq(graph, values[name], qp).name] = qp
+        act_qp[_insert_qdq(graph, values[name], qp, _dq_readers(values[name], plan)).name] = qp
     per_channel = isinstance(config.weights, PerChannel)
     weight_qp: dict[int, QParams] = {}
     shared: dict[tuple[int, int | None], tuple[ir.Value, QParams]] = {}  # one DQ per shared weight
@@ -218,7 +239,7 @@ def emit(model: ir.Model, plan: Plan, ranges: dict[str, Range], config: QuantCon
         axis = axis if per_channel else None
         key = (id(node.inputs[idx]), axis)
         if key not in shared:
-            shared[key] = _quantize_weight(graph, node, idx, axis)
+            shared[key] = quantize_weight(graph, node, idx, axis)
         dq_out, qp = shared[key]
         node.replace_input_with(idx, dq_out)
         weight_qp[id(node)] = qp
@@ -237,11 +258,38 @@ def _all_values(graph: ir.Graph) -> list[ir.Value]:
     return vals
 
 
-def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams) -> ir.Value:
+def _dq_readers(value: ir.Value, plan: Plan) -> list[tuple[ir.Node, int]] | None:
+    """Which uses of ``value`` read the dequantized copy; None means all of them.
+
+    A tensor made by a quantized op exists only in int8 once ONNX Runtime fuses that op, so every
+    reader takes the dequantized value. A tensor made by a float op (LayerNorm, GELU, an input)
+    stays available in float: float readers (residual Adds above all) keep the exact value and
+    only quantized readers, directly or through data movement, see the quantization error.
+    """
+    quantized = {id(n) for n in plan.nodes}
+    producer = value.producer()
+    if producer is not None and id(producer) in quantized:
+        return None
+    return [
+        (u.node, u.idx)
+        for u in value.uses()
+        if id(u.node) in quantized
+        or (u.node.op_type in DATA_MOVEMENT and u.node.outputs[0].name in plan.groups)
+    ]
+
+
+def _insert_qdq(
+    graph: ir.Graph, value: ir.Value, qp: QParams, readers: list[tuple[ir.Node, int]] | None = None
+) -> ir.Value:
+    """Q/DQ after ``value``; ``readers`` (node, input index) get the DQ output (None: every use)."""
     scale = new_initializer(graph, np.asarray(qp.scale, np.float32).reshape(()), f"{value.name}_scale")
     zero = new_initializer(graph, np.asarray(qp.zero_point).reshape(()), f"{value.name}_zero_point")
     dq_out = ir.Value(name=f"{value.name}_dq", shape=value.shape, type=value.type)
-    ir.convenience.replace_all_uses_with(value, dq_out)
+    if readers is None:
+        ir.convenience.replace_all_uses_with(value, dq_out)
+    else:
+        for node, idx in readers:
+            node.replace_input_with(idx, dq_out)
     q = ir.Node("", "QuantizeLinear", [value, scale, zero], num_outputs=1, name=f"{value.name}_Q")
     q.outputs[0].name = f"{value.name}_q"
     dq = ir.Node(
@@ -255,7 +303,8 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams) -> ir.Value:
     return dq_out
 
 
-def _quantize_weight(graph: ir.Graph, node: ir.Node, idx: int, axis: int | None) -> tuple[ir.Value, QParams]:
+def quantize_weight(graph: ir.Graph, node: ir.Node, idx: int, axis: int | None) -> tuple[ir.Value, QParams]:
+    """Replace constant input ``idx`` of ``node`` by int8 (per channel along ``axis``) -> DequantizeLinear."""
     w = const(node.inputs[idx])
     qp = weight_qparams(w, axis)
     return _replace_with_dq(graph, node, idx, quantize(w, qp), qp, f"{node.inputs[idx].name}"), qp

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -23,7 +25,9 @@ from modelkiln.quant.calibrators import CALIBRATORS, Calibrator, PercentileCalib
 from modelkiln.quant.collect import collect
 from modelkiln.quant.config import Method, QuantConfig
 from modelkiln.quant.data import batches, list_samples
-from modelkiln.quant.qdq import emit, mark
+from modelkiln.quant.qdq import Plan, emit, mark
+from modelkiln.quant.smoothquant import smooth_model
+from modelkiln.quant.weight_only import quantize_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,25 @@ class QuantizeResult:
     kept_float: dict[str, str] = field(default_factory=dict)
     size_before: int = 0
     size_after: int = 0
+    smoothed: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+@dataclass
+class Calibrated:
+    """A float model ready to be quantized any number of ways: optimised, SmoothQuant folds applied,
+    activation ranges calibrated. ``build`` turns it into one INT8 model per config."""
+
+    source: str
+    proto: onnx.ModelProto
+    ranges: dict[str, Range]
+    samples: int
+    size_before: int
+    smoothed: dict[str, str] = field(default_factory=dict)  # tensor -> how: layernorm | linear
+    entry: zoo_registry.ZooModel | None = None
+    files: list[Path] = field(default_factory=list)
 
 
 def make_calibrator(config: QuantConfig) -> Calibrator:
@@ -51,26 +71,22 @@ def make_calibrator(config: QuantConfig) -> Calibrator:
     return CALIBRATORS[config.method.value]()
 
 
+def input_names(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
 def calibrate(
     model: onnx.ModelProto,
     tensors: list[str],
-    files: list[Path],
-    zoo: zoo_registry.ZooModel | None,
+    feeds: Callable[[], Iterable[dict[str, np.ndarray]]],
     config: QuantConfig,
     batch_size: int = 8,
     progress: Any = None,
 ) -> dict[str, Range]:
-    """Ranges of ``tensors`` over the calibration files."""
+    """Ranges of ``tensors`` over the calibration feeds."""
     calibrator = make_calibrator(config)
-    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    collect(
-        model,
-        tensors,
-        lambda: batches(files, inputs, zoo, batch_size),
-        calibrator.observe,
-        batch_size,
-        progress=progress,
-    )
+    collect(model, tensors, feeds, calibrator.observe, batch_size, progress=progress)
     return calibrator.compute()
 
 
@@ -88,10 +104,85 @@ def bounded_ranges(model: ir.Model, ranges: dict[str, Range]) -> dict[str, Range
     return out
 
 
+def prepare(
+    source: str | Path,
+    calib: str | Path | None,
+    zoo_name: str | None = None,
+    config: QuantConfig | None = None,
+    calib_size: int = 100,
+    batch_size: int = 8,
+    progress: Any = None,
+) -> Calibrated:
+    """Optimise ``source``, apply SmoothQuant when asked, calibrate (not for weight-only)."""
+    config = config or QuantConfig()
+    proto = load_model(source)
+    entry = zoo_registry.get(zoo_name, _image_size(proto)) if zoo_name else None
+    model = ir.from_proto(proto)
+    PassManager(build_pipeline("portable"), verify=False).run(model)
+    candidates = mark(model, config)
+    if not candidates.weights:
+        raise QuantizationError(f"{source}: no Conv/Gemm/MatMul with constant float weights to quantize")
+    if config.weight_only:
+        return Calibrated(str(source), ir.to_proto(model), {}, 0, proto.ByteSize(), entry=entry)
+    if calib is None:
+        raise QuantizationError(f"{source}: static INT8 needs calibration data (--calib DIR)")
+    files = list_samples(calib, calib_size)
+    names = input_names(proto)
+
+    def feeds() -> Iterable[dict[str, np.ndarray]]:
+        return batches(files, names, entry, batch_size)
+
+    smoothed: dict[str, str] = {}
+    if config.smoothquant is not None:
+        model, smoothed = smooth_model(model, config, feeds, batch_size)
+    optimized = ir.to_proto(model)
+    ranges = calibrate(optimized, candidates.activations, feeds, config, batch_size, progress)
+    ranges.update(bounded_ranges(model, ranges))
+    return Calibrated(str(source), optimized, ranges, len(files), proto.ByteSize(), smoothed, entry, files)
+
+
+def build(cal: Calibrated, config: QuantConfig) -> tuple[onnx.ModelProto, Plan, Counter]:
+    """One INT8 model from a calibrated float model (which is left as it was)."""
+    model = ir.from_proto(cal.proto)
+    if config.weight_only:
+        counts, kept = quantize_weights_only(model, config)
+        plan = Plan(kept_float=kept)
+    else:
+        plan = mark(model, config, cal.ranges)
+        counts = emit(model, plan, cal.ranges, config)
+    RemoveDead()(model)  # the float weights the quantized ones replaced
+    result = ir.to_proto(model)
+    onnx.checker.check_model(result)
+    return result, plan, counts
+
+
+def summarize(
+    cal: Calibrated, config: QuantConfig, result: onnx.ModelProto, plan: Plan, counts: Counter, output: str
+) -> QuantizeResult:
+    float_ops = Counter(
+        n.op_type for n in result.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+    )
+    for op, n in counts.items():
+        float_ops[op] -= n
+    return QuantizeResult(
+        cal.source,
+        output,
+        "weight-only" if config.weight_only else config.method.value,
+        config.target.value,
+        cal.samples,
+        dict(counts),
+        {k: v for k, v in float_ops.items() if v > 0},
+        plan.kept_float,
+        cal.size_before,
+        result.ByteSize(),
+        smoothed=dict(cal.smoothed),
+    )
+
+
 def quantize(
     source: str | Path,
     output: str | Path,
-    calib: str | Path,
+    calib: str | Path | None,
     zoo_name: str | None = None,
     config: QuantConfig | None = None,
     calib_size: int = 100,
@@ -100,40 +191,10 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize ``source`` to INT8 QDQ at ``output``; nothing is written if any step fails."""
     config = config or QuantConfig()
-    proto = load_model(source)
-    entry = zoo_registry.get(zoo_name, _image_size(proto)) if zoo_name else None
-    files = list_samples(calib, calib_size)
-    model = ir.from_proto(proto)
-    PassManager(build_pipeline("portable"), verify=False).run(model)
-    candidates = mark(model, config)
-    if not candidates.weights:
-        raise QuantizationError(f"{source}: no Conv/Gemm/MatMul with constant float weights to quantize")
-    optimized = ir.to_proto(model)
-    ranges = calibrate(optimized, candidates.activations, files, entry, config, batch_size, progress)
-    ranges.update(bounded_ranges(model, ranges))
-    plan = mark(model, config, ranges)
-    counts = emit(model, plan, ranges, config)
-    RemoveDead()(model)  # the float weights the quantized ones replaced
-    result_proto = ir.to_proto(model)
-    onnx.checker.check_model(result_proto)
-    save_model(result_proto, Path(output))
-    float_ops = Counter(
-        n.op_type for n in result_proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-    )
-    for op, n in counts.items():
-        float_ops[op] -= n
-    return QuantizeResult(
-        str(source),
-        str(output),
-        config.method.value,
-        config.target.value,
-        len(files),
-        dict(counts),
-        {k: v for k, v in float_ops.items() if v > 0},
-        plan.kept_float,
-        proto.ByteSize(),
-        result_proto.ByteSize(),
-    )
+    cal = prepare(source, calib, zoo_name, config, calib_size, batch_size, progress)
+    result, plan, counts = build(cal, config)
+    save_model(result, Path(output))
+    return summarize(cal, config, result, plan, counts, str(output))
 
 
 def _image_size(model: onnx.ModelProto) -> int | None:

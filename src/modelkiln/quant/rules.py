@@ -117,6 +117,27 @@ ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "Mul", "LeakyRelu", "HardSigmoid", "Ha
 DATA_MOVEMENT = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather"}
 
 
+def is_transformer(model: ir.Model) -> bool:
+    """Transformer blocks present: a linear layer reading a LayerNorm, and an attention Softmax."""
+    ops = {n.op_type for n in model.graph}
+    if "Softmax" not in ops:
+        return False
+    for node in model.graph:
+        if node.op_type in ("MatMul", "Gemm") and node.inputs[0] is not None:
+            producer = node.inputs[0].producer()
+            if producer is not None and producer.op_type in (
+                "LayerNormalization",
+                "SimplifiedLayerNormalization",
+            ):
+                return True
+    return False
+
+
+def is_attention_matmul(node: ir.Node) -> bool:
+    """MatMul of two activations (scores = Q @ K^T, context = P @ V)."""
+    return node.op_type == "MatMul" and all(const(v) is None for v in node.inputs)
+
+
 def rule_for(node: ir.Node, int8_silu: bool = False) -> OpRule | None:
     key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
     fn = RULES.get(key) or (SILU_RULES.get(key) if int8_silu else None)

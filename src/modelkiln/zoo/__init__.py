@@ -18,7 +18,13 @@ _CLIP_ARCHS = {"clip-vit-b-32": "ViT-B-32", "clip-vit-b-16": "ViT-B-16", "clip-v
 
 def names() -> list[str]:
     """Zoo names; any open_clip architecture is also accepted as ``clip-<arch>``."""
-    return ["resnet50", "efficientnet_lite0", *(f"yolov5{s}" for s in _YOLO_SIZES), "clip-vit-b-32"]
+    return [
+        "resnet50",
+        "efficientnet_lite0",
+        *(f"yolov5{s}" for s in _YOLO_SIZES),
+        "clip-vit-b-32",
+        "all-minilm-l6-v2",
+    ]
 
 
 def get(name: str, image_size: int | None = None) -> ZooModel:
@@ -36,6 +42,10 @@ def get(name: str, image_size: int | None = None) -> ZooModel:
         from modelkiln.zoo.yolov5 import YOLOv5Family
 
         return YOLOv5Family(key[6:], image_size)
+    if key in ("all_minilm_l6_v2", "minilm"):
+        from modelkiln.zoo.minilm import SentenceEncoder
+
+        return SentenceEncoder()
     if key.startswith("clip-"):
         from modelkiln.zoo.clip import CLIPFamily, resolve_arch
 
