@@ -1,18 +1,21 @@
-"""``kiln quantize``: INT8 QDQ with our calibrators and placement."""
+"""``kiln quantize``: INT8 QDQ with our calibrators and placement; sensitivity analysis and the
+accuracy-budget fallback (``--max-drop``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from modelkiln.errors import ConfigError
+from modelkiln.errors import BadInput, ConfigError
 from modelkiln.log import console, err_console
 from modelkiln.quant.config import Method, PerChannel, PerTensor, QuantConfig, Target
-from modelkiln.quant.quantize import quantize
+from modelkiln.quant.quantize import QuantizeResult
 
 
 def _enum(kind: type, value: str, option: str):
@@ -20,6 +23,25 @@ def _enum(kind: type, value: str, option: str):
         return kind(value)
     except ValueError as exc:
         raise ConfigError(f"{option} must be one of {[m.value for m in kind]}, got {value!r}") from exc
+
+
+@contextlib.contextmanager
+def _bars() -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
+    """A factory of progress bars: each call adds one labelled bar and returns its advance()."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+
+        def add(label: str, total: int | None) -> Callable[[int], None]:
+            task = bar.add_task(label, total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield add
 
 
 def quantize_cmd(
@@ -54,6 +76,24 @@ def quantize_cmd(
     int8_attention: bool = typer.Option(
         False, "--int8-attention", help="Also quantize attention MatMuls (Q@K^T, P@V) in transformers."
     ),
+    sensitivity: bool = typer.Option(
+        False, "--sensitivity", help="Rank layers by the output error each causes alone (table + --plot)."
+    ),
+    max_drop: float = typer.Option(
+        None, "--max-drop", help="Accuracy budget: return sensitive layers to float until the drop <= this."
+    ),
+    metric: str = typer.Option("cosine", "--metric", help="Budget metric: top1, map or cosine (vs FP32)."),
+    eval_data: Path = typer.Option(None, "--eval", help="Data the budget is measured on."),
+    labels: Path = typer.Option(
+        None, "--labels", help="Labels for --eval (CSV for top1, COCO JSON for map)."
+    ),
+    min_int8: int = typer.Option(
+        1, "--min-int8", help="Fail if the budget needs fewer int8 layers than this."
+    ),
+    sensitivity_samples: int = typer.Option(
+        32, "--sensitivity-samples", help="Calibration samples the sensitivity ranking runs on."
+    ),
+    plot: Path = typer.Option(None, "--plot", help="PNG of layer sensitivity."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON."),
 ) -> None:
@@ -70,25 +110,117 @@ def quantize_cmd(
         smoothquant=smoothquant,
         weight_only=weight_only,
     )
-    with Progress(
-        TextColumn("calibrating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("calibrate", total=None)
-        result = quantize(
+    args = (source, out, calib, zoo_name, config, calib_size, batch_size, sensitivity_samples)
+    if max_drop is not None:
+        if eval_data is None:
+            raise BadInput("--max-drop needs --eval DIR: the data the accuracy drop is measured on")
+        summary = _with_budget(*args, eval_data, labels, max_drop, metric, min_int8, plot)
+    elif sensitivity:
+        summary = _with_sensitivity(*args, plot)
+    else:
+        from modelkiln.quant.quantize import quantize
+
+        with _bars() as bars:
+            result = quantize(
+                source, out, calib, zoo_name, config, calib_size, batch_size, bars("calibrating", None)
+            )
+        _print_result(source, out, result)
+        summary = result.to_dict()
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=1, default=float))
+
+
+def _with_sensitivity(source, out, calib, zoo_name, config, calib_size, batch_size, samples, plot) -> dict:
+    from modelkiln.onnx_io import save_model
+    from modelkiln.quant.data import batches
+    from modelkiln.quant.mixed_precision import sensitivity
+    from modelkiln.quant.quantize import build, input_names, prepare, quantized_layers, summarize
+
+    with _bars() as bars:
+        cal = prepare(source, calib, zoo_name, config, calib_size, batch_size, bars("calibrating", None))
+        feeds = list(batches(cal.files[:samples], input_names(cal.proto), cal.entry, batch_size))
+        ranking = sensitivity(cal, config, feeds, bars("sensitivity", len(quantized_layers(cal, config))))
+    proto, plan, counts = build(cal, config)
+    save_model(proto, out)
+    result = summarize(cal, config, proto, plan, counts, str(out))
+    _print_result(source, out, result)
+    _print_ranking(ranking, plot)
+    return {"quantize": result.to_dict(), "sensitivity": [vars(s) for s in ranking]}
+
+
+def _with_budget(
+    source,
+    out,
+    calib,
+    zoo_name,
+    config,
+    calib_size,
+    batch_size,
+    samples,
+    eval_data,
+    labels,
+    max_drop,
+    metric,
+    min_int8,
+    plot,
+) -> dict:
+    from modelkiln.accuracy.budget import quantize_within_budget
+
+    with _bars() as bars:
+        result = quantize_within_budget(
             source,
             out,
             calib,
+            eval_data,
+            max_drop,
+            metric,
             zoo_name,
+            labels,
             config,
             calib_size,
             batch_size,
-            progress=lambda n: bar.advance(task, n),
+            samples,
+            min_int8,
+            bars,
         )
+    _print_result(source, out, result.quantize, show_kept=False)
+    _print_ranking(result.sensitivity, plot, top=10)
+    fb = result.fallback
+    steps = Table(title=f"accuracy budget: {metric} drop <= {max_drop:g} (FP32 {fb.baseline:.4f})")
+    for col in ("layers in float", metric, "drop", "within"):
+        steps.add_column(col, justify="right")
+    for s in fb.steps:
+        steps.add_row(
+            str(s.float_layers), f"{s.metric:.4f}", f"{s.drop:+.4f}", "yes" if s.within_budget else "no"
+        )
+    console.print(steps)
+    for name in fb.kept_float:
+        console.print(f"kept float (budget): {name}", highlight=False)
+    lat = result.latency_ms
+    console.print(
+        f"{metric} {fb.metric:.4f} (drop {fb.drop:.4f}); {len(fb.kept_float)} of {fb.quantizable} layers float, "
+        f"{fb.int8_fraction:.0%} int8; batch-1 latency median fp32 {lat['fp32']['median']:.2f} ms, "
+        f"full int8 {lat['int8']['median']:.2f} ms, chosen {lat['chosen']['median']:.2f} ms"
+    )
+    return result.to_dict()
+
+
+def _print_ranking(ranking, plot: Path | None, top: int = 15) -> None:
+    table = Table(
+        title=f"layer sensitivity (only that layer int8), worst {min(top, len(ranking))} of {len(ranking)}"
+    )
+    for col in ("layer", "op", "output SNR dB", "output cosine"):
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for s in ranking[:top]:
+        table.add_row(s.name, s.op, f"{s.snr_db:.1f}", f"{s.cosine:.5f}")
+    console.print(table)
+    if plot:
+        from modelkiln.accuracy.budget import plot_sensitivity
+
+        console.print(f"wrote {plot_sensitivity(ranking, plot)}")
+
+
+def _print_result(source: Path, out: Path, result: QuantizeResult, show_kept: bool = True) -> None:
     table = Table(
         title=f"{source.name} -> {out.name} ({result.method}, target {result.target}, "
         f"{result.calibration_samples} samples)"
@@ -99,8 +231,9 @@ def quantize_cmd(
     for op in sorted(set(result.quantized_ops) | set(result.float_ops)):
         table.add_row(op, str(result.quantized_ops.get(op, 0)), str(result.float_ops.get(op, 0)))
     console.print(table)
-    for node, reason in result.kept_float.items():
-        console.print(f"kept float: {node}: {reason}", highlight=False)
+    if show_kept:
+        for node, reason in result.kept_float.items():
+            console.print(f"kept float: {node}: {reason}", highlight=False)
     if result.smoothed:
         kinds = sorted(set(result.smoothed.values()))
         counts = ", ".join(f"{sum(v == k for v in result.smoothed.values())} {k}" for k in kinds)
@@ -108,5 +241,3 @@ def quantize_cmd(
     console.print(
         f"size {result.size_before / 1e6:.2f} MB -> {result.size_after / 1e6:.2f} MB; wrote [bold]{out}[/]"
     )
-    if json_out:
-        json_out.write_text(json.dumps(result.to_dict(), indent=1))

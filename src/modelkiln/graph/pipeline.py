@@ -15,6 +15,7 @@ from modelkiln.graph.passes.fuse_conv_bn import FuseConvBatchNorm
 from modelkiln.graph.passes.fuse_gelu_ort import FuseGeluOrt
 from modelkiln.graph.passes.fuse_matmul_add import FuseMatMulAdd
 from modelkiln.graph.passes.fuse_pad_conv import FusePadConv
+from modelkiln.graph.passes.merge_parallel_linears import MergeParallelLinears
 from modelkiln.graph.passes.remove_dead import RemoveDead
 from modelkiln.graph.passes.simplify_shapes import SimplifyShapes
 
@@ -26,6 +27,7 @@ DEFAULT_PIPELINE: tuple[type[GraphPass], ...] = (
     FusePadConv,
     FuseConvBatchNorm,
     FuseConvAffine,
+    MergeParallelLinears,
     FuseMatMulAdd,
     CommonSubexpressions,
     FuseGeluOrt,

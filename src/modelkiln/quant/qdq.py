@@ -64,6 +64,31 @@ class Plan:
             self.groups[rb] = ra
 
 
+def isolate(plan: Plan, node_name: str, ranges: dict[str, Range]) -> tuple[Plan, dict[str, Range]]:
+    """The part of ``plan`` that quantizes one node alone (its inputs, weights, bias and output,
+    with the ranges and scale sharing they have in the full plan): what that node costs by itself."""
+    node = next((n for n in plan.nodes if n.name == node_name), None)
+    if node is None:
+        raise KeyError(f"{node_name} is not quantized in this plan")
+    full = _group_ranges(plan, ranges)
+    names = [v.name for v in node.inputs if v is not None and v.name in plan.groups]
+    out = node.outputs[0].name
+    if out in plan.groups:
+        names += [t for t in plan.groups if plan.root(t) == plan.root(out)]
+    alone = Plan(
+        groups={n: n for n in names},
+        weights=[w for w in plan.weights if w[0] is node],
+        biases=[b for b in plan.biases if b[0] is node],
+        nodes=[node],
+    )
+    return alone, {n: full[plan.root(n)] for n in names if plan.root(n) in full}
+
+
+def layers(plan: Plan) -> list[str]:
+    """Names of the ops the plan runs in int8 (not the Relu/Clip absorbed into a quantize)."""
+    return [n.name for n in plan.nodes if n.op_type not in ("Relu", "Clip")]
+
+
 def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in (ir.DataType.FLOAT, None)
 

@@ -25,7 +25,7 @@ from modelkiln.quant.calibrators import CALIBRATORS, Calibrator, PercentileCalib
 from modelkiln.quant.collect import collect
 from modelkiln.quant.config import Method, QuantConfig
 from modelkiln.quant.data import batches, list_samples
-from modelkiln.quant.qdq import Plan, emit, mark
+from modelkiln.quant.qdq import Plan, emit, isolate, layers, mark
 from modelkiln.quant.smoothquant import smooth_model
 from modelkiln.quant.weight_only import quantize_weights_only
 
@@ -141,19 +141,33 @@ def prepare(
     return Calibrated(str(source), optimized, ranges, len(files), proto.ByteSize(), smoothed, entry, files)
 
 
-def build(cal: Calibrated, config: QuantConfig) -> tuple[onnx.ModelProto, Plan, Counter]:
-    """One INT8 model from a calibrated float model (which is left as it was)."""
+def build(
+    cal: Calibrated, config: QuantConfig, only: str | None = None, check: bool = True
+) -> tuple[onnx.ModelProto, Plan, Counter]:
+    """One INT8 model from a calibrated float model (which is left as it was); with ``only``, just
+    that node is quantized (as it would be in the full model), for sensitivity analysis."""
     model = ir.from_proto(cal.proto)
     if config.weight_only:
         counts, kept = quantize_weights_only(model, config)
         plan = Plan(kept_float=kept)
     else:
         plan = mark(model, config, cal.ranges)
-        counts = emit(model, plan, cal.ranges, config)
+        ranges = cal.ranges
+        if only is not None:
+            plan, ranges = isolate(plan, only, ranges)
+        counts = emit(model, plan, ranges, config)
     RemoveDead()(model)  # the float weights the quantized ones replaced
     result = ir.to_proto(model)
-    onnx.checker.check_model(result)
+    if check:
+        onnx.checker.check_model(result)
     return result, plan, counts
+
+
+def quantized_layers(cal: Calibrated, config: QuantConfig) -> list[str]:
+    """The ops a full build with ``config`` runs in int8, in graph order."""
+    if config.weight_only:
+        return []
+    return layers(mark(ir.from_proto(cal.proto), config, cal.ranges))
 
 
 def summarize(

@@ -70,3 +70,27 @@ def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     del exposed.graph.output[:]
     exposed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     return exposed
+
+
+def interleaved_latency_ms(
+    models: dict[str, bytes | str | Path],
+    feed: dict[str, np.ndarray],
+    rounds: int = 5,
+    iterations: int = 10,
+    threads: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Median and min latency (ms) per model, the models timed in turns so that machine noise
+    falls on all of them alike: the quick side-by-side speed check of a model choice."""
+    import time
+
+    sessions = {name: ort_session(m, threads=threads) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for s in sessions.values():
+        s.run(None, feed)
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            for _ in range(iterations):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return {n: {"median": float(np.median(t)), "min": float(np.min(t))} for n, t in times.items()}

@@ -117,6 +117,7 @@ class SentenceEncoder(ZooModel):
         tok = tokenizers.Tokenizer.from_file(
             str(Path(self.tokenizer_dir or package_folder()) / "tokenizer.json")
         )
+        tok.no_padding()  # the bundled tokenizer.json pads every text to 128; we pad per batch
         tok.enable_truncation(self.max_length)
         encoded = tok.encode_batch(texts)
         width = pad_to or max(len(e.ids) for e in encoded)
@@ -125,7 +126,7 @@ class SentenceEncoder(ZooModel):
         for row, e in enumerate(encoded):
             n = min(len(e.ids), width)
             ids[row, :n] = e.ids[:n]
-            mask[row, :n] = 1
+            mask[row, :n] = e.attention_mask[:n]
         return {"input_ids": ids, "attention_mask": mask}
 
     def preprocess(self, images: list[np.ndarray]) -> Prepared:
