@@ -109,3 +109,26 @@ def test_predict_without_images_uses_builtin_sample(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "built-in sample grace_hopper.jpg" in res.stderr
     assert "grace_hopper.jpg" in res.stdout and res.stdout.count("%") == 5
+
+
+def test_quantize_weight_only_needs_no_calibration(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "wo.onnx"
+    res = kiln("quantize", str(tiny), "-o", str(out), "--weight-only")
+    assert res.returncode == 0, res.stderr
+    assert out.is_file() and "weight-only" in res.stdout
+
+
+def test_quantize_budget_needs_eval_data(tiny: Path, tmp_path: Path) -> None:
+    res = kiln(
+        "quantize", str(tiny), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path), "--max-drop", "0.01"
+    )
+    assert res.returncode == 1
+    assert "--max-drop needs --eval DIR" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_feeds_from_text(tmp_path: Path) -> None:
+    text = tmp_path / "s.txt"
+    text.write_text("first sentence\n\nsecond one here\n")
+    res = kiln("feeds", "all-minilm-l6-v2", str(text), "-o", str(tmp_path / "feeds"))
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "feeds").iterdir()) == ["00000.npz", "00001.npz"]

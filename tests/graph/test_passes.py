@@ -16,6 +16,7 @@ from modelkiln.graph.passes.fuse_conv_bn import FuseConvBatchNorm
 from modelkiln.graph.passes.fuse_gelu_ort import FuseGeluOrt
 from modelkiln.graph.passes.fuse_matmul_add import FuseMatMulAdd
 from modelkiln.graph.passes.fuse_pad_conv import FusePadConv
+from modelkiln.graph.passes.merge_parallel_linears import MergeParallelLinears
 from modelkiln.graph.passes.remove_dead import RemoveDead
 from modelkiln.graph.passes.simplify_shapes import SimplifyShapes
 from modelkiln.graph.pipeline import DEFAULT_PIPELINE
@@ -197,6 +198,55 @@ def test_simplify_shapes_makes_dynamic_reshape_constant(rng: np.random.Generator
     assert n == 1 and ops(model) == ["Reshape"]
     assert list(model.graph.node(0).inputs[1].const_value.numpy()) == [-1, 24]
     assert_same(before, after)
+
+
+def test_simplify_shapes_copies_proven_dims_for_a_head_split(rng: np.random.Generator) -> None:
+    """[B, S, 8] -> [B, S, 2, 4] with B and S both dynamic: dims equal to the input's become 0."""
+    model = parse(f"""{HEADER}
+    g (float[B, S, 8] x) => (float[B, S, 2, 4] y)
+    <int64[1] zero = {{0}}, int64[1] one = {{1}}, int64[2] heads = {{2, 4}}>
+    {{ s = Shape (x)
+       b = Gather <axis = 0> (s, zero)
+       t = Gather <axis = 0> (s, one)
+       shape = Concat <axis = 0> (b, t, heads)
+       y = Reshape (x, shape) }}""")
+    n, before, after = apply(
+        SimplifyShapes(), model, {"x": rng.standard_normal((3, 5, 8)).astype(np.float32)}
+    )
+    RemoveDead()(model)
+    assert n == 1 and ops(model) == ["Reshape"]
+    assert list(model.graph.node(0).inputs[1].const_value.numpy()) == [0, 0, 2, 4]
+    assert_same(before, after)
+
+
+def test_merge_parallel_linears_merges_qkv_with_biases(rng: np.random.Generator) -> None:
+    w = ", ".join(str(v) for v in rng.standard_normal(12).round(3))
+    model = parse(f"""{HEADER}
+    g (float[B, S, 3] x) => (float[B, S, 4] qr, float[B, S, 2] kr, float[B, S, 4] r)
+    <float[3, 4] wq = {{{w}}}, float[3, 2] wk = {{1, 2, 3, 4, 5, 6}}, float[3, 4] wv = {{{w}}},
+     float[4] bq = {{1, 2, 3, 4}}, float[2] bk = {{-1, 1}}, float[4] bv = {{0, 1, 0, 1}}>
+    {{ mq = MatMul (x, wq)
+       q = Add (mq, bq)
+       mk = MatMul (x, wk)
+       k = Add (bk, mk)
+       mv = MatMul (x, wv)
+       v = Add (mv, bv)
+       qr = Relu (q)
+       kr = Relu (k)
+       r = Relu (v) }}""")
+    feed = {"x": rng.standard_normal((2, 5, 3)).astype(np.float32)}
+    n, before, after = apply(MergeParallelLinears(), model, feed)
+    RemoveDead()(model)
+    assert n == 1 and sorted(ops(model)) == ["Add", "MatMul", "Relu", "Relu", "Relu", "Split"]
+    assert_same(before, after)
+
+
+def test_merge_parallel_linears_leaves_a_lone_linear() -> None:
+    model = parse(f"""{HEADER}
+    g (float[N, 3] x) => (float[N, 2] y)
+    <float[3, 2] w = {{1, 2, 3, 4, 5, 6}}>
+    {{ y = MatMul (x, w) }}""")
+    assert not MergeParallelLinears()(model).modified
 
 
 def test_cse_merges_duplicates(rng: np.random.Generator) -> None:

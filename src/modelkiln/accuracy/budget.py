@@ -71,6 +71,7 @@ class BudgetResult:
     fallback: FallbackResult
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # fp32 / int8 / chosen
+    latency_batch: int = 0  # batch size of the feed the latencies were measured on
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +79,7 @@ class BudgetResult:
             "fallback": self.fallback.to_dict(),
             "sensitivity": [vars(s) for s in self.sensitivity],
             "latency_ms": self.latency_ms,
+            "latency_batch": self.latency_batch,
         }
 
 
@@ -132,7 +134,7 @@ def quantize_within_budget(
         summary.kept_float[name] = (
             f"accuracy budget: sensitive layer returned to float ({metric} <= {max_drop:g} drop)"
         )
-    return BudgetResult(summary, result, ranking, latency)
+    return BudgetResult(summary, result, ranking, latency, int(next(iter(feed.values())).shape[0]))
 
 
 def _scorer(

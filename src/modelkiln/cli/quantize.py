@@ -199,7 +199,7 @@ def _with_budget(
     lat = result.latency_ms
     console.print(
         f"{metric} {fb.metric:.4f} (drop {fb.drop:.4f}); {len(fb.kept_float)} of {fb.quantizable} layers float, "
-        f"{fb.int8_fraction:.0%} int8; batch-1 latency median fp32 {lat['fp32']['median']:.2f} ms, "
+        f"{fb.int8_fraction:.0%} int8; latency (batch {result.latency_batch}) median fp32 {lat['fp32']['median']:.2f} ms, "
         f"full int8 {lat['int8']['median']:.2f} ms, chosen {lat['chosen']['median']:.2f} ms"
     )
     return result.to_dict()

@@ -107,15 +107,23 @@ def _single_reader(value: ir.Value) -> bool:
     return len(readers) == 1 and not value.is_graph_output()
 
 
-def _value_projection(x: ir.Value) -> tuple[ir.Node, ir.Node | None] | None:
-    """(V projection linear, its bias Add) when ``x`` is an attention context: head merge
-    (Transpose/Reshape) <- MatMul(probabilities, V) <- head split <- [Add bias] <- linear."""
+def _value_projection(x: ir.Value) -> tuple[ir.Node, ir.Node | None, int] | None:
+    """(V projection linear, its bias Add, first output column) when ``x`` is an attention context:
+    head merge (Transpose/Reshape) <- MatMul(probabilities, V) <- head split <- [Split of a merged
+    QKV projection] <- [Add bias] <- linear."""
     v = _up_through_movement(x)
     node = v.producer() if v is not None else None
     if node is None or node.op_type != "MatMul" or not _single_reader(node.inputs[1]):
         return None
     v = _up_through_movement(node.inputs[1])
     node = v.producer() if v is not None else None
+    offset = 0
+    if node is not None and node.op_type == "Split":
+        sizes = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if sizes is None or attr_int(node, "axis", 0) != -1 or not _single_reader(node.inputs[0]):
+            return None
+        offset = int(sum(sizes[: [o.name for o in node.outputs].index(v.name)]))
+        node = node.inputs[0].producer()
     bias_add = None
     if node is not None and node.op_type == "Add" and _single_reader(node.outputs[0]):
         consts = [i for i, inp in enumerate(node.inputs) if const(inp) is not None]
@@ -128,7 +136,7 @@ def _value_projection(x: ir.Value) -> tuple[ir.Node, ir.Node | None] | None:
     w = const(node.inputs[1])
     if w is None or w.ndim != 2 or (node.op_type == "Gemm" and len(node.inputs) > 2):
         return None
-    return node, bias_add
+    return node, bias_add, offset
 
 
 def _up_through_movement(value: ir.Value) -> ir.Value | None:
@@ -191,20 +199,19 @@ def fold(graph: ir.Graph, site: SmoothingSite, s: np.ndarray) -> None:
         if beta is not None:
             ln.replace_input_with(2, new_initializer(graph, (beta / s).astype(beta.dtype), ln.inputs[2].name))
     elif site.fold == "linear":
-        proj, bias_add = _value_projection(site.tensor)
-        w = const(proj.inputs[1])
-        out_axis = 1 - input_axis(proj)
-        shape = [1, 1]
-        shape[out_axis] = -1
-        proj.replace_input_with(
-            1, new_initializer(graph, (w / s.reshape(shape)).astype(w.dtype), proj.inputs[1].name)
-        )
+        proj, bias_add, offset = _value_projection(site.tensor)
+        cols = slice(offset, offset + s.size)
+        w = const(proj.inputs[1]).copy()
+        if input_axis(proj) == 0:
+            w[:, cols] /= s
+        else:
+            w[cols, :] /= s[:, None]
+        proj.replace_input_with(1, new_initializer(graph, w, proj.inputs[1].name))
         if bias_add is not None:
             idx = next(i for i, v in enumerate(bias_add.inputs) if const(v) is not None)
-            b = const(bias_add.inputs[idx])
-            bias_add.replace_input_with(
-                idx, new_initializer(graph, (b / s).astype(b.dtype), bias_add.inputs[idx].name)
-            )
+            b = const(bias_add.inputs[idx]).copy()
+            b[cols] /= s
+            bias_add.replace_input_with(idx, new_initializer(graph, b, bias_add.inputs[idx].name))
     else:
         raise ValueError(f"{site.name}: no fold for this site")
     for node in site.linears:
