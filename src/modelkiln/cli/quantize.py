@@ -68,6 +68,9 @@ def quantize_cmd(
     weight_only: bool = typer.Option(
         False, "--weight-only", help="int8 weights only, float activations; needs no --calib."
     ),
+    dynamic: bool = typer.Option(
+        False, "--dynamic", help="MatMul activations quantized per batch at run time (ORT CPU); no --calib."
+    ),
     transformer: bool = typer.Option(
         None,
         "--transformer/--no-transformer",
@@ -109,6 +112,7 @@ def quantize_cmd(
         int8_attention=int8_attention,
         smoothquant=smoothquant,
         weight_only=weight_only,
+        dynamic=dynamic,
     )
     args = (source, out, calib, zoo_name, config, calib_size, batch_size, sensitivity_samples)
     if max_drop is not None:

@@ -52,6 +52,9 @@ class QuantConfig:
     smoothquant: float | None = None
     #: Only weights become int8 (per channel, DequantizeLinear before the float op): no calibration.
     weight_only: bool = False
+    #: MatMul activations quantized per batch at run time (DynamicQuantizeLinear), weights int8:
+    #: no calibration; ONNX Runtime CPU only (TensorRT has no dynamic quantization).
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, Method):
@@ -66,6 +69,8 @@ class QuantConfig:
             raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.smoothquant}")
         if self.weight_only and self.smoothquant is not None:
             raise ConfigError("smoothquant needs quantized activations; it does nothing with weight_only")
+        if self.dynamic and (self.weight_only or self.smoothquant is not None or self.target is Target.TRT):
+            raise ConfigError("dynamic quantization excludes weight_only, smoothquant and the trt target")
         if self.max_range_ratio < 1:
             raise ConfigError(f"max_range_ratio must be >= 1, got {self.max_range_ratio}")
 

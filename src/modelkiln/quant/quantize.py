@@ -25,6 +25,7 @@ from modelkiln.quant.calibrators import CALIBRATORS, Calibrator, PercentileCalib
 from modelkiln.quant.collect import collect
 from modelkiln.quant.config import Method, QuantConfig
 from modelkiln.quant.data import batches, list_samples
+from modelkiln.quant.dynamic import dynamic_candidates, quantize_dynamic_matmuls
 from modelkiln.quant.qdq import Plan, emit, isolate, layers, mark
 from modelkiln.quant.smoothquant import smooth_model
 from modelkiln.quant.weight_only import quantize_weights_only
@@ -122,7 +123,7 @@ def prepare(
     candidates = mark(model, config)
     if not candidates.weights:
         raise QuantizationError(f"{source}: no Conv/Gemm/MatMul with constant float weights to quantize")
-    if config.weight_only:
+    if config.weight_only or config.dynamic:
         return Calibrated(str(source), ir.to_proto(model), {}, 0, proto.ByteSize(), entry=entry)
     if calib is None:
         raise QuantizationError(f"{source}: static INT8 needs calibration data (--calib DIR)")
@@ -150,6 +151,9 @@ def build(
     if config.weight_only:
         counts, kept = quantize_weights_only(model, config)
         plan = Plan(kept_float=kept)
+    elif config.dynamic:
+        counts = quantize_dynamic_matmuls(model, config, only)
+        plan = Plan()
     else:
         plan = mark(model, config, cal.ranges)
         ranges = cal.ranges
@@ -165,23 +169,28 @@ def build(
 
 def quantized_layers(cal: Calibrated, config: QuantConfig) -> list[str]:
     """The ops a full build with ``config`` runs in int8, in graph order."""
+    model = ir.from_proto(cal.proto)
     if config.weight_only:
         return []
-    return layers(mark(ir.from_proto(cal.proto), config, cal.ranges))
+    if config.dynamic:
+        return [n.name for n in dynamic_candidates(model, config)]
+    return layers(mark(model, config, cal.ranges))
 
 
 def summarize(
     cal: Calibrated, config: QuantConfig, result: onnx.ModelProto, plan: Plan, counts: Counter, output: str
 ) -> QuantizeResult:
     float_ops = Counter(
-        n.op_type for n in result.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        n.op_type
+        for n in result.graph.node
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
     )
     for op, n in counts.items():
         float_ops[op] -= n
     return QuantizeResult(
         cal.source,
         output,
-        "weight-only" if config.weight_only else config.method.value,
+        "weight-only" if config.weight_only else "dynamic" if config.dynamic else config.method.value,
         config.target.value,
         cal.samples,
         dict(counts),
