@@ -123,8 +123,9 @@ def prepare(
     candidates = mark(model, config)
     if not candidates.weights:
         raise QuantizationError(f"{source}: no Conv/Gemm/MatMul with constant float weights to quantize")
-    if config.weight_only or config.dynamic:
-        return Calibrated(str(source), ir.to_proto(model), {}, 0, proto.ByteSize(), entry=entry)
+    if config.weight_only or config.dynamic:  # nothing to calibrate; samples kept for sensitivity
+        files = list_samples(calib, calib_size) if calib is not None else []
+        return Calibrated(str(source), ir.to_proto(model), {}, 0, proto.ByteSize(), entry=entry, files=files)
     if calib is None:
         raise QuantizationError(f"{source}: static INT8 needs calibration data (--calib DIR)")
     files = list_samples(calib, calib_size)
