@@ -84,3 +84,11 @@ class CalibrationError(KilnError):
 
 class QuantizationError(KilnError):
     """A model that cannot be quantized as asked (e.g. it has no float weights)."""
+
+
+class ModelUnavailable(KilnError):
+    """A known model that is not loaded (or is unloading) right now."""
+
+
+class PayloadTooLarge(BadInput):
+    """A request body over the server's configured limit."""

@@ -16,6 +16,8 @@ from modelkiln.cli import feeds as feeds_cmd
 from modelkiln.cli import optimize as optimize_cmd
 from modelkiln.cli import predict as predict_cmd
 from modelkiln.cli import quantize as quantize_cmd
+from modelkiln.cli import repo as repo_cmd
+from modelkiln.cli import serve as serve_cmd
 from modelkiln.errors import KilnError
 from modelkiln.log import configure_logging, err_console
 
@@ -46,6 +48,8 @@ app.command("quantize")(quantize_cmd.quantize_cmd)
 app.command("compare")(compare_cmd.compare_cmd)
 app.command("evaluate")(evaluate_cmd.evaluate_cmd)
 app.command("feeds")(feeds_cmd.feeds_cmd)
+app.command("serve")(serve_cmd.serve_cmd)
+app.add_typer(repo_cmd.app, name="repo")
 
 
 def main() -> None:

@@ -1,0 +1,56 @@
+"""``kiln repo add``: build a model repository for ``kiln serve`` (and Triton) from ONNX files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+
+from modelkiln.errors import BadInput
+from modelkiln.log import console
+from modelkiln.serve.config import DynamicBatching, ModelConfig, dump_config
+from modelkiln.serve.repository import MODEL_FILE
+
+app = typer.Typer(help="Build model repositories.", no_args_is_help=True)
+
+
+@app.command("add")
+def add(
+    repository: Path = typer.Argument(..., help="Repository folder (created if missing)."),
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    name: str = typer.Option(..., "--name", help="Model name in the repository."),
+    version: int = typer.Option(None, "--version", help="Version number (default: next free)."),
+    max_batch: int = typer.Option(0, "--max-batch", help="Largest batch (0: no batch axis)."),
+    preferred: list[int] = typer.Option([], "--preferred-batch", help="Preferred batch sizes (repeatable)."),
+    delay_us: int = typer.Option(None, "--max-queue-delay-us", help="Dynamic batching: longest wait (µs)."),
+    instances: int = typer.Option(1, "--instances", help="Sessions running this model at once."),
+    threads: int = typer.Option(1, "--threads", help="Intra-op threads per session."),
+    priority: int = typer.Option(1, "--priority", help="0 most urgent … 2."),
+) -> None:
+    """Copy MODEL into REPOSITORY/NAME/VERSION/model.onnx and write NAME/config.yaml."""
+    if not model.is_file():
+        raise BadInput(f"model file not found: {model}")
+    if "/" in name or name.startswith(".") or not name:
+        raise BadInput(f"--name must be a plain folder name, got {name!r}")
+    batching = None
+    if preferred or delay_us is not None:
+        batching = DynamicBatching(tuple(preferred), 1000 if delay_us is None else delay_us)
+    config = ModelConfig(
+        name,
+        max_batch_size=max_batch,
+        dynamic_batching=batching,
+        instance_count=instances,
+        threads_per_instance=threads,
+        priority=priority,
+    )
+    folder = repository / name
+    existing = (
+        [int(p.name) for p in folder.glob("*") if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    )
+    version = version or (max(existing) + 1 if existing else 1)
+    target = folder / str(version) / MODEL_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, target)
+    (folder / "config.yaml").write_text(dump_config(config))
+    console.print(f"added {name} v{version}: {target}")

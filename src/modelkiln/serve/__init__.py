@@ -1,0 +1,1 @@
+"""Serving: many models in one process behind a KServe v2 HTTP API (``kiln serve``)."""

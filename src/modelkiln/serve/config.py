@@ -1,0 +1,190 @@
+"""A served model's configuration (``<repo>/<model>/config.yaml``): frozen dataclasses validated
+on load, so a typo is an error naming the file and the key, never a silently ignored option.
+
+    backend: onnxruntime          # the only backend served today
+    max_batch_size: 8             # 0: the model has no batch axis (requests run as they come)
+    dynamic_batching:             # omit to run each request alone
+      preferred_batch_sizes: [4, 8]
+      max_queue_delay_us: 2000
+    instance_count: 1             # sessions of this model running at once
+    threads_per_instance: 1       # intra-op threads per session
+    priority: 1                   # 0 most urgent … 2
+    queue: {max_queue_size: 64, default_timeout_us: 0}
+    warmup: true                  # one random inference per instance before ready
+    inputs: [{name: images, dtype: float32, dims: [3, 640, 640]}]   # optional: read from the model
+    pipeline: {kind: detect_classify, steps: {detector: yolo, classifier: lite0}}   # instead of a file
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelkiln.errors import ConfigError
+
+PRIORITY_LEVELS = 3
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 1000
+
+    def __post_init__(self) -> None:
+        if any(b < 1 for b in self.preferred_batch_sizes):
+            raise ConfigError(f"preferred_batch_sizes must be >= 1, got {list(self.preferred_batch_sizes)}")
+        if self.max_queue_delay_us < 0:
+            raise ConfigError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    max_queue_size: int = 64
+    default_timeout_us: int = 0  # 0: no timeout
+
+    def __post_init__(self) -> None:
+        if self.max_queue_size < 1:
+            raise ConfigError(f"queue.max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.default_timeout_us < 0:
+            raise ConfigError(f"queue.default_timeout_us must be >= 0, got {self.default_timeout_us}")
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """dims exclude the batch axis when max_batch_size > 0 (Triton's convention); -1 is dynamic."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"tensor '{self.name}': dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if any(d < -1 or d == 0 for d in self.dims):
+            raise ConfigError(f"tensor '{self.name}': dims must be positive or -1, got {list(self.dims)}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    kind: str  # "detect_classify" | "clip_zero_shot"
+    steps: dict[str, str] = field(default_factory=dict)  # role -> served model name
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    backend: str = "onnxruntime"
+    max_batch_size: int = 0
+    dynamic_batching: DynamicBatching | None = None
+    instance_count: int = 1
+    threads_per_instance: int = 1
+    priority: int = 1
+    queue: QueuePolicy = field(default_factory=QueuePolicy)
+    warmup: bool = True
+    inputs: tuple[TensorConfig, ...] = ()
+    outputs: tuple[TensorConfig, ...] = ()
+    pipeline: PipelineConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("onnxruntime", "pipeline"):
+            raise ConfigError(
+                f"model '{self.name}': backend must be onnxruntime or pipeline, got {self.backend!r}"
+            )
+        if self.max_batch_size < 0:
+            raise ConfigError(f"model '{self.name}': max_batch_size must be >= 0, got {self.max_batch_size}")
+        if self.instance_count < 1 or self.threads_per_instance < 1:
+            raise ConfigError(f"model '{self.name}': instance_count and threads_per_instance must be >= 1")
+        if not 0 <= self.priority < PRIORITY_LEVELS:
+            raise ConfigError(
+                f"model '{self.name}': priority must be 0..{PRIORITY_LEVELS - 1}, got {self.priority}"
+            )
+        if self.dynamic_batching is not None and self.max_batch_size == 0:
+            raise ConfigError(f"model '{self.name}': dynamic_batching needs max_batch_size > 0")
+        too_big = [
+            b for b in getattr(self.dynamic_batching, "preferred_batch_sizes", ()) if b > self.max_batch_size
+        ]
+        if too_big:
+            raise ConfigError(f"model '{self.name}': preferred batch sizes {too_big} exceed max_batch_size")
+
+    @property
+    def threads(self) -> int:
+        return self.instance_count * self.threads_per_instance
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """A dataclass from a mapping, refusing unknown keys (the typo a dict of options would swallow)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    return data
+
+
+def parse_config(data: dict[str, Any] | None, name: str, where: str = "config") -> ModelConfig:
+    """Validate a config mapping (as read from YAML) into a ModelConfig."""
+    data = dict(_build(ModelConfig, data or {}, where))
+    data.setdefault("name", name)
+    try:
+        if data.get("dynamic_batching") is not None:
+            db = _build(DynamicBatching, data["dynamic_batching"], f"{where}: dynamic_batching")
+            data["dynamic_batching"] = DynamicBatching(
+                tuple(db.get("preferred_batch_sizes", ())), int(db.get("max_queue_delay_us", 1000))
+            )
+        if "queue" in data:
+            data["queue"] = QueuePolicy(**_build(QueuePolicy, data["queue"], f"{where}: queue"))
+        for key in ("inputs", "outputs"):
+            specs = data.get(key) or []
+            data[key] = tuple(
+                TensorConfig(
+                    **{**_build(TensorConfig, s, f"{where}: {key}"), "dims": tuple(s.get("dims", ()))}
+                )
+                for s in specs
+            )
+        if data.get("pipeline") is not None:
+            data["pipeline"] = PipelineConfig(
+                **_build(PipelineConfig, data["pipeline"], f"{where}: pipeline")
+            )
+            data.setdefault("backend", "pipeline")
+        return ModelConfig(**data)
+    except TypeError as exc:  # a missing required field, e.g. a tensor without dtype
+        raise ConfigError(f"{where}: {exc}") from exc
+    except ConfigError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def load_config(path: Path, name: str) -> ModelConfig:
+    """Read ``config.yaml`` (absent: all defaults) with errors naming the file."""
+    if not path.is_file():
+        return parse_config({}, name, str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(data, name, str(path))
+
+
+def dump_config(config: ModelConfig) -> str:
+    """YAML for ``config`` (what ``kiln repo add`` writes)."""
+    data = dataclasses.asdict(config)
+    data.pop("name")
+    if config.pipeline is None:
+        data.pop("pipeline")
+    for key in ("inputs", "outputs"):
+        data[key] = [{**t, "dims": list(t["dims"])} for t in data[key]]
+        if not data[key]:
+            data.pop(key)
+    if data.get("dynamic_batching"):
+        data["dynamic_batching"]["preferred_batch_sizes"] = list(
+            data["dynamic_batching"]["preferred_batch_sizes"]
+        )
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,156 @@
+"""A loaded model version: one backend session per instance, a free list of idle instances, and
+its inputs/outputs as the server reports them (batch axis included when max_batch_size > 0)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modelkiln.errors import BadInput, ConfigError
+from modelkiln.runtime.backends.base import Backend, TensorMeta
+from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
+from modelkiln.serve.config import ModelConfig, TensorConfig
+
+log = logging.getLogger(__name__)
+
+#: numpy dtype name -> KServe v2 datatype
+KSERVE_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One input/output as served: numpy dtype, and shape with -1 for dynamic dims (batch first)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def datatype(self) -> str:
+        return KSERVE_DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def _info(meta: TensorMeta, override: TensorConfig | None, batched: bool, model: str) -> TensorInfo:
+    shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in meta.shape)
+    if override is not None:
+        if override.dtype != meta.dtype:
+            raise ConfigError(
+                f"model '{model}': config says {override.name} is {override.dtype}, the file has {meta.dtype}"
+            )
+        want = ((-1,) if batched else ()) + override.dims
+        if len(want) != len(shape):
+            raise ConfigError(
+                f"model '{model}': config dims of {override.name} {list(override.dims)} do not match {list(shape)}"
+            )
+        shape = tuple(w if s == -1 else s for w, s in zip(want, shape, strict=True))
+    if batched and shape and shape[0] != -1:
+        raise ConfigError(
+            f"model '{model}': max_batch_size > 0 needs a dynamic first axis on {meta.name}, got {list(shape)}"
+        )
+    return TensorInfo(meta.name, meta.dtype, shape)
+
+
+class ServedModel:
+    """``instance_count`` sessions of one model file; ``run`` borrows an idle one."""
+
+    def __init__(self, config: ModelConfig, version: int, backends: list[Backend]) -> None:
+        self.config, self.version = config, version
+        self._idle: queue.SimpleQueue[Backend] = queue.SimpleQueue()
+        for b in backends:
+            self._idle.put(b)
+        first = backends[0]
+        batched = config.max_batch_size > 0
+        by_name = {t.name: t for t in config.inputs}
+        out_by_name = {t.name: t for t in config.outputs}
+        unknown = sorted(set(by_name) - {m.name for m in first.input_metadata})
+        if unknown:
+            raise ConfigError(f"model '{config.name}': config names inputs {unknown} the model does not have")
+        self.inputs = [_info(m, by_name.get(m.name), batched, config.name) for m in first.input_metadata]
+        self.outputs = [
+            _info(m, out_by_name.get(m.name), batched, config.name) for m in first.output_metadata
+        ]
+
+    @classmethod
+    def load(cls, config: ModelConfig, version: int, path: Path) -> ServedModel:
+        options = OrtOptions(intra_op_threads=config.threads_per_instance, inter_op_threads=1)
+        backends: list[Backend] = [OrtBackend.load(path, options) for _ in range(config.instance_count)]
+        model = cls(config, version, backends)
+        if config.warmup:
+            model.warm_up()
+        return model
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def warm_up(self) -> None:
+        """One inference per instance on zeros of batch 1 (dynamic dims as 1)."""
+        feed = {t.name: np.zeros([d if d > 0 else 1 for d in t.shape], t.dtype) for t in self.inputs}
+        borrowed = [self._idle.get() for _ in range(self.config.instance_count)]
+        try:
+            for b in borrowed:
+                b.infer(feed)
+        finally:
+            for b in borrowed:
+                self._idle.put(b)
+
+    def validate(self, feed: dict[str, np.ndarray]) -> int:
+        """Check a request's tensors; returns its batch size (1 for unbatched models)."""
+        names = {t.name for t in self.inputs}
+        if set(feed) != names:
+            raise BadInput(f"model '{self.name}': expected inputs {sorted(names)}, got {sorted(feed)}")
+        batch = None
+        for t in self.inputs:
+            value = feed[t.name]
+            if value.dtype != np.dtype(t.dtype):
+                raise BadInput(
+                    f"model '{self.name}': input '{t.name}' expects {t.datatype}, got {KSERVE_DTYPES.get(value.dtype.name, value.dtype.name)}"
+                )
+            if value.ndim != len(t.shape) or any(
+                w != -1 and w != g for w, g in zip(t.shape, value.shape, strict=False)
+            ):
+                raise BadInput(
+                    f"model '{self.name}': input '{t.name}' expects shape {list(t.shape)}, got {list(value.shape)}"
+                )
+            if self.config.max_batch_size > 0:
+                if batch is not None and value.shape[0] != batch:
+                    raise BadInput(f"model '{self.name}': inputs disagree on the batch size")
+                batch = value.shape[0]
+        if batch is not None and not 1 <= batch <= self.config.max_batch_size:
+            raise BadInput(
+                f"model '{self.name}': batch {batch} is outside 1..{self.config.max_batch_size} (max_batch_size)"
+            )
+        return batch or 1
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        backend = self._idle.get()
+        try:
+            return backend.infer(feed)
+        finally:
+            self._idle.put(backend)
+
+    def metadata(self) -> dict:
+        return {
+            "name": self.name,
+            "versions": [str(self.version)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }

@@ -1,0 +1,66 @@
+"""The model repository on disk: ``<repo>/<model>/config.yaml`` and ``<repo>/<model>/<version>/model.onnx``
+(a pipeline has a config and no versions). Versions are positive integers; the newest is served
+unless a request names another."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelkiln.errors import ConfigError, ModelNotFound
+from modelkiln.serve.config import ModelConfig, load_config
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class RepoEntry:
+    name: str
+    config: ModelConfig
+    versions: dict[int, Path]  # version -> model file (empty for pipelines)
+
+    @property
+    def latest(self) -> int:
+        return max(self.versions) if self.versions else 1
+
+
+class Repository:
+    """Reads a repository folder; every call rescans, so files added while serving are found."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ModelNotFound(f"model repository not found: {self.root}")
+
+    def names(self) -> list[str]:
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and ((p / "config.yaml").is_file() or _versions(p))
+        )
+
+    def entry(self, name: str) -> RepoEntry:
+        folder = self.root / name
+        if "/" in name or name.startswith(".") or not folder.is_dir():
+            raise ModelNotFound(
+                f"model '{name}' is not in the repository {self.root} (has: {', '.join(self.names())})"
+            )
+        config = load_config(folder / "config.yaml", name)
+        if config.name != name:
+            raise ConfigError(
+                f"{folder / 'config.yaml'}: name '{config.name}' differs from its folder '{name}'"
+            )
+        versions = _versions(folder)
+        if not versions and config.pipeline is None:
+            raise ModelNotFound(f"model '{name}': no <version>/{MODEL_FILE} under {folder}")
+        return RepoEntry(name, config, versions)
+
+
+def _versions(folder: Path) -> dict[int, Path]:
+    found = {}
+    for sub in folder.iterdir():
+        if sub.is_dir() and sub.name.isdigit() and int(sub.name) > 0 and (sub / MODEL_FILE).is_file():
+            found[int(sub.name)] = sub / MODEL_FILE
+    return found
