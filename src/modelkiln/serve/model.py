@@ -13,6 +13,7 @@ import numpy as np
 from modelkiln.errors import BadInput, ConfigError
 from modelkiln.runtime.backends.base import Backend, TensorMeta
 from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
+from modelkiln.runtime.session import model_metadata
 from modelkiln.serve.config import ModelConfig, TensorConfig
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class ServedModel:
         unknown = sorted(set(by_name) - {m.name for m in first.input_metadata})
         if unknown:
             raise ConfigError(f"model '{config.name}': config names inputs {unknown} the model does not have")
+        self.properties: dict[str, str] = {}  # ONNX metadata_props (zoo name, class names …)
         self.inputs = [_info(m, by_name.get(m.name), batched, config.name) for m in first.input_metadata]
         self.outputs = [
             _info(m, out_by_name.get(m.name), batched, config.name) for m in first.output_metadata
@@ -92,6 +94,7 @@ class ServedModel:
         options = OrtOptions(intra_op_threads=config.threads_per_instance, inter_op_threads=1)
         backends: list[Backend] = [OrtBackend.load(path, options) for _ in range(config.instance_count)]
         model = cls(config, version, backends)
+        model.properties = model_metadata(backends[0].session)
         if config.warmup:
             model.warm_up()
         return model
@@ -145,6 +148,20 @@ class ServedModel:
             return backend.infer(feed)
         finally:
             self._idle.put(backend)
+
+    def zoo_entry(self):
+        """The zoo family this file was exported from (its pre/post-processing), from metadata."""
+        from modelkiln import zoo
+
+        name = self.properties.get("modelkiln.zoo")
+        if not name:
+            raise ConfigError(
+                f"model '{self.name}' carries no modelkiln.zoo metadata; pipelines need zoo exports"
+            )
+        size = next((t.shape[-1] for t in self.inputs if len(t.shape) == 4 and t.shape[-1] > 0), None)
+        entry = zoo.get(name, size)
+        entry.configure(self.properties)
+        return entry
 
     def metadata(self) -> dict:
         return {

@@ -36,7 +36,16 @@ class ModelServer:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def load_all(self) -> None:
-        for name in self.repository.names():
+        """Every model, plain models before the pipelines that call them."""
+        names = self.repository.names()
+        pipelines = set()
+        for name in names:
+            try:
+                if self.repository.entry(name).config.pipeline is not None:
+                    pipelines.add(name)
+            except Exception as exc:  # noqa: BLE001 - reported again when its load fails below
+                log.debug("%s: config unreadable: %s", name, exc)
+        for name in [n for n in names if n not in pipelines] + sorted(pipelines):
             try:
                 self.load(name)
             except Exception as exc:  # noqa: BLE001 - one broken model must not stop the others
@@ -52,6 +61,7 @@ class ModelServer:
 
                 pipe = build_pipeline(entry.config, self)
                 loaded[entry.latest] = Loaded(pipe, pipe)
+                log.info("loaded pipeline %s (%s: %s)", name, pipe.kind, entry.config.pipeline.steps)
             else:
                 from modelkiln.serve.model import ServedModel
 
