@@ -71,7 +71,8 @@ class DynamicBatcher:
         self.name = model.name
         cfg = model.config
         batching = cfg.dynamic_batching
-        self.max_batch = max(cfg.max_batch_size, 1) if batching else 1
+        self.max_batch = max(cfg.max_batch_size, 1)
+        # without dynamic batching every request runs alone (target 1: one request per batch)
         self.target = max(batching.preferred_batch_sizes or (self.max_batch,)) if batching else 1
         self.delay = batching.max_queue_delay_us / 1e6 if batching else 0.0
         self.capacity = cfg.queue.max_queue_size
@@ -160,11 +161,8 @@ class DynamicBatcher:
                 continue
             if sig is None:
                 sig = r.signature()
-            if (
-                r.signature() == sig
-                and size + r.batch <= self.max_batch
-                and (not taken or size < self.target)
-            ):
+            fits = not taken or (size + r.batch <= self.max_batch and size < self.target)
+            if r.signature() == sig and fits:  # the first request always runs, alone if need be
                 taken.append(r)
                 size += r.batch
             else:
