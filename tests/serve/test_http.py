@@ -16,8 +16,7 @@ import pytest
 from modelkiln.serve.protocol import parse_request
 
 httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
+from tritonclient.utils import InferenceServerException
 
 _local = threading.local()
 
