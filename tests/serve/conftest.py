@@ -25,14 +25,19 @@ def affine_model(path: Path, scale: float = 2.0, delay_loops: int = 0) -> Path:
     ]
     last = "y0"
     if delay_loops:
-        inits.append(helper.make_tensor("eye", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist()))
+        inits.append(
+            helper.make_tensor("eye", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())
+        )
         for i in range(delay_loops):
             nodes.append(helper.make_node("MatMul", [last, "eye"], [f"d{i}"]))
             last = f"d{i}"
     nodes.append(helper.make_node("Identity", [last], ["y"]))
     graph = helper.make_graph(
-        nodes, "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits,
+        nodes,
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        inits,
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
@@ -62,7 +67,9 @@ class Running:
         self.server.load_all()
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(self.server, max_body), host="127.0.0.1", port=self.port, log_level="error")
+        config = uvicorn.Config(
+            create_app(self.server, max_body), host="127.0.0.1", port=self.port, log_level="error"
+        )
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
@@ -81,11 +88,22 @@ class Running:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     tmp = tmp_path_factory.mktemp("models")
-    add_model(root, "affine", affine_model(tmp / "a.onnx"), ModelConfig(
-        "affine", max_batch_size=8, dynamic_batching=DynamicBatching((8,), 2000)))
-    add_model(root, "affine", affine_model(tmp / "b.onnx", scale=3.0), ModelConfig(
-        "affine", max_batch_size=8, dynamic_batching=DynamicBatching((8,), 2000)), version=2)
-    add_model(root, "slow", affine_model(tmp / "s.onnx", delay_loops=400), ModelConfig("slow", max_batch_size=4))
+    add_model(
+        root,
+        "affine",
+        affine_model(tmp / "a.onnx"),
+        ModelConfig("affine", max_batch_size=8, dynamic_batching=DynamicBatching((8,), 2000)),
+    )
+    add_model(
+        root,
+        "affine",
+        affine_model(tmp / "b.onnx", scale=3.0),
+        ModelConfig("affine", max_batch_size=8, dynamic_batching=DynamicBatching((8,), 2000)),
+        version=2,
+    )
+    add_model(
+        root, "slow", affine_model(tmp / "s.onnx", delay_loops=400), ModelConfig("slow", max_batch_size=4)
+    )
     return root
 
 

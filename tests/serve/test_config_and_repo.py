@@ -48,9 +48,26 @@ def test_repo_add_then_repository_finds_versions(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for _ in range(2):
         res = subprocess.run(
-            [sys.executable, "-m", "modelkiln", "repo", "add", str(repo), str(model), "--name", "aff",
-             "--max-batch", "8", "--preferred-batch", "4", "--max-queue-delay-us", "500"],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "modelkiln",
+                "repo",
+                "add",
+                str(repo),
+                str(model),
+                "--name",
+                "aff",
+                "--max-batch",
+                "8",
+                "--preferred-batch",
+                "4",
+                "--max-queue-delay-us",
+                "500",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert res.returncode == 0, res.stderr
     entry = Repository(repo).entry("aff")
@@ -93,11 +110,18 @@ def test_sigterm_answers_in_flight_requests(tmp_path: Path) -> None:
     from modelkiln.serve.config import ModelConfig
 
     repo = tmp_path / "repo"
-    add_model(repo, "slow", affine_model(tmp_path / "s.onnx", delay_loops=3000), ModelConfig("slow", max_batch_size=64))
+    add_model(
+        repo,
+        "slow",
+        affine_model(tmp_path / "s.onnx", delay_loops=3000),
+        ModelConfig("slow", max_batch_size=64),
+    )
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelkiln", "serve", str(repo), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         c = httpclient.InferenceServerClient(f"127.0.0.1:{port}")

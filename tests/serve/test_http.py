@@ -36,7 +36,9 @@ def infer(c, model: str, x: np.ndarray, binary: bool, version: str = "") -> np.n
 
 
 def post(running, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://{running.url}{path}", data=body, headers=headers or {}, method="POST")
+    req = urllib.request.Request(
+        f"http://{running.url}{path}", data=body, headers=headers or {}, method="POST"
+    )
     try:
         with urllib.request.urlopen(req) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
@@ -70,7 +72,11 @@ def test_concurrent_requests_are_batched_and_each_answered(running) -> None:
         np.testing.assert_allclose(y, x * 3 + 1)
     metrics = urllib.request.urlopen(f"http://{running.url}/metrics").read().decode()
     assert 'kiln_request_success_total{model="affine",version="2"}' in metrics
-    batched = [line for line in metrics.splitlines() if line.startswith('kiln_batch_size_bucket{le="1.0",model="affine"')]
+    batched = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('kiln_batch_size_bucket{le="1.0",model="affine"')
+    ]
     count = [line for line in metrics.splitlines() if line.startswith('kiln_batch_size_count{model="affine"')]
     assert float(batched[0].split()[-1]) < float(count[0].split()[-1])  # some requests ran in batches > 1
 
@@ -79,11 +85,33 @@ def test_concurrent_requests_are_batched_and_each_answered(running) -> None:
     ("body", "status", "message"),
     [
         (b"{not json", 400, "not valid JSON"),
-        (b'{"inputs": [{"name": "z", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}', 400, "expected inputs ['x']"),
-        (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]}', 400, "expects FP32, got INT64"),
-        (b'{"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]}', 400, "expects shape [-1, 4], got [1, 5]"),
-        (b'{"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1, 2]}]}', 400, "2 values for shape [2, 4]"),
-        (b'{"inputs": [{"name": "x", "shape": [9, 4], "datatype": "FP32", "data": ' + str([0] * 36).encode() + b"}]}", 400, "outside 1..8"),
+        (
+            b'{"inputs": [{"name": "z", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}',
+            400,
+            "expected inputs ['x']",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]}',
+            400,
+            "expects FP32, got INT64",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]}',
+            400,
+            "expects shape [-1, 4], got [1, 5]",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1, 2]}]}',
+            400,
+            "2 values for shape [2, 4]",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [9, 4], "datatype": "FP32", "data": '
+            + str([0] * 36).encode()
+            + b"}]}",
+            400,
+            "outside 1..8",
+        ),
     ],
 )
 def test_bad_requests_get_400_and_the_server_goes_on(running, body: bytes, status: int, message: str) -> None:
@@ -110,7 +138,9 @@ def test_oversized_payload_is_413(running) -> None:
     resp = conn.getresponse()
     assert resp.status == 413 and "limit" in json.loads(resp.read())["error"]
     conn.close()
-    code, reply = post(running, "/v2/models/affine/infer", b"{" + b" " * (1 << 20) + b"}")  # streamed, no length
+    code, _reply = post(
+        running, "/v2/models/affine/infer", b"{" + b" " * (1 << 20) + b"}"
+    )  # streamed, no length
     assert code in (400, 413)
 
 

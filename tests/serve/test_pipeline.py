@@ -24,11 +24,20 @@ def pipeline_server(tmp_path_factory: pytest.TempPathFactory, assets: Path):
     export("efficientnet_lite0", tmp / "lite.onnx", image_size=64)
     repo = tmp / "repo"
     add_model(repo, "yolo", tmp / "yolo.onnx", ModelConfig("yolo", max_batch_size=2))
-    add_model(repo, "lite", tmp / "lite.onnx", ModelConfig("lite", max_batch_size=8, dynamic_batching=DynamicBatching((8,), 1000)))
+    add_model(
+        repo,
+        "lite",
+        tmp / "lite.onnx",
+        ModelConfig("lite", max_batch_size=8, dynamic_batching=DynamicBatching((8,), 1000)),
+    )
     (repo / "boxes").mkdir()
     from modelkiln.serve.config import dump_config
 
-    cfg = ModelConfig("boxes", backend="pipeline", pipeline=PipelineConfig("detect_classify", {"detector": "yolo", "classifier": "lite"}))
+    cfg = ModelConfig(
+        "boxes",
+        backend="pipeline",
+        pipeline=PipelineConfig("detect_classify", {"detector": "yolo", "classifier": "lite"}),
+    )
     (repo / "boxes" / "config.yaml").write_text(dump_config(cfg))
     running = Running(repo)
     yield running
@@ -38,7 +47,7 @@ def pipeline_server(tmp_path_factory: pytest.TempPathFactory, assets: Path):
 def test_detect_classify_returns_a_label_per_box(pipeline_server, assets: Path) -> None:
     import cv2
 
-    image = cv2.imread(str(sorted((assets / "coco-tiny" / "val2017").glob("*.jpg"))[0]))
+    image = cv2.imread(str(min((assets / "coco-tiny" / "val2017").glob("*.jpg"))))
     c = httpclient.InferenceServerClient(pipeline_server.url)
     inp = httpclient.InferInput("image", list(image.shape), "UINT8")
     inp.set_data_from_numpy(image)
