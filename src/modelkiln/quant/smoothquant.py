@@ -80,11 +80,24 @@ def _foldable(site: SmoothingSite) -> str | None:
     x = site.tensor
     readers = {id(u.node) for u in x.uses() if u.node.op_type != "Shape"}
     only_linears = readers == {id(n) for n in site.linears} and not x.is_graph_output()
-    if only_linears and _layernorm_params(x.producer()) is not None:
+    if only_linears and _layernorm_params(_layernorm_above(x)) is not None:
         return "layernorm"
     if only_linears and _value_projection(x) is not None:
         return "linear"
     return None
+
+
+def _layernorm_above(x: ir.Value) -> ir.Node | None:
+    """The node producing ``x``, looking through single-reader Transposes that keep the last axis
+    in place (a sequence-first attention layout): per-channel scaling commutes with them."""
+    node = x.producer()
+    while node is not None and node.op_type == "Transpose" and _single_reader(node.inputs[0]):
+        perm = node.attributes.get("perm")
+        dims = list(perm.as_ints()) if perm is not None else None
+        if not dims or dims[-1] != len(dims) - 1:
+            return None
+        node = node.inputs[0].producer()
+    return node
 
 
 def _layernorm_params(node: ir.Node | None) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -193,7 +206,7 @@ def scale_weight_rows(graph: ir.Graph, node: ir.Node, s: np.ndarray) -> None:
 def fold(graph: ir.Graph, site: SmoothingSite, s: np.ndarray) -> None:
     """Divide the activation by ``s`` in its producer and multiply the linears' weight rows by it."""
     if site.fold == "layernorm":
-        ln = site.tensor.producer()
+        ln = _layernorm_above(site.tensor)
         gamma, beta = _layernorm_params(ln)
         ln.replace_input_with(1, new_initializer(graph, (gamma / s).astype(gamma.dtype), ln.inputs[1].name))
         if beta is not None:
