@@ -12,14 +12,13 @@ median and min over rounds), and one padded batch of 8 sentences. One JSON line 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from ort_anchor import ort_quantize_feeds
 
 from modelkiln.accuracy.budget import quantize_within_budget
 from modelkiln.bench.runner import machine_info
@@ -39,39 +38,11 @@ def sentences(name: str) -> list[str]:
 
 
 def ort_static(src: Path, out: Path, calib: Path, method: str) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        quantize_static,
-    )
-
     feeds = list(batches(list_samples(calib), INPUTS, None, 1))
     if method != "minmax":  # ORT's histogram calibrators stack all batches: one length for all
         width = max(f["input_ids"].shape[1] for f in feeds)
         feeds = [{k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in f.items()} for f in feeds]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(feeds)
-
-        def get_next(self) -> dict | None:
-            return next(self.it, None)
-
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }
-    with contextlib.redirect_stdout(sys.stderr):
-        quantize_static(
-            str(src),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            calibrate_method=methods[method],
-        )
+    ort_quantize_feeds(src, out, feeds, method)
 
 
 def ort_dynamic(src: Path, out: Path, per_channel: bool) -> None:
@@ -142,30 +113,20 @@ def main() -> None:
     timed("ours_transformer", lambda o: quantize(fp32, o, calib))
     timed("ours_smoothquant", lambda o: quantize(fp32, o, calib, config=QuantConfig(smoothquant=0.5)))
 
-    def budget(o: Path) -> None:  # tuned on the calibration sentences only, never on eval
-        r = quantize_within_budget(
-            fp32, o, calib, calib, args.budget, "cosine", config=QuantConfig(smoothquant=0.5)
-        )
-        extra["ours_budget"] = {
-            "kept_float": r.fallback.kept_float,
-            "int8_fraction": r.fallback.int8_fraction,
-            "calib_cosine": r.fallback.metric,
-        }
+    def budget(name: str, config: QuantConfig):  # tuned on the calibration sentences only, never on eval
+        def run(o: Path) -> None:
+            r = quantize_within_budget(fp32, o, calib, calib, args.budget, "cosine", config=config)
+            extra[name] = {
+                "kept_float": r.fallback.kept_float,
+                "int8_fraction": r.fallback.int8_fraction,
+                "calib_cosine": r.fallback.metric,
+            }
 
-    timed("ours_budget", budget)
+        return run
+
+    timed("ours_budget", budget("ours_budget", QuantConfig(smoothquant=0.5)))
     timed("ours_dynamic", lambda o: quantize(fp32, o, None, config=QuantConfig(dynamic=True)))
-
-    def dynamic_budget(o: Path) -> None:
-        r = quantize_within_budget(
-            fp32, o, calib, calib, args.budget, "cosine", config=QuantConfig(dynamic=True)
-        )
-        extra["ours_dynamic_budget"] = {
-            "kept_float": r.fallback.kept_float,
-            "int8_fraction": r.fallback.int8_fraction,
-            "calib_cosine": r.fallback.metric,
-        }
-
-    timed("ours_dynamic_budget", dynamic_budget)
+    timed("ours_dynamic_budget", budget("ours_dynamic_budget", QuantConfig(dynamic=True)))
     timed("ours_weight_only", lambda o: quantize(fp32, o, None, config=QuantConfig(weight_only=True)))
     feeds = list(batches(list_samples(evald), INPUTS, None, 1))
     lat1 = per_sentence_latency(models, feeds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from modelkiln.quant.data import batches, list_samples
@@ -13,7 +14,17 @@ from modelkiln.zoo import get
 
 
 def ort_quantize_static(src: Path, out: Path, calib: Path, zoo: str, method: str, size: int) -> float:
-    """Quantize ``src`` into ``out`` with ORT; returns the seconds it took."""
+    """Quantize ``src`` into ``out`` with ORT on images through the zoo's preprocessing; returns
+    the seconds it took."""
+    entry = get(zoo)
+    feeds = batches(list_samples(calib, size), [entry.parts[0].inputs[0].name], entry, 1)
+    t = time.perf_counter()
+    ort_quantize_feeds(src, out, feeds, method)
+    return time.perf_counter() - t
+
+
+def ort_quantize_feeds(src: Path, out: Path, feeds: Iterable[dict], method: str) -> None:
+    """ORT's quantize_static (QDQ, per-channel weights) calibrated on ``feeds``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -21,12 +32,9 @@ def ort_quantize_static(src: Path, out: Path, calib: Path, zoo: str, method: str
         quantize_static,
     )
 
-    entry = get(zoo)
-    files = list_samples(calib, size)
-
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter(batches(files, [entry.parts[0].inputs[0].name], entry, 1))
+            self.it = iter(feeds)
 
         def get_next(self) -> dict | None:
             return next(self.it, None)
@@ -36,7 +44,6 @@ def ort_quantize_static(src: Path, out: Path, calib: Path, zoo: str, method: str
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    t = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # ORT prints progress to stdout
         quantize_static(
             str(src),
@@ -46,4 +53,3 @@ def ort_quantize_static(src: Path, out: Path, calib: Path, zoo: str, method: str
             per_channel=True,
             calibrate_method=methods[method],
         )
-    return time.perf_counter() - t

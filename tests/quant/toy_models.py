@@ -47,10 +47,16 @@ def export_block(path: Path, pre_ln: bool = True, outlier: float = 1.0) -> Path:
     """A transformer block, input x [batch, 8, 32] -> y, opset 17 (LayerNormalization op)."""
     import torch
 
-    model = _block(pre_ln, outlier)
+    return _export(_block(pre_ln, outlier), torch.randn(1, SEQ, HIDDEN), path)
+
+
+def _export(model, example, path: Path) -> Path:
+    """x -> y with a dynamic batch axis, opset 17 (LayerNormalization is one op)."""
+    import torch
+
     torch.onnx.export(
         model,
-        (torch.randn(1, SEQ, HIDDEN),),
+        (example,),
         str(path),
         input_names=["x"],
         output_names=["y"],
@@ -78,18 +84,7 @@ def export_chain(path: Path, outlier_layer: int = 2, layers: int = 5, width: int
     seq = []
     for lin in linears:
         seq += [lin, nn.GELU()]
-    model = nn.Sequential(*seq[:-1]).eval()
-    torch.onnx.export(
-        model,
-        (torch.randn(2, width),),
-        str(path),
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return path
+    return _export(nn.Sequential(*seq[:-1]).eval(), torch.randn(2, width), path)
 
 
 def write_feeds(folder: Path, shape: tuple[int, ...], count: int, seed: int = 0) -> Path:

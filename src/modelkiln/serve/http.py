@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -149,19 +150,15 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
     async def repo_index(_: Request) -> JSONResponse:
         return JSONResponse(server.index())
 
-    async def repo_load(request: Request) -> Response:
-        try:
-            await asyncio.to_thread(server.load, request.path_params["model"])
-            return Response(status_code=200)
-        except Exception as exc:  # noqa: BLE001
-            return error(exc)
+    def repository_action(action: Callable[[str], Any]) -> Callable:
+        async def handle(request: Request) -> Response:
+            try:
+                await asyncio.to_thread(action, request.path_params["model"])
+                return Response(status_code=200)
+            except Exception as exc:  # noqa: BLE001
+                return error(exc)
 
-    async def repo_unload(request: Request) -> Response:
-        try:
-            await asyncio.to_thread(server.unload, request.path_params["model"])
-            return Response(status_code=200)
-        except Exception as exc:  # noqa: BLE001
-            return error(exc)
+        return handle
 
     async def prometheus(_: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -184,8 +181,8 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repo_index, methods=["POST", "GET"]),
-        Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", repo_unload, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_action(server.load), methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_action(server.unload), methods=["POST"]),
         Route("/metrics", prometheus),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
