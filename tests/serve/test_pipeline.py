@@ -73,3 +73,49 @@ def test_pipeline_rejects_a_bad_image_and_keeps_serving(pipeline_server) -> None
     ok = httpclient.InferInput("image", [64, 64, 3], "UINT8")
     ok.set_data_from_numpy(np.full((64, 64, 3), 127, np.uint8))
     assert c.infer("boxes", [ok]).as_numpy("boxes").shape[1] == 4
+
+
+@pytest.mark.slow
+def test_clip_zero_shot_pipeline_caches_label_embeddings(tmp_path: Path) -> None:
+    """Random-weight CLIP: the pipeline's probabilities equal the towers run by hand."""
+    from modelkiln.export import export
+    from modelkiln.runtime.session import model_metadata, ort_session
+    from modelkiln.serve.config import dump_config
+    from modelkiln.zoo import get
+
+    export("clip-vit-b-32", tmp_path / "clip", weights="random")
+    repo = tmp_path / "repo"
+    add_model(
+        repo, "clip_image", tmp_path / "clip" / "image.onnx", ModelConfig("clip_image", max_batch_size=4)
+    )
+    add_model(repo, "clip_text", tmp_path / "clip" / "text.onnx", ModelConfig("clip_text", max_batch_size=4))
+    labels = ["a cat", "a dog", "a car"]
+    cfg = ModelConfig(
+        "zero_shot",
+        backend="pipeline",
+        pipeline=PipelineConfig(
+            "clip_zero_shot", {"image": "clip_image", "text": "clip_text"}, {"labels": labels}
+        ),
+    )
+    (repo / "zero_shot").mkdir()
+    (repo / "zero_shot" / "config.yaml").write_text(dump_config(cfg))
+    running = Running(repo)
+    try:
+        image = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        c = httpclient.InferenceServerClient(running.url)
+        inp = httpclient.InferInput("image", list(image.shape), "UINT8")
+        inp.set_data_from_numpy(image)
+        probs = c.infer("zero_shot", [inp]).as_numpy("probs")
+        entry = get("clip-vit-b-32")
+        image_session = ort_session(tmp_path / "clip" / "image.onnx")
+        entry.configure(model_metadata(image_session))  # the exported logit scale
+        img = image_session.run(None, entry.preprocess([image]).feed)[0]
+        ids = entry.tokenize([f"a photo of a {x}." for x in labels])
+        txt = ort_session(tmp_path / "clip" / "text.onnx").run(None, {"input_ids": ids})[0]
+        img, txt = img / np.linalg.norm(img), txt / np.linalg.norm(txt, axis=1, keepdims=True)
+        logits = entry.logit_scale * img @ txt.T
+        ref = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert probs.shape == (1, 3)
+        np.testing.assert_allclose(probs, ref, atol=1e-3)
+    finally:
+        running.stop()
