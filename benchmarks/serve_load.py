@@ -35,12 +35,21 @@ HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parents[1] / "shared" / "assets"
 
 
-def build_repo(tmp: Path, batching: bool) -> Path:
-    repo = tmp / ("repo_batched" if batching else "repo_plain")
+def build_repo(tmp: Path, batching: bool, instances: int = 2, threads: int = 1, preferred: int = 4) -> Path:
+    """Lite0 with ``instances`` sessions of ``threads`` threads; dynamic batching to ``preferred``
+    (clients / instances, so every instance gets a batch) when ``batching``."""
+    repo = tmp / f"repo_{int(batching)}_{instances}x{threads}"
     models = {"lite0": tmp / "lite0_int8.onnx", "yolo": tmp / "yolo.onnx"}
-    db = DynamicBatching((8,), 4000) if batching else None
+    db = DynamicBatching((preferred,), 4000) if batching else None
     configs = {
-        "lite0": ModelConfig("lite0", max_batch_size=8, dynamic_batching=db, instance_count=2, priority=0),
+        "lite0": ModelConfig(
+            "lite0",
+            max_batch_size=8,
+            dynamic_batching=db,
+            instance_count=instances,
+            threads_per_instance=threads,
+            priority=0,
+        ),
         "yolo": ModelConfig(
             "yolo", max_batch_size=4, dynamic_batching=DynamicBatching((4,), 4000) if batching else None
         ),
@@ -224,18 +233,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--mixed", type=int, default=10000)
+    ap.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the saturation and mixed phases (on the last layout)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve_load.jsonl")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
     prepare_models(tmp)
     rows = []
-    for batching, port in ((False, 18231), (True, 18232)):
-        server = Server(build_repo(tmp, batching), port)
+    layouts = [(2, 1, 4), (1, 2, 8)]  # (instances, threads each, preferred batch)
+    runs = [(b, lay) for lay in layouts for b in (False, True)]
+    for port, (batching, (instances, threads, preferred)) in enumerate(runs, start=18231):
+        last = port == 18230 + len(runs)
+        server = Server(build_repo(tmp, batching, instances, threads, preferred), port)
         try:
-            row = {"phase": "batching", "dynamic_batching": batching, **drive(port, 8, args.seconds, 1)}
+            row = {
+                "phase": "batching",
+                "dynamic_batching": batching,
+                "instances": instances,
+                "threads_per_instance": threads,
+                "preferred_batch": preferred if batching else None,
+                **drive(port, 8, args.seconds, 1),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if batching:
+            if last and args.full:
                 row = {
                     "phase": "saturation",
                     "server": drive(port, 8, args.seconds, 8),
