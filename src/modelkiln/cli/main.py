@@ -10,6 +10,7 @@ import typer
 
 from modelkiln.cli import bench as bench_cmd
 from modelkiln.cli import compare as compare_cmd
+from modelkiln.cli import deploy as deploy_cmd
 from modelkiln.cli import evaluate as evaluate_cmd
 from modelkiln.cli import export as export_cmd
 from modelkiln.cli import feeds as feeds_cmd
@@ -49,6 +50,7 @@ app.command("compare")(compare_cmd.compare_cmd)
 app.command("evaluate")(evaluate_cmd.evaluate_cmd)
 app.command("feeds")(feeds_cmd.feeds_cmd)
 app.command("serve")(serve_cmd.serve_cmd)
+app.command("deploy")(deploy_cmd.deploy_cmd)
 app.add_typer(repo_cmd.app, name="repo")
 
 

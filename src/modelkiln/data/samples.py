@@ -14,11 +14,11 @@ from modelkiln.errors import ModelNotFound
 SAMPLE_NAMES = ("grace_hopper.jpg",)
 
 
-def sample_images() -> list[Path]:
-    """Paths of the built-in sample images."""
+def sample_images(names: tuple[str, ...] = SAMPLE_NAMES) -> list[Path]:
+    """Paths of the built-in sample images (matplotlib sample-data file names)."""
     cbook = require("matplotlib.cbook", "built-in sample images")
     paths = []
-    for name in SAMPLE_NAMES:
+    for name in names:
         path = Path(cbook.get_sample_data(name, asfileobj=False))
         if not path.is_file():
             raise ModelNotFound(f"sample image {name} is missing from matplotlib's sample data")

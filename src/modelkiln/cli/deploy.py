@@ -1,0 +1,67 @@
+"""``kiln deploy MODEL_OR_ONNX -o OUT``: export, optimize, quantize, compare, evaluate, bench, and
+write a serve-ready repository, a Triton repository and a report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from modelkiln.log import console, err_console
+
+
+def deploy_cmd(
+    model: str = typer.Argument("efficientnet_lite0", help="Zoo name or ONNX file."),
+    out: Path = typer.Option(Path("deploy"), "-o", "--out", help="Output folder."),
+    weights: str = typer.Option(None, "--weights", help="Weights for zoo models (default: the zoo's)."),
+    calib: Path = typer.Option(
+        None, "--calib", help="Calibration images or .npz feeds (default: built-in sample)."
+    ),
+    eval_data: Path = typer.Option(None, "--eval", help="Labelled evaluation data for task metrics."),
+    labels: Path = typer.Option(None, "--labels", help="Labels for --eval (CSV or COCO JSON)."),
+    precision: str = typer.Option(
+        "fp32,fp16,int8", "--precision", help="Precisions to build, comma-separated."
+    ),
+    max_drop: float = typer.Option(None, "--max-drop", help="INT8 accuracy budget (needs --eval)."),
+    target: str = typer.Option("cpu", "--target", help="cpu or trt (INT8 activation format)."),
+    bench_seconds: float = typer.Option(
+        3.0, "--bench-seconds", help="Timed seconds per precision and batch."
+    ),
+    eval_limit: int = typer.Option(None, "--eval-limit", help="At most this many evaluation images."),
+) -> None:
+    """Take a model to a served, verified deployment and report what each precision gains and costs."""
+    from modelkiln.deploy import DeployOptions, deploy
+
+    opts = DeployOptions(
+        model,
+        out,
+        weights,
+        calib,
+        eval_data,
+        labels,
+        tuple(p.strip() for p in precision.split(",") if p.strip()),
+        max_drop,
+        target,
+        bench_seconds,
+        eval_limit=eval_limit,
+        command="kiln deploy " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+    )
+    with err_console.status("deploying…") as status:
+        summary = deploy(opts, status=lambda text: status.update(text))
+    from rich.table import Table
+
+    from modelkiln.deploy.report import table_rows
+
+    head, rows = table_rows(summary)
+    table = Table(title=f"{summary.model}: deployment")
+    for h in head:
+        table.add_column(h, justify="left" if h == "precision" else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for note in summary.notes:
+        console.print(note, style="yellow")
+    console.print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}")
+    console.print(f"serve it: kiln serve {out / 'repository'}   (Triton: {out / 'triton'})")
