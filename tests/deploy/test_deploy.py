@@ -1,0 +1,120 @@
+"""kiln deploy end to end on a small model: every precision, report files holding the summary's
+figures, Triton configs that parse into Triton's ModelConfig, a repository that serves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from modelkiln.deploy import DeployError, DeployOptions, deploy
+from modelkiln.deploy.report import table_rows
+from modelkiln.deploy.triton import validate_pbtxt
+from modelkiln.errors import BadInput
+
+
+def small_model(path: Path) -> Path:
+    """x [batch, 16] -> relu(x @ W1 + b1) @ W2 -> y [batch, 8] (real-looking random weights)."""
+    rng = np.random.default_rng(0)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [16, 32], rng.standard_normal(512).astype(np.float32).tolist())
+    b1 = helper.make_tensor("b1", TensorProto.FLOAT, [32], rng.standard_normal(32).astype(np.float32).tolist())
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [32, 8], rng.standard_normal(256).astype(np.float32).tolist())
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["m"]),
+            helper.make_node("Add", ["m", "b1"], ["a"]),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [w1, b1, w2],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    tmp = tmp_path_factory.mktemp("deploy")
+    calib = tmp / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(16):
+        np.save(calib / f"{i:02d}.npy", rng.standard_normal((1, 16)).astype(np.float32))
+    out = tmp / "out"
+    summary = deploy(DeployOptions(str(small_model(tmp / "small.onnx")), out, calib=calib, bench_seconds=0.2))
+    return out, summary
+
+
+def test_every_precision_is_built_compared_and_benched(deployed) -> None:
+    out, summary = deployed
+    assert list(summary.precisions) == ["fp32", "fp16", "int8"]
+    for name, p in summary.precisions.items():
+        assert p["bench"]["batch1"]["p50_ms"] > 0 and p["bench"]["batch8"]["throughput"] > 0
+        cos = p["agreement"]["outputs"][0]["cosine"]
+        assert cos > (0.999 if name != "int8" else 0.99)
+    assert summary.int8["quantized_ops"] == {"Gemm": 1, "MatMul": 1, "Relu": 1}  # MatMul+Add fused to Gemm
+    assert list(summary.stages)[:2] == ["export", "optimize"] and summary.failed is None
+
+
+def test_reports_hold_the_summary_figures(deployed) -> None:
+    out, summary = deployed
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["precisions"]["int8"]["size_mb"] == pytest.approx(summary.precisions["int8"]["size_mb"])
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    _, rows = table_rows(summary)
+    for row in rows:
+        for cell in row:
+            assert cell in md and cell in html
+    assert "data:image/png;base64," in html and "<img" in html  # self-contained
+    assert (out / "plots" / "accuracy_vs_latency.png").is_file()
+    assert "kiln deploy" in md
+
+
+def test_triton_configs_parse_into_triton_model_config(deployed) -> None:
+    pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    out, _ = deployed
+    for precision in ("fp32", "fp16", "int8"):
+        folder = out / "triton" / f"small_{precision}"
+        config = validate_pbtxt((folder / "config.pbtxt").read_text())
+        assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
+        assert [i.name for i in config.input] == ["x"] and list(config.input[0].dims) == [16]
+        assert list(config.dynamic_batching.preferred_batch_size) == [8]
+        assert (folder / "1" / "model.onnx").is_file()
+
+
+def test_the_repository_serves(deployed) -> None:
+    from modelkiln.serve.server import ModelServer
+
+    out, _ = deployed
+    server = ModelServer(str(out / "repository"), cores=1)
+    server.load_all()
+    try:
+        x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+        y = server.infer("small_int8", {"x": x}).result(timeout=30).outputs["y"]
+        ref = server.infer("small_fp32", {"x": x}).result(timeout=30).outputs["y"]
+        assert y.shape == (3, 8) and np.corrcoef(y.ravel(), ref.ravel())[0, 1] > 0.99
+    finally:
+        server.shutdown()
+
+
+def test_a_failing_stage_is_named_and_keeps_earlier_work(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DeployError, match="stage 'int8' failed: .*no images or .npy/.npz files"):
+        deploy(DeployOptions(str(small_model(tmp_path / "s.onnx")), tmp_path / "out", calib=empty, bench_seconds=0.1))
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["failed"].startswith("int8") and "fp32" in saved["files"]
+
+
+def test_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="fp32 \\(required\\)"):
+        DeployOptions("m.onnx", tmp_path, precisions=("int8",))
+    with pytest.raises(BadInput, match="--max-drop needs --eval"):
+        DeployOptions("m.onnx", tmp_path, max_drop=0.01)
