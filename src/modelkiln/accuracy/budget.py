@@ -111,13 +111,16 @@ def quantize_within_budget(
     )
     names = input_names(cal.proto)
     sens_feeds = list(batches(cal.files[:sensitivity_samples], names, cal.entry, batch_size))
-    total = len(quantized_layers(cal, config))
-    ranking = sensitivity(cal, config, sens_feeds, _step(progress, "sensitivity", total))
+    ranking: list[LayerSensitivity] = []
+
+    def rank() -> list[str]:  # only when the full INT8 model misses the budget
+        total = len(quantized_layers(cal, config))
+        ranking.extend(sensitivity(cal, config, sens_feeds, _step(progress, "sensitivity", total)))
+        return [s.name for s in ranking]
+
     score, baseline = _scorer(metric, source, cal, zoo_name, eval_data, labels, batch_size)
     log.info("FP32 %s on %s: %.4f", metric, eval_data, baseline)
-    result, proto, plan, counts = fallback(
-        cal, config, [s.name for s in ranking], score, baseline, max_drop, metric, min_int8
-    )
+    result, proto, plan, counts = fallback(cal, config, rank, score, baseline, max_drop, metric, min_int8)
     save_model(proto, Path(output))
     feed = sens_feeds[0]
     full = build(cal, config)[0]

@@ -188,7 +188,8 @@ def _with_budget(
             bars,
         )
     _print_result(source, out, result.quantize, show_kept=False)
-    _print_ranking(result.sensitivity, plot, top=10)
+    if result.sensitivity:  # computed only when the full INT8 model missed the budget
+        _print_ranking(result.sensitivity, plot, top=10)
     fb = result.fallback
     steps = Table(title=f"accuracy budget: {metric} drop <= {max_drop:g} (FP32 {fb.baseline:.4f})")
     for col in ("layers in float", metric, "drop", "within"):

@@ -115,7 +115,7 @@ class FallbackResult:
 def fallback(
     cal: Calibrated,
     config: QuantConfig,
-    ranking: Sequence[str],
+    ranking: Sequence[str] | Callable[[], Sequence[str]],
     score: Callable[[onnx.ModelProto], float],
     baseline: float,
     max_drop: float,
@@ -124,13 +124,17 @@ def fallback(
 ) -> tuple[FallbackResult, onnx.ModelProto, Plan, Any]:
     """The INT8 model with the fewest of ``ranking``'s leading layers in float whose score is
     within ``max_drop`` of ``baseline``; QuantizationError when even keeping all but ``min_int8``
-    layers in float misses the budget."""
-    ranking = list(ranking)
-    result = FallbackResult(metric_name, baseline, baseline, max_drop, len(ranking))
+    layers in float misses the budget. ``ranking`` may be a callable: it is then computed only
+    if the full INT8 model misses the budget (sensitivity analysis is the expensive part)."""
+    order: list[str] = []
+    result = FallbackResult(metric_name, baseline, baseline, max_drop, len(quantized_layers(cal, config)))
     built: dict[int, tuple[onnx.ModelProto, Plan, Any]] = {}
+    seen: dict[int, bool] = {}
 
     def within(k: int) -> bool:
-        cfg = dataclasses.replace(config, exclude=(*config.exclude, *ranking[:k]))
+        if k in seen:
+            return seen[k]
+        cfg = dataclasses.replace(config, exclude=(*config.exclude, *order[:k]))
         built[k] = build(cal, cfg)
         value = score(built[k][0])
         ok = baseline - value <= max_drop
@@ -145,18 +149,21 @@ def fallback(
             baseline - value,
             max_drop,
         )
+        seen[k] = ok
         return ok
 
-    limit = max(len(ranking) - min_int8, 0)
+    if not within(0):
+        order.extend(ranking() if callable(ranking) else ranking)
+    limit = max(len(order) - min_int8, 0)
     best = _search(within, limit)
     if best is None:
         worst = result.steps[-1]
         raise QuantizationError(
-            f"accuracy budget not met: even with {worst.float_layers} of {len(ranking)} layers back in float "
+            f"accuracy budget not met: even with {worst.float_layers} of {len(order)} layers back in float "
             f"(all but {min_int8}), {metric_name} drops {worst.drop:.4f} from {baseline:.4f}, "
             f"more than --max-drop {max_drop:g}"
         )
-    result.kept_float = ranking[:best]
+    result.kept_float = order[:best]
     result.metric = next(s.metric for s in reversed(result.steps) if s.float_layers == best)
     return (result, *built[best])
 
