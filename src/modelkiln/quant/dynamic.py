@@ -36,14 +36,18 @@ def dynamic_candidates(model: ir.Model, config: QuantConfig) -> list[ir.Node]:
     return found
 
 
-def quantize_dynamic_matmuls(model: ir.Model, config: QuantConfig, only: str | None = None) -> Counter:
-    """Rewrite the candidates (or just ``only``) in place; returns counts by op type."""
+def quantize_dynamic_matmuls(
+    model: ir.Model, config: QuantConfig, only: str | set[str] | None = None
+) -> Counter:
+    """Rewrite the candidates (or just those named in ``only``) in place; counts by op type."""
+    if isinstance(only, str):
+        only = {only}
     graph = model.graph
     per_channel = isinstance(config.weights, PerChannel)
     shared: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}  # one dynamic quantize per tensor
     count = 0
     for node in dynamic_candidates(model, config):
-        if only is not None and node.name != only:
+        if only is not None and node.name not in only:
             continue
         x = node.inputs[0]
         if x.name not in shared:
