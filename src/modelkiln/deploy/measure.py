@@ -20,6 +20,14 @@ def _feeds(
     return list(batches(list_samples(data, limit), input_names(load_model(path)), entry, batch))
 
 
+def calibration_feed(model: Path, data: Path, entry: ZooModel | None, batch: int) -> dict[str, np.ndarray]:
+    """One feed of ``batch`` samples from ``data`` (repeated when there are fewer)."""
+    feed = _feeds(model, data, entry, batch, batch)[0]
+    if next(iter(feed.values())).shape[0] < batch:
+        feed = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in feed.items()}
+    return feed
+
+
 def agreement(
     fp32: Path, candidate: Path, data: Path, entry: ZooModel | None, out: Path, name: str
 ) -> dict[str, Any]:
@@ -74,9 +82,7 @@ def bench(model: Path, data: Path, entry: ZooModel | None, seconds: float) -> di
     backend = OrtBackend.load(model)
     found = {}
     for batch in (1, 8):
-        feed = _feeds(model, data, entry, batch, batch)[0]
-        if next(iter(feed.values())).shape[0] < batch:  # fewer samples than the batch: repeat them
-            feed = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in feed.items()}
+        feed = calibration_feed(model, data, entry, batch)
         r = benchmark(backend, feed, batch, 1, LoopSpec(warmup=3, iterations=None, duration=seconds))
         found[f"batch{batch}"] = {
             "p50_ms": r.latency_ms["median"],

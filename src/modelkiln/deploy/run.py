@@ -230,22 +230,76 @@ def _fp16(src: Path, out: Path) -> Path:
 
 
 def _int8(opts: DeployOptions, fp32: Path, out: Path, calib: Path, entry: ZooModel | None) -> dict[str, Any]:
+    """INT8 within the budget when one is given. Models with SiLU get two candidates (SiLU float
+    between int8 convolutions, and SiLU in int8): the faster one that meets the budget is kept,
+    timed side by side; without a budget the default placement is kept."""
+    import dataclasses
+
+    from modelkiln.errors import QuantizationError
     from modelkiln.quant.config import QuantConfig, Target
 
     config = QuantConfig(target=Target(opts.target))
-    zoo_name = entry.name if entry is not None and entry.task != "embedding" else None
-    if opts.max_drop is not None:
-        from modelkiln.accuracy.budget import quantize_within_budget
+    if opts.max_drop is None:
+        from modelkiln.quant.quantize import quantize
 
-        metric = {"classification": "top1", "detection": "map"}.get(entry.task if entry else "", "cosine")
-        labels = opts.labels or _labels_beside(opts.eval_data)
-        r = quantize_within_budget(
-            fp32, out, calib, opts.eval_data, opts.max_drop, metric, zoo_name, labels, config, opts.calib_size
-        )
-        return {**r.quantize.to_dict(), "budget": r.fallback.to_dict()}
-    from modelkiln.quant.quantize import quantize
+        return quantize(fp32, out, calib, _zoo_name(entry), config, opts.calib_size).to_dict()
+    candidates = [config]
+    if _has_silu(fp32) and config.target is Target.CPU:
+        candidates.append(dataclasses.replace(config, int8_silu=True))
+    found: dict[Path, dict[str, Any]] = {}
+    errors = []
+    for i, cfg in enumerate(candidates):
+        path = out.with_name(f"int8_candidate{i}.onnx")
+        try:
+            found[path] = {**_within_budget(opts, fp32, path, calib, entry, cfg), "int8_silu": cfg.int8_silu}
+        except QuantizationError as exc:
+            errors.append(str(exc))
+    if not found:
+        raise QuantizationError("; ".join(errors))
+    best = min(found, key=lambda p: _latency(p, calib, entry)) if len(found) > 1 else next(iter(found))
+    shutil.copyfile(best, out)
+    return {**found[best], "candidates": {str(p.name): v.get("budget") for p, v in found.items()}}
 
-    return quantize(fp32, out, calib, zoo_name, config, opts.calib_size).to_dict()
+
+def _within_budget(
+    opts: DeployOptions, fp32: Path, out: Path, calib: Path, entry: ZooModel | None, config: Any
+) -> dict[str, Any]:
+    from modelkiln.accuracy.budget import quantize_within_budget
+
+    metric = {"classification": "top1", "detection": "map"}.get(entry.task if entry else "", "cosine")
+    labels = opts.labels or _labels_beside(opts.eval_data)
+    r = quantize_within_budget(
+        fp32,
+        out,
+        calib,
+        opts.eval_data,
+        opts.max_drop,
+        metric,
+        _zoo_name(entry),
+        labels,
+        config,
+        opts.calib_size,
+    )
+    return {**r.quantize.to_dict(), "budget": r.fallback.to_dict()}
+
+
+def _zoo_name(entry: ZooModel | None) -> str | None:
+    return entry.name if entry is not None and entry.task != "embedding" else None
+
+
+def _has_silu(model: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "Sigmoid" for n in onnx.load(model, load_external_data=False).graph.node)
+
+
+def _latency(model: Path, calib: Path, entry: ZooModel | None) -> float:
+    """Median ms at batch 8 on calibration inputs (a quick comparison between candidates)."""
+    from modelkiln.deploy.measure import calibration_feed
+    from modelkiln.runtime.session import interleaved_latency_ms
+
+    feed = calibration_feed(model, calib, entry, 8)
+    return interleaved_latency_ms({"m": model}, feed, rounds=3, iterations=5)["m"]["median"]
 
 
 def _labels_beside(data: Path | None) -> Path | None:
