@@ -74,21 +74,36 @@ def task_metrics(
     return evaluate(model, entry.name, data, labels, limit=limit).metrics
 
 
-def bench(model: Path, data: Path, entry: ZooModel | None, seconds: float) -> dict[str, Any]:
-    """p50/p99 latency and throughput at batch 1 and 8, on real (calibration/eval) inputs."""
-    from modelkiln.bench.runner import LoopSpec, benchmark
+def bench(
+    models: dict[str, Path], data: Path, entry: ZooModel | None, seconds: float, rounds: int = 3
+) -> dict[str, dict[str, Any]]:
+    """p50/p99 latency and throughput at batch 1 and 8 on real (calibration/eval) inputs, every
+    precision timed in turns over ``rounds`` so machine noise falls on all of them alike."""
+    from modelkiln.bench.runner import LoopSpec, benchmark, summarize
     from modelkiln.runtime.backends.onnxruntime import OrtBackend
 
-    backend = OrtBackend.load(model)
-    found = {}
-    for batch in (1, 8):
-        feed = calibration_feed(model, data, entry, batch)
-        r = benchmark(backend, feed, batch, 1, LoopSpec(warmup=3, iterations=None, duration=seconds))
-        found[f"batch{batch}"] = {
-            "p50_ms": r.latency_ms["median"],
-            "p99_ms": r.latency_ms["p99"],
-            "min_ms": r.latency_ms["min"],
-            "throughput": r.throughput,
-            "iterations": r.iterations,
+    backends = {name: OrtBackend.load(path) for name, path in models.items()}
+    feeds = {
+        (name, batch): calibration_feed(path, data, entry, batch)
+        for name, path in models.items()
+        for batch in (1, 8)
+    }
+    samples: dict[tuple[str, int], list[float]] = {key: [] for key in feeds}
+    walls: dict[tuple[str, int], float] = dict.fromkeys(feeds, 0.0)
+    loop = LoopSpec(warmup=2, iterations=None, duration=seconds / rounds)
+    for _ in range(rounds):
+        for (name, batch), feed in feeds.items():
+            r = benchmark(backends[name], feed, batch, 1, loop)
+            samples[(name, batch)].extend(x / 1e3 for x in r.latencies_ms)
+            walls[(name, batch)] += r.wall_s
+    found: dict[str, dict[str, Any]] = {name: {} for name in models}
+    for (name, batch), lat in samples.items():
+        stats = summarize(lat)
+        found[name][f"batch{batch}"] = {
+            "p50_ms": stats["median"],
+            "p99_ms": stats["p99"],
+            "min_ms": stats["min"],
+            "throughput": batch * len(lat) / walls[(name, batch)],
+            "iterations": len(lat),
         }
     return found

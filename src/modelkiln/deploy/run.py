@@ -156,9 +156,9 @@ def deploy(opts: DeployOptions, status: Any = None) -> DeploySummary:
     with stage("bench"):
         from modelkiln.deploy.measure import bench
 
-        for name, path in models.items():
-            summary.precisions[name]["bench"] = bench(path, compare_data, entry, opts.bench_seconds)
-            summary.precisions[name]["size_mb"] = path.stat().st_size / 1e6
+        for name, figures in bench(models, compare_data, entry, opts.bench_seconds).items():
+            summary.precisions[name]["bench"] = figures
+            summary.precisions[name]["size_mb"] = models[name].stat().st_size / 1e6
     with stage("repository"):
         summary.files.update(_repositories(out, models, entry, opts.model))
     with stage("report"):
