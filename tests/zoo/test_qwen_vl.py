@@ -1,0 +1,37 @@
+"""The tiny Qwen2-VL built locally: real tokenizer with Qwen2-VL's special tokens, the ChatML
+template, dynamic-resolution image processing, and greedy generation in transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modelkiln.zoo.qwen_vl import SPECIAL_TOKENS, build_tiny, tiny_tokenizer
+
+pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+
+def test_tokenizer_round_trips_and_knows_the_special_tokens() -> None:
+    tok = tiny_tokenizer()
+    text = "Describe the picture: a café, 3 dogs & ünïcode!"
+    assert tok.decode(tok(text).input_ids) == text  # byte-level BPE: any text survives
+    ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    assert len(set(ids)) == len(SPECIAL_TOKENS) and min(ids) >= 500
+    assert tok("<|im_start|>user").input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_chat_template_and_image_tokens_and_greedy_generation() -> None:
+    model, processor = build_tiny()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    image = (np.random.default_rng(0).random((100, 120, 3)) * 255).astype(np.uint8)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((inputs["input_ids"] == pad).sum()) == t * h * w // 4  # one token per 2x2 merged patch
+    with torch.no_grad():
+        a = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        b = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert a.shape[1] == inputs["input_ids"].shape[1] + 6 and torch.equal(a, b)
