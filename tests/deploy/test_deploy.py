@@ -20,9 +20,15 @@ from modelkiln.errors import BadInput
 def small_model(path: Path) -> Path:
     """x [batch, 16] -> relu(x @ W1 + b1) @ W2 -> y [batch, 8] (real-looking random weights)."""
     rng = np.random.default_rng(0)
-    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [16, 32], rng.standard_normal(512).astype(np.float32).tolist())
-    b1 = helper.make_tensor("b1", TensorProto.FLOAT, [32], rng.standard_normal(32).astype(np.float32).tolist())
-    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [32, 8], rng.standard_normal(256).astype(np.float32).tolist())
+    w1 = helper.make_tensor(
+        "w1", TensorProto.FLOAT, [16, 32], rng.standard_normal(512).astype(np.float32).tolist()
+    )
+    b1 = helper.make_tensor(
+        "b1", TensorProto.FLOAT, [32], rng.standard_normal(32).astype(np.float32).tolist()
+    )
+    w2 = helper.make_tensor(
+        "w2", TensorProto.FLOAT, [32, 8], rng.standard_normal(256).astype(np.float32).tolist()
+    )
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w1"], ["m"]),
@@ -53,7 +59,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
 
 
 def test_every_precision_is_built_compared_and_benched(deployed) -> None:
-    out, summary = deployed
+    _out, summary = deployed
     assert list(summary.precisions) == ["fp32", "fp16", "int8"]
     for name, p in summary.precisions.items():
         assert p["bench"]["batch1"]["p50_ms"] > 0 and p["bench"]["batch8"]["throughput"] > 0
@@ -108,7 +114,11 @@ def test_a_failing_stage_is_named_and_keeps_earlier_work(tmp_path: Path) -> None
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DeployError, match="stage 'int8' failed: .*no images or .npy/.npz files"):
-        deploy(DeployOptions(str(small_model(tmp_path / "s.onnx")), tmp_path / "out", calib=empty, bench_seconds=0.1))
+        deploy(
+            DeployOptions(
+                str(small_model(tmp_path / "s.onnx")), tmp_path / "out", calib=empty, bench_seconds=0.1
+            )
+        )
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["failed"].startswith("int8") and "fp32" in saved["files"]
 

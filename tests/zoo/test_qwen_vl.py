@@ -23,7 +23,9 @@ def test_tokenizer_round_trips_and_knows_the_special_tokens() -> None:
 
 def test_chat_template_and_image_tokens_and_greedy_generation() -> None:
     model, processor = build_tiny()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     image = (np.random.default_rng(0).random((100, 120, 3)) * 255).astype(np.uint8)
