@@ -1,0 +1,140 @@
+"""Qwen2-VL decoder step to ONNX: one graph for prefill and decode.
+
+    inputs_embeds [batch, seq, hidden], position_ids [3, batch, seq] (M-RoPE: temporal, height,
+    width), attention_mask [batch, past + seq] (int64), past_key_i / past_value_i
+    [batch, kv_heads, past, head_dim]  ->  logits [batch, seq, vocab], present_key_i / present_value_i
+    [batch, kv_heads, past + seq, head_dim]
+
+Groundwork for the Qwen-VL issue (the vision encoder and token embedding exports, the generation
+engine and the zoo registration are still to come).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelkiln._deps import require
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    layers: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def input_names(self) -> list[str]:
+        past = [f"past_{kv}_{i}" for i in range(self.layers) for kv in ("key", "value")]
+        return ["inputs_embeds", "position_ids", "attention_mask", *past]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", *[f"present_{kv}_{i}" for i in range(self.layers) for kv in ("key", "value")]]
+
+
+def step_spec(model: Any) -> StepSpec:
+    cfg = model.model.language_model.config
+    return StepSpec(
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_key_value_heads,
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        cfg.vocab_size,
+    )
+
+
+def _step_module(model: Any) -> Any:
+    torch = require("torch", "exporting the Qwen2-VL decoder step")
+    transformers = require("transformers", "exporting the Qwen2-VL decoder step")
+    lm, head = model.model.language_model, model.lm_head
+    layers = lm.config.num_hidden_layers
+
+    class DecoderStep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm, self.head = lm, head
+
+        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+            cache = transformers.DynamicCache(
+                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=lm.config
+            )
+            out = self.lm(
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                use_cache=True,
+            )
+            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (self.head(out.last_hidden_state), *present)
+
+    return DecoderStep().eval()
+
+
+def example_step_inputs(
+    spec: StepSpec, batch: int = 1, seq: int = 5, past: int = 3, seed: int = 0
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pos = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (3, batch, seq)).copy()
+    feed = {
+        "inputs_embeds": rng.standard_normal((batch, seq, spec.hidden)).astype(np.float32),
+        "position_ids": pos,
+        "attention_mask": np.ones((batch, past + seq), np.int64),
+    }
+    for name in spec.input_names[3:]:
+        feed[name] = rng.standard_normal((batch, spec.kv_heads, past, spec.head_dim)).astype(np.float32)
+    return feed
+
+
+def export_decoder_step(model: Any, path: str | Path, opset: int = 17) -> StepSpec:
+    """Write the decoder step of a transformers Qwen2-VL model to ``path``."""
+    torch = require("torch", "exporting the Qwen2-VL decoder step")
+    spec = step_spec(model)
+    example = example_step_inputs(spec)
+    dynamic: dict[str, dict[int, str]] = {
+        "inputs_embeds": {0: "batch", 1: "seq"},
+        "position_ids": {1: "batch", 2: "seq"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "logits": {0: "batch", 1: "seq"},
+    }
+    dynamic.update({n: {0: "batch", 2: "past"} for n in spec.input_names[3:]})
+    dynamic.update({n: {0: "batch", 2: "total"} for n in spec.output_names[1:]})
+    with torch.no_grad():
+        torch.onnx.export(
+            _step_module(model),
+            tuple(torch.from_numpy(example[n]) for n in spec.input_names),
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return spec
+
+
+def step_parity(
+    model: Any, path: str | Path, shapes: tuple[tuple[int, int], ...] = ((5, 3), (1, 6), (9, 0))
+) -> float:
+    """Max |logits ONNX - torch| over (seq, past) shapes other than the export example's."""
+    torch = require("torch", "checking the Qwen2-VL decoder step")
+    from modelkiln.runtime.session import ort_session
+
+    spec = step_spec(model)
+    session = ort_session(path, optimization="disable")
+    step = _step_module(model)
+    worst = 0.0
+    for i, (seq, past) in enumerate(shapes):
+        feed = example_step_inputs(spec, seq=seq, past=past, seed=i + 1)
+        got = session.run(None, feed)
+        with torch.no_grad():
+            ref = step(*(torch.from_numpy(feed[n]) for n in spec.input_names))
+        for g, r in zip(got, ref, strict=True):
+            worst = max(worst, float(np.abs(g - r.numpy()).max()))
+    return worst
