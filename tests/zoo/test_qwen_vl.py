@@ -49,3 +49,20 @@ def test_decoder_step_exports_with_kv_cache_and_matches_torch(tmp_path) -> None:
     assert [i.name for i in session.get_inputs()] == spec.input_names
     # prefill from an empty cache, a decode step, and a chunk on top of a cache: one graph
     assert step_parity(model, tmp_path / "step.onnx", ((9, 0), (1, 6), (5, 3))) < 1e-4
+
+
+def test_greedy_loop_on_the_exported_step_matches_transformers_generate(tmp_path) -> None:
+    from modelkiln.export.qwen_vl import export_decoder_step
+    from modelkiln.genai.greedy import GreedyDecoder
+
+    model, processor = build_tiny(seed=3)
+    export_decoder_step(model, tmp_path / "step.onnx")
+    table = model.model.language_model.embed_tokens.weight.detach().numpy()
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the harbour."}], add_generation_prompt=True
+    )
+    ids = processor.tokenizer(text).input_ids
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+    ours = GreedyDecoder(tmp_path / "step.onnx", table).generate(ids, 12)
+    assert ours == ref[: len(ours)] and len(ours) == 12
