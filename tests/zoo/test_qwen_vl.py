@@ -66,3 +66,47 @@ def test_greedy_loop_on_the_exported_step_matches_transformers_generate(tmp_path
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
     ours = GreedyDecoder(tmp_path / "step.onnx", table).generate(ids, 12)
     assert ours == ref[: len(ours)] and len(ours) == 12
+
+
+def test_image_prompt_greedy_matches_transformers(tmp_path) -> None:
+    """Vision encoder (one grid bucket) and decoder step in ONNX, M-RoPE positions in numpy: the
+    same tokens as transformers' generate with an image."""
+    from modelkiln.export.qwen_vl import export_decoder_step, export_vision
+    from modelkiln.genai.greedy import GreedyDecoder
+    from modelkiln.genai.mrope import mrope_positions
+    from modelkiln.runtime.session import ort_session
+
+    model, processor = build_tiny(seed=3)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = (np.random.default_rng(0).random((100, 120, 3)) * 255).astype(np.uint8)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    grid = tuple(inputs["image_grid_thw"][0].tolist())
+    tokens = export_vision(model, grid, tmp_path / "vision.onnx")
+    export_decoder_step(model, tmp_path / "step.onnx")
+    pixels = inputs["pixel_values"].numpy()
+    image_embeds = ort_session(tmp_path / "vision.onnx").run(None, {"pixel_values": pixels})[0]
+    with torch.no_grad():
+        ref_embeds = model.model.visual(
+            inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]
+        ).pooler_output
+    assert image_embeds.shape == (tokens, 64) and np.abs(image_embeds - ref_embeds.numpy()).max() < 1e-4
+    ids = inputs["input_ids"][0].numpy()
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    positions, delta = mrope_positions((ids == pad).astype(int).tolist(), [grid], 2)
+    ref_pos, ref_delta = model.model.get_rope_index(
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )
+    assert (positions == ref_pos[:, 0].numpy()).all() and delta == int(ref_delta)
+    table = model.model.language_model.embed_tokens.weight.detach().numpy()
+    embeds = table[ids].copy()
+    embeds[ids == pad] = image_embeds
+    ours = GreedyDecoder(tmp_path / "step.onnx", table).generate_from_embeds(embeds, positions, delta, 10)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, len(ids) :].tolist()
+    assert ours == ref[: len(ours)] and len(ours) == 10

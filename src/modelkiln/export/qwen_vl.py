@@ -138,3 +138,37 @@ def step_parity(
         for g, r in zip(got, ref, strict=True):
             worst = max(worst, float(np.abs(g - r.numpy()).max()))
     return worst
+
+
+def export_vision(model: Any, grid_thw: tuple[int, int, int], path: str | Path, opset: int = 17) -> int:
+    """The vision encoder for one image grid bucket (t, h, w patches): its rotary tables and window
+    layout depend on the grid, which TorchScript tracing bakes in, so there is one graph per bucket
+    (images are resized to a bucket's size before encoding). pixel_values [t*h*w, C*T*P*P] ->
+    image_embeds [t*h*w / merge^2, hidden]. Returns the number of image tokens."""
+    torch = require("torch", "exporting the Qwen2-VL vision encoder")
+    visual = model.model.visual
+    grid = torch.tensor([list(grid_thw)], dtype=torch.int64)
+    cfg = visual.config
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixel_values):
+            return self.visual(pixel_values, grid_thw=grid).pooler_output
+
+    patches = int(np.prod(grid_thw))
+    width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    example = torch.randn(patches, width)
+    with torch.no_grad():
+        torch.onnx.export(
+            Vision().eval(),
+            (example,),
+            str(path),
+            input_names=["pixel_values"],
+            output_names=["image_embeds"],
+            opset_version=opset,
+            dynamo=False,
+        )
+    return patches // cfg.spatial_merge_size**2

@@ -21,26 +21,40 @@ class GreedyDecoder:
         self.kv_heads, self.head_dim = meta.shape[1], meta.shape[3]
 
     def generate(self, input_ids: list[int], max_new_tokens: int, stop: set[int] | None = None) -> list[int]:
-        """Greedy continuation of a text prompt (M-RoPE positions of text: the same index on all 3 axes)."""
+        """Greedy continuation of a text prompt (text M-RoPE: the same index on all 3 axes)."""
+        positions = np.broadcast_to(np.arange(len(input_ids), dtype=np.int64), (3, len(input_ids)))
+        return self.generate_from_embeds(
+            self.embeddings[np.asarray(input_ids)], positions, 0, max_new_tokens, stop
+        )
+
+    def generate_from_embeds(
+        self,
+        embeds: np.ndarray,
+        positions: np.ndarray,
+        delta: int,
+        max_new_tokens: int,
+        stop: set[int] | None = None,
+    ) -> list[int]:
+        """Greedy continuation of a prompt given as embeddings [seq, hidden] with M-RoPE positions
+        [3, seq] (images already merged in); decode positions are sequence index + ``delta``."""
         past = {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
-        tokens = list(input_ids)
+        length = embeds.shape[0]
+        feed_embeds, feed_pos = embeds[None].astype(np.float32), positions[:, None, :].astype(np.int64)
         new: list[int] = []
-        feed_ids = tokens
         for _ in range(max_new_tokens):
-            start = len(tokens) - len(feed_ids)
-            positions = np.arange(start, len(tokens), dtype=np.int64)
             feed = {
-                "inputs_embeds": self.embeddings[np.asarray(feed_ids)][None].astype(np.float32),
-                "position_ids": np.broadcast_to(positions, (3, 1, positions.size)).copy(),
-                "attention_mask": np.ones((1, len(tokens)), np.int64),
+                "inputs_embeds": feed_embeds,
+                "position_ids": np.ascontiguousarray(feed_pos),
+                "attention_mask": np.ones((1, length), np.int64),
                 **past,
             }
             logits, *present = self.session.run(None, feed)
             past = dict(zip(self.past_names, present, strict=True))
             token = int(logits[0, -1].argmax())
             new.append(token)
-            tokens.append(token)
-            feed_ids = [token]
             if stop and token in stop:
                 break
+            feed_embeds = self.embeddings[[token]][None].astype(np.float32)
+            feed_pos = np.full((3, 1, 1), length + delta, np.int64)
+            length += 1
         return new
