@@ -110,3 +110,21 @@ def test_image_prompt_greedy_matches_transformers(tmp_path) -> None:
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, len(ids) :].tolist()
     assert ours == ref[: len(ours)] and len(ours) == 10
+
+
+def test_kv_cache_buffers_come_from_the_pool_and_are_reused(tmp_path) -> None:
+    from modelkiln.export.qwen_vl import export_decoder_step
+    from modelkiln.genai.greedy import GreedyDecoder
+    from modelkiln.runtime.memory_pool import MemoryPool
+
+    model, processor = build_tiny(seed=3)
+    export_decoder_step(model, tmp_path / "step.onnx")
+    table = model.model.language_model.embed_tokens.weight.detach().numpy()
+    ids = processor.tokenizer("Tell me about the harbour and the old town.").input_ids
+    plain = GreedyDecoder(tmp_path / "step.onnx", table).generate(ids, 24)
+    pool = MemoryPool()
+    pooled = GreedyDecoder(tmp_path / "step.onnx", table, pool=pool).generate(ids, 24)
+    stats = pool.stats()
+    assert pooled == plain
+    assert stats.outstanding == 0  # every cache buffer went back
+    assert stats.hits > 3 * stats.misses  # 24 steps x 5 outputs served mostly from reused buffers

@@ -8,13 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
+from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
+from modelkiln.runtime.memory_pool import MemoryPool, PooledArray
 from modelkiln.runtime.session import ort_session
 
 
 class GreedyDecoder:
-    def __init__(self, step: str | Path, embeddings: np.ndarray) -> None:
+    """``pool``: run with I/O binding, logits and present keys/values written into memory-pool
+    buffers; the previous step's cache goes back to the pool after each step, so a generation
+    reuses a handful of buffers instead of allocating per token."""
+
+    def __init__(self, step: str | Path, embeddings: np.ndarray, pool: MemoryPool | None = None) -> None:
         self.session = ort_session(step)
         self.embeddings = embeddings  # [vocab, hidden] token embedding table
+        self.pool = pool
+        self.backend = (
+            OrtBackend.load(step, OrtOptions(io_binding=True, memory_pool=pool)) if pool is not None else None
+        )
         names = [i.name for i in self.session.get_inputs()]
         self.past_names = names[3:]
         meta = self.session.get_inputs()[3]
@@ -48,13 +58,29 @@ class GreedyDecoder:
                 "attention_mask": np.ones((1, length), np.int64),
                 **past,
             }
-            logits, *present = self.session.run(None, feed)
+            logits, present = self._run(feed)
+            self._release(past.values())
             past = dict(zip(self.past_names, present, strict=True))
             token = int(logits[0, -1].argmax())
+            self._release([logits])
             new.append(token)
             if stop and token in stop:
                 break
             feed_embeds = self.embeddings[[token]][None].astype(np.float32)
             feed_pos = np.full((3, 1, 1), length + delta, np.int64)
             length += 1
+        self._release(past.values())
         return new
+
+    def _run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self.backend is None:
+            logits, *present = self.session.run(None, feed)
+            return logits, present
+        out = self.backend.infer(feed)
+        return out["logits"], [out[n.replace("past", "present", 1)] for n in self.past_names]
+
+    @staticmethod
+    def _release(arrays) -> None:
+        for a in arrays:
+            if isinstance(a, PooledArray):
+                a.release()
