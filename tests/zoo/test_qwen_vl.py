@@ -128,3 +128,25 @@ def test_kv_cache_buffers_come_from_the_pool_and_are_reused(tmp_path) -> None:
     assert pooled == plain
     assert stats.outstanding == 0  # every cache buffer went back
     assert stats.hits > 3 * stats.misses  # 24 steps x 5 outputs served mostly from reused buffers
+
+
+def test_sampling_is_seeded_and_streaming_matches(tmp_path) -> None:
+    from modelkiln.export.qwen_vl import export_decoder_step
+    from modelkiln.genai.greedy import GreedyDecoder, pick
+
+    model, processor = build_tiny(seed=3)
+    export_decoder_step(model, tmp_path / "step.onnx")
+    table = model.model.language_model.embed_tokens.weight.detach().numpy()
+    dec = GreedyDecoder(tmp_path / "step.onnx", table)
+    ids = processor.tokenizer("Tell me about the harbour.").input_ids
+    streamed: list[int] = []
+    a = dec.generate(ids, 10, temperature=1.0, top_p=0.9, seed=7, on_token=streamed.append)
+    b = dec.generate(ids, 10, temperature=1.0, top_p=0.9, seed=7)
+    c = dec.generate(ids, 10, temperature=1.0, top_p=0.9, seed=8)
+    assert a == b == streamed and a != c
+    stop = {a[3]}
+    assert dec.generate(ids, 10, stop=stop, temperature=1.0, top_p=0.9, seed=7) == a[: a.index(a[3]) + 1]
+    logits = np.array([0.0, 5.0, 4.9, -3.0])
+    rng = np.random.default_rng(0)
+    assert {pick(logits, 1.0, 0.5, rng) for _ in range(50)} == {1}  # top-p 0.5 keeps the best token only
+    assert pick(logits, 0.0, 1.0, rng) == 1

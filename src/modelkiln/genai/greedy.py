@@ -1,16 +1,33 @@
-"""A first text-only greedy loop over the exported decoder step: prefill the prompt, then one token
-per step with the KV cache fed back. The reference the full engine (preallocated KV cache from
-the memory pool, I/O binding, sampling, streaming, images) will be checked against."""
+"""Generation over the exported decoder step: prefill the prompt (text, or text and image
+embeddings with M-RoPE positions), then one token per step with the KV cache fed back; greedy or
+seeded top-p sampling, stop tokens, streaming callback; with a MemoryPool, cache buffers come from
+the pool through I/O binding. (A static preallocated cache is still to come.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
 from modelkiln.runtime.memory_pool import MemoryPool, PooledArray
 from modelkiln.runtime.session import ort_session
+
+
+def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when ``temperature`` is 0; else sample from the smallest set of tokens whose
+    probability reaches ``top_p`` (nucleus sampling)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+    q = p[keep] / p[keep].sum()
+    return int(keep[rng.choice(len(keep), p=q)])
 
 
 class GreedyDecoder:
@@ -30,11 +47,13 @@ class GreedyDecoder:
         meta = self.session.get_inputs()[3]
         self.kv_heads, self.head_dim = meta.shape[1], meta.shape[3]
 
-    def generate(self, input_ids: list[int], max_new_tokens: int, stop: set[int] | None = None) -> list[int]:
-        """Greedy continuation of a text prompt (text M-RoPE: the same index on all 3 axes)."""
+    def generate(
+        self, input_ids: list[int], max_new_tokens: int, stop: set[int] | None = None, **sampling: Any
+    ) -> list[int]:
+        """Continuation of a text prompt (text M-RoPE: the same index on all 3 axes)."""
         positions = np.broadcast_to(np.arange(len(input_ids), dtype=np.int64), (3, len(input_ids)))
         return self.generate_from_embeds(
-            self.embeddings[np.asarray(input_ids)], positions, 0, max_new_tokens, stop
+            self.embeddings[np.asarray(input_ids)], positions, 0, max_new_tokens, stop, **sampling
         )
 
     def generate_from_embeds(
@@ -44,9 +63,16 @@ class GreedyDecoder:
         delta: int,
         max_new_tokens: int,
         stop: set[int] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> list[int]:
-        """Greedy continuation of a prompt given as embeddings [seq, hidden] with M-RoPE positions
-        [3, seq] (images already merged in); decode positions are sequence index + ``delta``."""
+        """Continuation of a prompt given as embeddings [seq, hidden] with M-RoPE positions
+        [3, seq] (images already merged in); decode positions are sequence index + ``delta``.
+        ``temperature`` 0 is greedy; otherwise top-p sampling with ``seed``. ``on_token`` streams
+        each token as it is chosen; a stop token ends generation and is returned last."""
+        rng = np.random.default_rng(seed)
         past = {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
         length = embeds.shape[0]
         feed_embeds, feed_pos = embeds[None].astype(np.float32), positions[:, None, :].astype(np.int64)
@@ -61,9 +87,11 @@ class GreedyDecoder:
             logits, present = self._run(feed)
             self._release(past.values())
             past = dict(zip(self.past_names, present, strict=True))
-            token = int(logits[0, -1].argmax())
+            token = pick(logits[0, -1], temperature, top_p, rng)
             self._release([logits])
             new.append(token)
+            if on_token is not None:
+                on_token(token)
             if stop and token in stop:
                 break
             feed_embeds = self.embeddings[[token]][None].astype(np.float32)
