@@ -132,3 +132,16 @@ def test_feeds_from_text(tmp_path: Path) -> None:
     res = kiln("feeds", "all-minilm-l6-v2", str(text), "-o", str(tmp_path / "feeds"))
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "feeds").iterdir()) == ["00000.npz", "00001.npz"]
+
+
+def test_chat_tiny_with_an_image_end_to_end(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    image = tmp_path / "x.jpg"
+    cv2.imwrite(str(image), (np.random.default_rng(0).random((80, 100, 3)) * 255).astype(np.uint8))
+    res = kiln("chat", "qwen2-vl-tiny", "Describe the picture.", "--image", str(image), "--max-new-tokens", "8")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()  # random weights: some text, streamed
+    bad = kiln("chat", "qwen2-vl-tiny", "  ")
+    assert bad.returncode == 1 and "prompt is empty" in bad.stderr and "Traceback" not in bad.stderr

@@ -150,3 +150,38 @@ def test_sampling_is_seeded_and_streaming_matches(tmp_path) -> None:
     rng = np.random.default_rng(0)
     assert {pick(logits, 1.0, 0.5, rng) for _ in range(50)} == {1}  # top-p 0.5 keeps the best token only
     assert pick(logits, 0.0, 1.0, rng) == 1
+
+
+@pytest.fixture(scope="module")
+def chat():
+    from modelkiln.genai.chat import ChatModel
+
+    return ChatModel.open("qwen2-vl-tiny")
+
+
+def test_chat_streams_the_same_text_it_returns(chat, tmp_path) -> None:
+    import cv2
+
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8))
+    pieces: list[str] = []
+    text = chat.reply("Describe the picture.", image, max_new_tokens=10, on_text=pieces.append)
+    assert text == "".join(pieces) and text == chat.reply("Describe the picture.", image, max_new_tokens=10)
+    assert chat.decoder.pool.stats().outstanding == 0
+
+
+def test_chat_refuses_bad_input_clearly(chat, tmp_path) -> None:
+    from modelkiln.errors import BadInput
+
+    with pytest.raises(BadInput, match="prompt is empty"):
+        chat.reply("   ")
+    corrupt = tmp_path / "bad.jpg"
+    corrupt.write_bytes(b"not a jpeg at all")
+    with pytest.raises(BadInput, match="cannot decode image"):
+        chat.reply("What is this?", corrupt)
+    gif = tmp_path / "anim.gif"
+    gif.write_bytes(b"GIF89a")
+    with pytest.raises(BadInput, match="unsupported image format '.gif'"):
+        chat.reply("What is this?", gif)
+    with pytest.raises(BadInput, match="exceeds the model's context of 2048"):
+        chat.reply("Hello " * 10, max_new_tokens=5000)

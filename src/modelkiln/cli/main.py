@@ -9,6 +9,7 @@ import click
 import typer
 
 from modelkiln.cli import bench as bench_cmd
+from modelkiln.cli import chat as chat_cmd
 from modelkiln.cli import compare as compare_cmd
 from modelkiln.cli import deploy as deploy_cmd
 from modelkiln.cli import evaluate as evaluate_cmd
@@ -51,6 +52,7 @@ app.command("evaluate")(evaluate_cmd.evaluate_cmd)
 app.command("feeds")(feeds_cmd.feeds_cmd)
 app.command("serve")(serve_cmd.serve_cmd)
 app.command("deploy")(deploy_cmd.deploy_cmd)
+app.command("chat")(chat_cmd.chat_cmd)
 app.add_typer(repo_cmd.app, name="repo")
 
 
