@@ -123,7 +123,7 @@ def quantize_within_budget(
     result, proto, plan, counts = fallback(cal, config, rank, score, baseline, max_drop, metric, min_int8)
     save_model(proto, Path(output))
     feed = sens_feeds[0]
-    full = build(cal, config)[0]
+    full = proto if not result.kept_float else build(cal, config)[0]  # built already when k = 0 won
     latency = interleaved_latency_ms(
         {
             "fp32": load_model(source).SerializeToString(),

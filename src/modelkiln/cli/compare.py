@@ -13,6 +13,7 @@ from modelkiln.accuracy.compare import CompareResult, compare, plot_layers
 from modelkiln.log import console, err_console
 from modelkiln.onnx_io import load_model
 from modelkiln.quant.data import batches, list_samples
+from modelkiln.quant.quantize import input_names
 from modelkiln.runtime.session import model_metadata, ort_session
 
 
@@ -37,7 +38,7 @@ def compare_cmd(
     entry = zoo_registry.get(name) if name else None
     if entry is not None:
         entry.configure(meta)
-    inputs = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    inputs = input_names(proto)
     files = list_samples(data, limit)
     with err_console.status("comparing…"):
         result = compare(

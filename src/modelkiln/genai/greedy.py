@@ -36,12 +36,12 @@ class GreedyDecoder:
     reuses a handful of buffers instead of allocating per token."""
 
     def __init__(self, step: str | Path, embeddings: np.ndarray, pool: MemoryPool | None = None) -> None:
-        self.session = ort_session(step)
         self.embeddings = embeddings  # [vocab, hidden] token embedding table
         self.pool = pool
         self.backend = (
             OrtBackend.load(step, OrtOptions(io_binding=True, memory_pool=pool)) if pool is not None else None
         )
+        self.session = self.backend.session if self.backend is not None else ort_session(step)
         names = [i.name for i in self.session.get_inputs()]
         self.past_names = names[3:]
         meta = self.session.get_inputs()[3]

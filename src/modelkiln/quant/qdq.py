@@ -251,12 +251,14 @@ def emit(model: ir.Model, plan: Plan, ranges: dict[str, Range], config: QuantCon
     group_ranges = _group_ranges(plan, ranges)
     values = {v.name: v for v in _all_values(graph)}
     act_qp: dict[str, QParams] = {}  # by dequantized value name
+    quantized = {id(n) for n in plan.nodes}
     for name in plan.groups:
         r = group_ranges.get(plan.root(name))
         if r is None or name not in values:
             continue
         qp = compute_qparams(r.rmin, r.rmax, act_dtype, config.symmetric_activations)
-        act_qp[_insert_qdq(graph, values[name], qp, _dq_readers(values[name], plan)).name] = qp
+        readers = _dq_readers(values[name], plan, quantized)
+        act_qp[_insert_qdq(graph, values[name], qp, readers).name] = qp
     per_channel = isinstance(config.weights, PerChannel)
     weight_qp: dict[int, QParams] = {}
     shared: dict[tuple[int, int | None], tuple[ir.Value, QParams]] = {}  # one DQ per shared weight
@@ -283,15 +285,15 @@ def _all_values(graph: ir.Graph) -> list[ir.Value]:
     return vals
 
 
-def _dq_readers(value: ir.Value, plan: Plan) -> list[tuple[ir.Node, int]] | None:
+def _dq_readers(value: ir.Value, plan: Plan, quantized: set[int]) -> list[tuple[ir.Node, int]] | None:
     """Which uses of ``value`` read the dequantized copy; None means all of them.
 
     A tensor made by a quantized op exists only in int8 once ONNX Runtime fuses that op, so every
     reader takes the dequantized value. A tensor made by a float op (LayerNorm, GELU, an input)
     stays available in float: float readers (residual Adds above all) keep the exact value and
     only quantized readers, directly or through data movement, see the quantization error.
+    ``quantized`` holds the ids of the plan's nodes.
     """
-    quantized = {id(n) for n in plan.nodes}
     producer = value.producer()
     if producer is not None and id(producer) in quantized:
         return None

@@ -124,10 +124,9 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
             if header is not None and not header.isdigit():
                 raise BadInput(f"Inference-Header-Content-Length must be an integer, got {header!r}")
             msg = parse_request(raw, int(header) if header is not None else None, name)
-            future = server.infer(name, msg.inputs, version, msg.timeout_s)
+            label_version = str(server.get(name, version).model.version)  # pin the version that runs
+            future = server.infer(name, msg.inputs, label_version, msg.timeout_s)
             result = await asyncio.wrap_future(future)
-            item = server.get(name, version)
-            label_version = str(item.model.version)
             payload, head_len = encode_response(name, label_version, msg, result.outputs)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, none takes the server down
             metrics.failure.labels(name, label_version, type(exc).__name__).inc()
