@@ -140,7 +140,9 @@ def test_chat_tiny_with_an_image_end_to_end(tmp_path: Path) -> None:
 
     image = tmp_path / "x.jpg"
     cv2.imwrite(str(image), (np.random.default_rng(0).random((80, 100, 3)) * 255).astype(np.uint8))
-    res = kiln("chat", "qwen2-vl-tiny", "Describe the picture.", "--image", str(image), "--max-new-tokens", "8")
+    res = kiln(
+        "chat", "qwen2-vl-tiny", "Describe the picture.", "--image", str(image), "--max-new-tokens", "8"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()  # random weights: some text, streamed
     bad = kiln("chat", "qwen2-vl-tiny", "  ")

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from modelkiln.errors import BadInput, ConfigError
 from modelkiln.log import console, err_console
-from modelkiln.quant.config import Method, PerChannel, PerTensor, QuantConfig, Target
+from modelkiln.quant.config import Method, PerChannel, PerTensor, QuantConfig, Target, WeightKernel
 from modelkiln.quant.quantize import QuantizeResult
 
 
@@ -68,6 +68,14 @@ def quantize_cmd(
     weight_only: bool = typer.Option(
         False, "--weight-only", help="int8 weights only, float activations; needs no --calib."
     ),
+    kernel: str = typer.Option(
+        "dequantize",
+        "--kernel",
+        help="Weight-only kernel: dequantize (any runtime) or matmulnbits (ORT CPU, fast decoders).",
+    ),
+    block_size: int = typer.Option(
+        0, "--block-size", help="matmulnbits: block along K (power of two >= 16); 0 is per channel."
+    ),
     dynamic: bool = typer.Option(
         False, "--dynamic", help="MatMul activations quantized per batch at run time (ORT CPU); no --calib."
     ),
@@ -112,6 +120,8 @@ def quantize_cmd(
         int8_attention=int8_attention,
         smoothquant=smoothquant,
         weight_only=weight_only,
+        weight_kernel=_enum(WeightKernel, kernel, "--kernel"),
+        block_size=block_size,
         dynamic=dynamic,
     )
     args = (source, out, calib, zoo_name, config, calib_size, batch_size, sensitivity_samples)

@@ -21,6 +21,16 @@ class Target(enum.Enum):
 
 
 @dataclass(frozen=True)
+class WeightKernel(enum.Enum):
+    """How a weight-only model computes: DEQUANTIZE (DequantizeLinear + the float op: any runtime,
+    TensorRT included) or MATMUL_NBITS (ONNX Runtime's MatMulNBits, 8-bit, integer compute:
+    the fast CPU kernel for memory-bound decoder MatMuls)."""
+
+    DEQUANTIZE = "dequantize"
+    MATMUL_NBITS = "matmulnbits"
+
+
+@dataclass(frozen=True)
 class PerTensor:
     pass
 
@@ -52,6 +62,12 @@ class QuantConfig:
     smoothquant: float | None = None
     #: Only weights become int8 (per channel, DequantizeLinear before the float op): no calibration.
     weight_only: bool = False
+    #: Weight-only kernel; MATMUL_NBITS applies to MatMuls with a 2-D constant weight (others
+    #: fall back to DEQUANTIZE).
+    weight_kernel: WeightKernel = WeightKernel.DEQUANTIZE
+    #: MATMUL_NBITS block along K: 0 is one block per output channel (per-channel); else a power
+    #: of two >= 16 (finer scales, a little more memory).
+    block_size: int = 0
     #: MatMul activations quantized per batch at run time (DynamicQuantizeLinear), weights int8:
     #: no calibration; ONNX Runtime CPU only (TensorRT has no dynamic quantization).
     dynamic: bool = False
@@ -71,6 +87,14 @@ class QuantConfig:
             raise ConfigError("smoothquant needs quantized activations; it does nothing with weight_only")
         if self.dynamic and (self.weight_only or self.smoothquant is not None or self.target is Target.TRT):
             raise ConfigError("dynamic quantization excludes weight_only, smoothquant and the trt target")
+        if not isinstance(self.weight_kernel, WeightKernel):
+            raise ConfigError(f"weight_kernel must be a WeightKernel, got {self.weight_kernel!r}")
+        if self.weight_kernel is WeightKernel.MATMUL_NBITS and not self.weight_only:
+            raise ConfigError("the matmulnbits kernel is for weight-only quantization (weight_only=True)")
+        if self.block_size and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ConfigError(
+                f"block_size must be 0 (per channel) or a power of two >= 16, got {self.block_size}"
+            )
         if self.max_range_ratio < 1:
             raise ConfigError(f"max_range_ratio must be >= 1, got {self.max_range_ratio}")
 

@@ -11,16 +11,22 @@ from collections import Counter
 
 import onnx_ir as ir
 
-from modelkiln.quant.config import PerChannel, QuantConfig
+from modelkiln.quant.config import PerChannel, QuantConfig, WeightKernel
+from modelkiln.quant.matmul_nbits import quantize_matmul_nbits
 from modelkiln.quant.qdq import quantize_weight
 from modelkiln.quant.rules import rule_for
 
 
 def quantize_weights_only(model: ir.Model, config: QuantConfig) -> tuple[Counter, dict[str, str]]:
     """Quantize the constant weights of every Conv/Gemm/MatMul in place; returns counts by op type
-    and the nodes left alone with the reason."""
+    and the nodes left alone with the reason. With the MATMUL_NBITS kernel, MatMuls with a 2-D
+    constant weight become MatMulNBits; the other weighted ops use DequantizeLinear."""
     counts: Counter = Counter()
     skipped: dict[str, str] = {}
+    if config.weight_kernel is WeightKernel.MATMUL_NBITS:
+        fused = quantize_matmul_nbits(model, config.block_size, config.exclude)
+        if fused:
+            counts["MatMul"] += fused
     shared: dict[tuple[int, int | None], ir.Value] = {}
     per_channel = isinstance(config.weights, PerChannel)
     for node in list(model.graph):

@@ -1,0 +1,107 @@
+"""Weight-only INT8 on ONNX Runtime's MatMulNBits kernel (com.microsoft, bits=8).
+
+A decoder generating one token at a time is bound by reading its weights: each step streams every
+linear layer's matrix once. Stored as int8 the matrices are 4x smaller, and MatMulNBits with
+accuracy level 4 multiplies them in integer arithmetic (it quantizes each activation row per
+block to int8 inside the kernel, the graph stays float). Its other accuracy levels dequantize the
+8-bit weights on every call and measured ~30x slower than a float MatMul here, so level 4 it is.
+
+Layout (ONNX Runtime's contrib op spec): B [N, blocks, block] uint8 = int8 + 128 (the default zero
+point for 8 bits), scales [N * blocks] float32, K zero-padded to a whole number of blocks; a
+following constant bias Add is folded into the op's bias input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from modelkiln.graph.ir_utils import const, new_initializer, replace_value, single_consumer
+
+DOMAIN = "com.microsoft"
+ACCURACY_INT8 = 4
+
+
+def per_channel_block(k: int) -> int:
+    """The smallest power-of-two block (>= 16) covering all of K: one scale per output channel."""
+    return max(16, 1 << (k - 1).bit_length())
+
+
+def pack_int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of ``w`` [K, N] per (column, block of K): (B [N, blocks, block] uint8,
+    scales [N * blocks] float32)."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    padded = np.zeros((blocks * block, n), np.float32)
+    padded[:k] = w
+    grouped = padded.T.reshape(n, blocks, block)
+    scale = np.abs(grouped).max(axis=2) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(grouped / scale[..., None]), -127, 127).astype(np.int16) + 128
+    return q.astype(np.uint8), scale.reshape(-1)
+
+
+def unpack_int8_blocks(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """The float weight [K, N] a packed B and scales stand for (tests and quality checks)."""
+    n, blocks, block = b.shape
+    w = (b.astype(np.float32) - 128.0) * scales.reshape(n, blocks, 1)
+    return w.reshape(n, blocks * block)[:, :k].T.copy()
+
+
+def nbits_candidates(model: ir.Model, exclude: tuple[str, ...] = ()) -> list[ir.Node]:
+    """MatMuls with a constant 2-D float32 weight as second input, not excluded."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in exclude:
+            continue
+        w = const(node.inputs[1])
+        if w is not None and w.ndim == 2 and w.dtype == np.float32 and const(node.inputs[0]) is None:
+            found.append(node)
+    return found
+
+
+def quantize_matmul_nbits(model: ir.Model, block_size: int = 0, exclude: tuple[str, ...] = ()) -> int:
+    """Replace every candidate MatMul (and its bias Add) with MatMulNBits; returns how many."""
+    graph = model.graph
+    count = 0
+    for node in nbits_candidates(model, exclude):
+        w = const(node.inputs[1])
+        k, n = w.shape
+        block = block_size or per_channel_block(k)
+        b, scales = pack_int8_blocks(w, block)
+        inputs = [
+            node.inputs[0],
+            new_initializer(graph, b, f"{node.name}_B"),
+            new_initializer(graph, scales, f"{node.name}_scales"),
+        ]
+        out = node.outputs[0]
+        add = _bias_add(out, n)
+        if add is not None:
+            bias = next(v for v in add.inputs if v is not out)
+            inputs += [None, None, bias]
+            out = add.outputs[0]
+        attrs = {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": ACCURACY_INT8}
+        attributes = [ir.AttrInt64(key, value) for key, value in attrs.items()]
+        fused = ir.Node(DOMAIN, "MatMulNBits", inputs, attributes=attributes, name=f"{node.name}_nbits")
+        graph.insert_before(node, fused)
+        fused.outputs[0].shape, fused.outputs[0].type = out.shape, out.type
+        fused.outputs[0].name = f"{out.name}_nbits"
+        replace_value(out, fused.outputs[0])
+        for dead in ([add] if add is not None else []) + [node]:
+            graph.remove(dead, safe=True)
+        count += 1
+    if count:
+        model.opset_imports.setdefault(DOMAIN, 1)
+    return count
+
+
+def _bias_add(out: ir.Value, n: int) -> ir.Node | None:
+    """The Add adding a constant [N] bias to ``out``, when it is out's only reader."""
+    add = single_consumer(out)
+    if add is None or add.op_type != "Add":
+        return None
+    other = next((v for v in add.inputs if v is not out), None)
+    bias = const(other)
+    if bias is None or bias.shape != (n,) or bias.dtype != np.float32:
+        return None
+    return add
