@@ -55,12 +55,15 @@ def _linear_chain(path: Path, k: int = 48, n: int = 40) -> tuple[Path, list[np.n
 
 
 def test_matmuls_become_matmulnbits_with_the_bias_folded(tmp_path: Path) -> None:
-    src, (w1, b1, w2) = _linear_chain(tmp_path / "chain.onnx")
+    src, (_, b1, _) = _linear_chain(tmp_path / "chain.onnx")
     quantize(src, tmp_path / "w8.onnx", None, config=NBITS)
     model = onnx.load(tmp_path / "w8.onnx")
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops == Counter({"MatMulNBits": 2, "Relu": 1})  # bias Add folded into the first
     assert not any(i.data_type == TensorProto.FLOAT and i.dims == [48, 40] for i in model.graph.initializer)
+    fc1 = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) == 6)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(inits[fc1.input[5]], b1)
     x = np.random.default_rng(1).standard_normal((2, 3, 48)).astype(np.float32)
     ref = ort_session(src).run(None, {"x": x})[0]
     got = ort_session(tmp_path / "w8.onnx").run(None, {"x": x})[0]

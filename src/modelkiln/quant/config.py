@@ -20,7 +20,6 @@ class Target(enum.Enum):
     TRT = "trt"  # TensorRT explicit quantization: int8 symmetric activations
 
 
-@dataclass(frozen=True)
 class WeightKernel(enum.Enum):
     """How a weight-only model computes: DEQUANTIZE (DequantizeLinear + the float op: any runtime,
     TensorRT included) or MATMUL_NBITS (ONNX Runtime's MatMulNBits, 8-bit, integer compute:
