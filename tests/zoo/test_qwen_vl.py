@@ -1,15 +1,23 @@
-"""The tiny Qwen2-VL built locally: real tokenizer with Qwen2-VL's special tokens, the ChatML
-template, dynamic-resolution image processing, and greedy generation in transformers."""
+"""Qwen2-VL on our stack, checked against transformers on the tiny random model: the zoo export
+(embedding, decoder step, vision buckets, processor files), teacher-forced logits at every step,
+greedy generation token for token (text and images), the static KV cache from the pool, sampling,
+streaming, weight-only INT8, and clear errors."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from modelkiln.errors import BadInput
 from modelkiln.zoo.qwen_vl import SPECIAL_TOKENS, build_tiny, tiny_tokenizer
 
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
+
+#: Teacher-forced logits, ONNX Runtime FP32 vs transformers FP32 (the issue's bound is 1e-3).
+LOGIT_TOL = 1e-4
 
 
 def test_tokenizer_round_trips_and_knows_the_special_tokens() -> None:
@@ -21,8 +29,8 @@ def test_tokenizer_round_trips_and_knows_the_special_tokens() -> None:
     assert tok("<|im_start|>user").input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
 
 
-def test_chat_template_and_image_tokens_and_greedy_generation() -> None:
-    model, processor = build_tiny()
+def test_chat_template_and_image_tokens() -> None:
+    _, processor = build_tiny()
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}
     ]
@@ -33,155 +41,230 @@ def test_chat_template_and_image_tokens_and_greedy_generation() -> None:
     t, h, w = inputs["image_grid_thw"][0].tolist()
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert int((inputs["input_ids"] == pad).sum()) == t * h * w // 4  # one token per 2x2 merged patch
-    with torch.no_grad():
-        a = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        b = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert a.shape[1] == inputs["input_ids"].shape[1] + 6 and torch.equal(a, b)
 
 
-def test_decoder_step_exports_with_kv_cache_and_matches_torch(tmp_path) -> None:
-    from modelkiln.export.qwen_vl import export_decoder_step, step_parity
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``kiln export qwen2-vl-tiny``: every part parity-checked against torch."""
+    from modelkiln.export import export
+
+    out = tmp_path_factory.mktemp("qwen2-vl-tiny")
+    result = export("qwen2-vl-tiny", out)
+    assert result.passed and max(p.max_abs for p in result.parity) < 1e-5
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The same tiny model in transformers (build_tiny is seeded: identical weights)."""
+    return build_tiny()
+
+
+@pytest.fixture(scope="module")
+def chat(exported: Path):
+    from modelkiln.genai.chat import ChatModel
+
+    return ChatModel.open(str(exported))
+
+
+def _messages(text: str, images: int = 0) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def test_export_writes_every_part_and_the_processor(exported: Path) -> None:
+    import json
+
     from modelkiln.runtime.session import ort_session
 
-    model, _ = build_tiny()
-    spec = export_decoder_step(model, tmp_path / "step.onnx")
-    session = ort_session(tmp_path / "step.onnx")
-    assert [i.name for i in session.get_inputs()] == spec.input_names
-    # prefill from an empty cache, a decode step, and a chunk on top of a cache: one graph
-    assert step_parity(model, tmp_path / "step.onnx", ((9, 0), (1, 6), (5, 3))) < 1e-4
+    names = {p.name for p in exported.iterdir()}
+    assert {"embed.onnx", "decoder.onnx", "genai.json", "tokenizer.json", "chat_template.jinja"} <= names
+    spec = json.loads((exported / "genai.json").read_text())
+    assert {f"vision_{k}.onnx" for k in spec["vision"]} <= names and len(spec["vision"]) == 3
+    decoder = ort_session(exported / "decoder.onnx")
+    assert [i.name for i in decoder.get_inputs()][:3] == ["inputs_embeds", "position_ids", "attention_mask"]
+    assert decoder.get_outputs()[0].shape[1] == 1  # last-position logits only
 
 
-def test_greedy_loop_on_the_exported_step_matches_transformers_generate(tmp_path) -> None:
-    from modelkiln.export.qwen_vl import export_decoder_step
-    from modelkiln.genai.greedy import GreedyDecoder
+def _teacher_forced(chat, reference, messages, images, steps: int) -> float:
+    """Max |logits ours - transformers| over the prefill and ``steps`` forced decode steps."""
+    model, processor = reference
+    from modelkiln.genai.images import resize_to_bucket
 
-    model, processor = build_tiny(seed=3)
-    export_decoder_step(model, tmp_path / "step.onnx")
-    table = model.model.language_model.embed_tokens.weight.detach().numpy()
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": "Tell me about the harbour."}], add_generation_prompt=True
-    )
-    ids = processor.tokenizer(text).input_ids
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
-    ours = GreedyDecoder(tmp_path / "step.onnx", table).generate(ids, 12)
-    assert ours == ref[: len(ours)] and len(ours) == 12
-
-
-def test_image_prompt_greedy_matches_transformers(tmp_path) -> None:
-    """Vision encoder (one grid bucket) and decoder step in ONNX, M-RoPE positions in numpy: the
-    same tokens as transformers' generate with an image."""
-    from modelkiln.export.qwen_vl import export_decoder_step, export_vision
-    from modelkiln.genai.greedy import GreedyDecoder
-    from modelkiln.genai.mrope import mrope_positions
-    from modelkiln.runtime.session import ort_session
-
-    model, processor = build_tiny(seed=3)
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}
-    ]
+    sized = [resize_to_bucket(i, chat.buckets) for i in images]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = (np.random.default_rng(0).random((100, 120, 3)) * 255).astype(np.uint8)
-    inputs = processor(text=[text], images=[image], return_tensors="pt")
-    grid = tuple(inputs["image_grid_thw"][0].tolist())
-    tokens = export_vision(model, grid, tmp_path / "vision.onnx")
-    export_decoder_step(model, tmp_path / "step.onnx")
-    pixels = inputs["pixel_values"].numpy()
-    image_embeds = ort_session(tmp_path / "vision.onnx").run(None, {"pixel_values": pixels})[0]
-    with torch.no_grad():
-        ref_embeds = model.model.visual(
-            inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]
-        ).pooler_output
-    assert image_embeds.shape == (tokens, 64) and np.abs(image_embeds - ref_embeds.numpy()).max() < 1e-4
-    ids = inputs["input_ids"][0].numpy()
-    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    positions, delta = mrope_positions((ids == pad).astype(int).tolist(), [grid], 2)
-    ref_pos, ref_delta = model.model.get_rope_index(
-        inputs["input_ids"],
-        inputs["mm_token_type_ids"],
-        inputs["image_grid_thw"],
-        attention_mask=inputs["attention_mask"],
+    inputs = processor(text=[text], images=sized or None, return_tensors="pt")
+    forced = np.random.default_rng(1).integers(0, 590, steps).tolist()  # arbitrary tokens, not greedy
+    full = torch.cat([inputs["input_ids"], torch.tensor([forced])], dim=1)
+    extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    mm = (
+        {
+            "mm_token_type_ids": torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros(1, steps, dtype=torch.int64)], 1
+            )
+        }
+        if "mm_token_type_ids" in inputs
+        else {}
     )
-    assert (positions == ref_pos[:, 0].numpy()).all() and delta == int(ref_delta)
-    table = model.model.language_model.embed_tokens.weight.detach().numpy()
-    embeds = table[ids].copy()
-    embeds[ids == pad] = image_embeds
-    ours = GreedyDecoder(tmp_path / "step.onnx", table).generate_from_embeds(embeds, positions, delta, 10)
     with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, len(ids) :].tolist()
-    assert ours == ref[: len(ours)] and len(ours) == 10
+        ref = model(input_ids=full, attention_mask=torch.ones_like(full), **extra, **mm).logits[0].numpy()
+    prompt_len = inputs["input_ids"].shape[1]
+    gen = chat.start(chat.prompt(messages, images), steps + 1)
+    worst = 0.0
+    try:
+        for i, token in enumerate([*forced, None]):
+            gen.step(force=token if token is not None else 0)
+            worst = max(worst, float(np.abs(gen.logits[0, -1] - ref[prompt_len - 1 + i]).max()))
+    finally:
+        gen.close()
+    return worst
 
 
-def test_kv_cache_buffers_come_from_the_pool_and_are_reused(tmp_path) -> None:
-    from modelkiln.export.qwen_vl import export_decoder_step
-    from modelkiln.genai.greedy import GreedyDecoder
-    from modelkiln.runtime.memory_pool import MemoryPool
-
-    model, processor = build_tiny(seed=3)
-    export_decoder_step(model, tmp_path / "step.onnx")
-    table = model.model.language_model.embed_tokens.weight.detach().numpy()
-    ids = processor.tokenizer("Tell me about the harbour and the old town.").input_ids
-    plain = GreedyDecoder(tmp_path / "step.onnx", table).generate(ids, 24)
-    pool = MemoryPool()
-    pooled = GreedyDecoder(tmp_path / "step.onnx", table, pool=pool).generate(ids, 24)
-    stats = pool.stats()
-    assert pooled == plain
-    assert stats.outstanding == 0  # every cache buffer went back
-    assert stats.hits > 3 * stats.misses  # 24 steps x 5 outputs served mostly from reused buffers
+def test_teacher_forced_logits_match_transformers_at_every_step(chat, reference) -> None:
+    text_err = _teacher_forced(chat, reference, _messages("Tell me about the harbour."), [], 12)
+    image_err = _teacher_forced(chat, reference, _messages("What is in it?", 1), [_image(100, 120)], 12)
+    print(f"teacher-forced max abs logit error: text {text_err:.2e}, image {image_err:.2e}")
+    assert text_err < LOGIT_TOL and image_err < LOGIT_TOL
 
 
-def test_sampling_is_seeded_and_streaming_matches(tmp_path) -> None:
-    from modelkiln.export.qwen_vl import export_decoder_step
-    from modelkiln.genai.greedy import GreedyDecoder, pick
+def _greedy_reference(reference, chat, messages, images, n: int) -> list[int]:
+    from modelkiln.genai.images import resize_to_bucket
 
-    model, processor = build_tiny(seed=3)
-    export_decoder_step(model, tmp_path / "step.onnx")
-    table = model.model.language_model.embed_tokens.weight.detach().numpy()
-    dec = GreedyDecoder(tmp_path / "step.onnx", table)
-    ids = processor.tokenizer("Tell me about the harbour.").input_ids
-    streamed: list[int] = []
-    a = dec.generate(ids, 10, temperature=1.0, top_p=0.9, seed=7, on_token=streamed.append)
-    b = dec.generate(ids, 10, temperature=1.0, top_p=0.9, seed=7)
-    c = dec.generate(ids, 10, temperature=1.0, top_p=0.9, seed=8)
-    assert a == b == streamed and a != c
-    stop = {a[3]}
-    assert dec.generate(ids, 10, stop=stop, temperature=1.0, top_p=0.9, seed=7) == a[: a.index(a[3]) + 1]
+    model, processor = reference
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    sized = [resize_to_bucket(i, chat.buckets) for i in images]
+    inputs = processor(text=[text], images=sized or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _greedy_ours(chat, messages, images, n: int) -> list[int]:
+    gen = chat.start(chat.prompt(messages, images), n)
+    gen.stop = set()  # as min_new_tokens above: compare n tokens even past an end token
+    try:
+        while not gen.done:
+            gen.step()
+    finally:
+        gen.close()
+    return gen.tokens
+
+
+@pytest.mark.parametrize(
+    ("images", "text"),
+    [
+        ([], "Tell me about the harbour."),
+        ([(100, 120)], "Describe the picture."),
+        ([(60, 150)], "Is this picture wide?"),  # the 84x140 bucket
+        ([(90, 90), (150, 70)], "Compare the two pictures."),  # two images, two buckets
+    ],
+)
+def test_greedy_matches_transformers_generate_token_for_token(chat, reference, images, text) -> None:
+    arrays = [_image(h, w, i) for i, (h, w) in enumerate(images)]
+    messages = _messages(text, len(arrays))
+    assert _greedy_ours(chat, messages, arrays, 12) == _greedy_reference(
+        reference, chat, messages, arrays, 12
+    )
+
+
+def test_kv_cache_is_preallocated_from_the_pool_and_reused(chat) -> None:
+    pool = chat.engine.pool
+    prompt = chat.prompt(_messages("Tell me about the harbour and the old town."))
+    before = pool.stats()
+    gen = chat.start(prompt, 30)
+    gen.stop = set()
+    allocated = pool.stats()
+    while not gen.done:
+        gen.step()
+    after_steps = pool.stats()
+    gen.close()
+    buffers = 2 * len(chat.engine.past_names) + 1  # two per cache tensor + the logits
+    assert (allocated.hits + allocated.misses) - (before.hits + before.misses) == buffers
+    assert (after_steps.hits, after_steps.misses) == (
+        allocated.hits,
+        allocated.misses,
+    )  # 30 steps, 0 allocations
+    second = chat.start(prompt, 30)
+    second.close()
+    again = pool.stats()
+    assert again.misses == after_steps.misses and again.outstanding == 0  # same size: all reused
+
+
+def test_sampling_is_seeded_and_streaming_yields_the_returned_text(chat) -> None:
+    from modelkiln.genai.engine import Sampling, pick
+
+    prompt = chat.prompt(_messages("Tell me about the harbour."))
+
+    def run(seed: int) -> list[int]:
+        gen = chat.start(prompt, 10, Sampling(1.0, 0.9, seed))
+        gen.stop = set()
+        while not gen.done:
+            gen.step()
+        gen.close()
+        return gen.tokens
+
+    assert run(7) == run(7) and run(7) != run(8)
+    pieces: list[str] = []
+    text = chat.reply(
+        "Tell me about the harbour.", max_new_tokens=12, temperature=0.8, seed=3, on_text=pieces.append
+    )
+    assert (
+        "".join(pieces)
+        == text
+        == chat.reply("Tell me about the harbour.", max_new_tokens=12, temperature=0.8, seed=3)
+    )
     logits = np.array([0.0, 5.0, 4.9, -3.0])
     rng = np.random.default_rng(0)
     assert {pick(logits, 1.0, 0.5, rng) for _ in range(50)} == {1}  # top-p 0.5 keeps the best token only
     assert pick(logits, 0.0, 1.0, rng) == 1
 
 
-@pytest.fixture(scope="module")
-def chat():
+def test_weight_only_int8_decoder_stays_close(exported: Path, chat, tmp_path: Path) -> None:
+    """MatMulNBits (8-bit, per channel) decoder: logit cosine vs FP32 on forced steps, greedy agreement."""
+    import shutil
+
     from modelkiln.genai.chat import ChatModel
+    from modelkiln.quant.config import QuantConfig, WeightKernel
+    from modelkiln.quant.quantize import quantize
 
-    return ChatModel.open("qwen2-vl-tiny")
+    folder = tmp_path / "w8"
+    shutil.copytree(exported, folder)
+    quantize(
+        folder / "decoder.onnx",
+        folder / "decoder.int8.onnx",
+        None,
+        config=QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS),
+    )
+    w8 = ChatModel(folder, decoder="decoder.int8.onnx")
+    prompt = chat.prompt(_messages("Tell me about the harbour."))
+    forced = np.random.default_rng(2).integers(0, 590, 16).tolist()
+    a, b = chat.start(prompt, 17), w8.start(prompt, 17)
+    cosines = []
+    for token in [*forced, 0]:
+        a.step(force=token)
+        b.step(force=token)
+        x, y = a.logits[0, -1], b.logits[0, -1]
+        cosines.append(float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)))
+    a.close(), b.close()
+    print(f"W8 logit cosine mean {np.mean(cosines):.5f} min {np.min(cosines):.5f}")
+    assert min(cosines) > 0.99 and min(cosines) < 1.0  # really quantized, still close
 
 
-def test_chat_streams_the_same_text_it_returns(chat, tmp_path) -> None:
-    import cv2
-
-    image = tmp_path / "x.png"
-    cv2.imwrite(str(image), (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8))
-    pieces: list[str] = []
-    text = chat.reply("Describe the picture.", image, max_new_tokens=10, on_text=pieces.append)
-    assert text == "".join(pieces) and text == chat.reply("Describe the picture.", image, max_new_tokens=10)
-    assert chat.decoder.pool.stats().outstanding == 0
-
-
-def test_chat_refuses_bad_input_clearly(chat, tmp_path) -> None:
-    from modelkiln.errors import BadInput
-
+def test_chat_refuses_bad_input_clearly(chat, tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="prompt is empty"):
         chat.reply("   ")
     corrupt = tmp_path / "bad.jpg"
     corrupt.write_bytes(b"not a jpeg at all")
-    with pytest.raises(BadInput, match="cannot decode image"):
+    with pytest.raises(BadInput, match="cannot decode image .*bad.jpg"):
         chat.reply("What is this?", corrupt)
     gif = tmp_path / "anim.gif"
     gif.write_bytes(b"GIF89a")
     with pytest.raises(BadInput, match="unsupported image format '.gif'"):
         chat.reply("What is this?", gif)
-    with pytest.raises(BadInput, match="exceeds the model's context of 2048"):
+    with pytest.raises(BadInput, match="exceeds the context of 2048 tokens of qwen2-vl-tiny"):
         chat.reply("Hello " * 10, max_new_tokens=5000)
+    with pytest.raises(BadInput, match="1 image parts but 0 images"):
+        chat.prompt(_messages("What is this?", 1), [])

@@ -10,16 +10,23 @@ from modelkiln.log import console, err_console
 
 
 def chat_cmd(
-    model: str = typer.Argument(..., help="qwen2-vl-tiny, or a local Qwen2-VL folder / hub id."),
+    model: str = typer.Argument(
+        ..., help="An exported folder (kiln export qwen2-vl…), qwen2-vl-tiny, or a Qwen2-VL weights folder."
+    ),
     prompt: str = typer.Argument(..., help="What to ask."),
     image: Path = typer.Option(None, "--image", help="An image to ask about."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature)."),
     seed: int = typer.Option(None, "--seed", help="Sampling seed (reproducible answers)."),
+    decoder: str = typer.Option(
+        None, "--decoder", help="Decoder file in the folder to use instead (e.g. an INT8 one)."
+    ),
+    threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
 ) -> None:
     """Chat with a Qwen2-VL model on ONNX Runtime (our decoder step, vision encoder and KV cache)."""
-    from modelkiln.genai.chat import ChatModel, read_rgb
+    from modelkiln.genai.chat import ChatModel
+    from modelkiln.genai.images import read_rgb
 
     if not prompt.strip():
         from modelkiln.errors import BadInput
@@ -28,7 +35,7 @@ def chat_cmd(
     if image is not None:
         read_rgb(image)  # bad images fail before the model is built
     with err_console.status(f"loading {model}…"):
-        chat = ChatModel.open(model)
+        chat = ChatModel.open(model, decoder, threads)
     chat.reply(
         prompt,
         image,

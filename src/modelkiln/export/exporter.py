@@ -101,6 +101,8 @@ def export(
         _set_metadata(proto, entry, part.name, weights)
         save_model(proto, paths[part.name])
         log.info("wrote %s (%s)", paths[part.name], part.name)
+    if len(paths) > 1:
+        entry.write_assets(Path(out))
     return result
 
 

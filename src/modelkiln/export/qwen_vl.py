@@ -2,11 +2,13 @@
 
     inputs_embeds [batch, seq, hidden], position_ids [3, batch, seq] (M-RoPE: temporal, height,
     width), attention_mask [batch, past + seq] (int64), past_key_i / past_value_i
-    [batch, kv_heads, past, head_dim]  ->  logits [batch, seq, vocab], present_key_i / present_value_i
-    [batch, kv_heads, past + seq, head_dim]
+    [batch, kv_heads, past, head_dim]  ->  logits [batch, 1, vocab] (of the last position only: a
+    prefill of a long prompt never computes seq x vocab logits it would throw away),
+    present_key_i / present_value_i [batch, kv_heads, past + seq, head_dim]
 
-Groundwork for the Qwen-VL issue (the vision encoder and token embedding exports, the generation
-engine and the zoo registration are still to come).
+Also the token embedding (input_ids -> inputs_embeds, a Gather) and the vision encoder per image
+grid bucket. ``kiln export qwen2-vl-tiny`` writes all of them through the zoo family (with the
+parity check); these functions export one graph each, for tests and tools.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from modelkiln._deps import require
+from modelkiln.zoo.qwen_vl import decoder_step_module, vision_module
 
 
 @dataclass(frozen=True)
@@ -49,34 +52,6 @@ def step_spec(model: Any) -> StepSpec:
     )
 
 
-def _step_module(model: Any) -> Any:
-    torch = require("torch", "exporting the Qwen2-VL decoder step")
-    transformers = require("transformers", "exporting the Qwen2-VL decoder step")
-    lm, head = model.model.language_model, model.lm_head
-    layers = lm.config.num_hidden_layers
-
-    class DecoderStep(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm, self.head = lm, head
-
-        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-            cache = transformers.DynamicCache(
-                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=lm.config
-            )
-            out = self.lm(
-                inputs_embeds=inputs_embeds,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                cache=cache,
-                use_cache=True,
-            )
-            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            return (self.head(out.last_hidden_state), *present)
-
-    return DecoderStep().eval()
-
-
 def example_step_inputs(
     spec: StepSpec, batch: int = 1, seq: int = 5, past: int = 3, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -101,13 +76,13 @@ def export_decoder_step(model: Any, path: str | Path, opset: int = 17) -> StepSp
         "inputs_embeds": {0: "batch", 1: "seq"},
         "position_ids": {1: "batch", 2: "seq"},
         "attention_mask": {0: "batch", 1: "total"},
-        "logits": {0: "batch", 1: "seq"},
+        "logits": {0: "batch"},
     }
     dynamic.update({n: {0: "batch", 2: "past"} for n in spec.input_names[3:]})
     dynamic.update({n: {0: "batch", 2: "total"} for n in spec.output_names[1:]})
     with torch.no_grad():
         torch.onnx.export(
-            _step_module(model),
+            decoder_step_module(model),
             tuple(torch.from_numpy(example[n]) for n in spec.input_names),
             str(path),
             input_names=spec.input_names,
@@ -128,7 +103,7 @@ def step_parity(
 
     spec = step_spec(model)
     session = ort_session(path, optimization="disable")
-    step = _step_module(model)
+    step = decoder_step_module(model)
     worst = 0.0
     for i, (seq, past) in enumerate(shapes):
         feed = example_step_inputs(spec, seq=seq, past=past, seed=i + 1)
@@ -143,27 +118,14 @@ def step_parity(
 def export_vision(model: Any, grid_thw: tuple[int, int, int], path: str | Path, opset: int = 17) -> int:
     """The vision encoder for one image grid bucket (t, h, w patches): its rotary tables and window
     layout depend on the grid, which TorchScript tracing bakes in, so there is one graph per bucket
-    (images are resized to a bucket's size before encoding). pixel_values [t*h*w, C*T*P*P] ->
-    image_embeds [t*h*w / merge^2, hidden]. Returns the number of image tokens."""
+    (images are resized to a bucket's size before encoding). Returns the number of image tokens."""
     torch = require("torch", "exporting the Qwen2-VL vision encoder")
-    visual = model.model.visual
-    grid = torch.tensor([list(grid_thw)], dtype=torch.int64)
-    cfg = visual.config
-
-    class Vision(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.visual = visual
-
-        def forward(self, pixel_values):
-            return self.visual(pixel_values, grid_thw=grid).pooler_output
-
+    cfg = model.model.visual.config
     patches = int(np.prod(grid_thw))
-    width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-    example = torch.randn(patches, width)
+    example = torch.randn(patches, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2)
     with torch.no_grad():
         torch.onnx.export(
-            Vision().eval(),
+            vision_module(model, grid_thw),
             (example,),
             str(path),
             input_names=["pixel_values"],
@@ -172,3 +134,22 @@ def export_vision(model: Any, grid_thw: tuple[int, int, int], path: str | Path, 
             dynamo=False,
         )
     return patches // cfg.spatial_merge_size**2
+
+
+def export_embed(model: Any, path: str | Path, opset: int = 17) -> int:
+    """The token embedding: input_ids [batch, seq] int64 -> inputs_embeds [batch, seq, hidden].
+    Returns the vocabulary size."""
+    torch = require("torch", "exporting the Qwen2-VL token embedding")
+    table = model.model.language_model.embed_tokens
+    with torch.no_grad():
+        torch.onnx.export(
+            table,
+            (torch.zeros((1, 4), dtype=torch.int64),),
+            str(path),
+            input_names=["input_ids"],
+            output_names=["inputs_embeds"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return int(table.num_embeddings)

@@ -1,50 +1,141 @@
-"""``kiln chat``: a Qwen2-VL model answering one prompt (optionally about an image) on our stack:
-decoder step and vision encoder in ONNX Runtime, the model's own processor and chat template,
-tokens streamed as they are generated."""
+"""Chat with a Qwen2-VL model on our stack: an exported folder (``kiln export qwen2-vl…``: token
+embedding, decoder step, vision encoder per image bucket, processor files, genai.json) run by the
+generation engine on ONNX Runtime. Torch is not needed once the folder exists.
+
+Messages follow the chat-completions shape: ``{"role", "content"}`` with content a string or a
+list of ``{"type": "text", "text"}`` / ``{"type": "image"}`` parts, images given alongside as RGB
+arrays in order.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelkiln.errors import BadInput
+from modelkiln._deps import require
+from modelkiln.errors import BadInput, ModelNotFound
+from modelkiln.genai.engine import Engine, Generation, Sampling
+from modelkiln.genai.images import resize_to_bucket
+from modelkiln.genai.mrope import mrope_positions
+from modelkiln.runtime.memory_pool import MemoryPool
+from modelkiln.runtime.session import ort_session
 
-#: Images are resized to this square so one exported vision graph (one grid bucket) serves all.
-IMAGE_SIDE = 112
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    """A chat turned into what the decoder eats: embeddings [seq, hidden] with the images merged
+    in, M-RoPE positions [3, seq] and the delta decode positions add."""
+
+    embeds: np.ndarray
+    positions: np.ndarray
+    delta: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.embeds.shape[0])
 
 
 class ChatModel:
-    def __init__(self, model: Any, processor: Any, workdir: Path) -> None:
-        from modelkiln.export.qwen_vl import export_decoder_step, export_vision
-        from modelkiln.genai.greedy import GreedyDecoder
-        from modelkiln.runtime.memory_pool import MemoryPool
-        from modelkiln.runtime.session import ort_session
-
-        self.processor, self.tokenizer = processor, processor.tokenizer
-        self.merge = model.config.vision_config.spatial_merge_size
-        patch = model.config.vision_config.patch_size
-        self.grid = (1, IMAGE_SIDE // patch, IMAGE_SIDE // patch)
-        export_decoder_step(model, workdir / "step.onnx")
-        export_vision(model, self.grid, workdir / "vision.onnx")
-        self.vision = ort_session(workdir / "vision.onnx")
-        self.context = int(model.config.text_config.max_position_embeddings)
-        table = model.model.language_model.embed_tokens.weight.detach().numpy()
-        self.decoder = GreedyDecoder(workdir / "step.onnx", table, pool=MemoryPool())
-        self.stop = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-        self.image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    def __init__(
+        self,
+        folder: str | Path,
+        decoder: str | None = None,
+        threads: int | None = None,
+        pool: MemoryPool | None = None,
+    ) -> None:
+        transformers = require("transformers", "the Qwen2-VL processor (tokenizer, chat template, images)")
+        folder = Path(folder)
+        spec = json.loads((folder / "genai.json").read_text(encoding="utf-8"))
+        self.name = spec["model"]
+        self.processor = transformers.AutoProcessor.from_pretrained(str(folder))
+        self.tokenizer = self.processor.tokenizer
+        self.context, self.merge = int(spec["context"]), int(spec["merge"])
+        self.stop, self.image_token = set(spec["stop"]), int(spec["image_token"])
+        self.buckets = [tuple(b) for b in spec["buckets"]]
+        self.vision = {
+            tuple(int(v) for v in k.split("x")): ort_session(folder / f, threads=threads)
+            for k, f in spec["vision"].items()
+        }
+        self._embed = ort_session(folder / spec["embed"], threads=1)
+        self.engine = Engine(folder / (decoder or spec["decoder"]), self.embed, pool, threads)
 
     @classmethod
-    def open(cls, name: str) -> ChatModel:
-        """``qwen2-vl-tiny`` (random, built locally) or a local Qwen2-VL folder / hub id."""
-        from modelkiln.zoo.qwen_vl import build_tiny, load_pretrained
+    def open(cls, name: str, decoder: str | None = None, threads: int | None = None) -> ChatModel:
+        """An exported folder, or ``qwen2-vl-tiny`` / a Qwen2-VL weights folder or hub id, exported
+        here first (into a temporary folder, parity-checked)."""
+        path = Path(name)
+        if (path / "genai.json").is_file():
+            return cls(path, decoder, threads)
+        if path.exists() and not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"chat: {name} is neither an exported folder (genai.json) nor a Qwen2-VL folder"
+            )
+        from modelkiln.export import export
 
-        model, processor = build_tiny() if name == "qwen2-vl-tiny" else load_pretrained(name)
-        workdir = Path(tempfile.mkdtemp(prefix="kiln-chat-"))
-        return cls(model, processor, workdir)
+        out = Path(tempfile.mkdtemp(prefix="kiln-chat-"))
+        tiny = name.lower().replace("_", "-") == "qwen2-vl-tiny"
+        log.info("exporting %s to %s", name, out)
+        export("qwen2-vl-tiny" if tiny else "qwen2-vl", out, weights=None if tiny else name)
+        return cls(out, decoder, threads)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [n] -> embeddings [n, hidden] through the exported embedding graph."""
+        return self._embed.run(None, {"input_ids": np.asarray(ids, np.int64)[None]})[0][0]
+
+    def prompt(self, messages: Sequence[dict[str, Any]], images: Sequence[np.ndarray] = ()) -> Prompt:
+        """Apply the chat template, preprocess images into their buckets, run the vision encoder and
+        merge its embeddings at the image tokens."""
+        count = sum(1 for m in messages for c in _parts(m) if c.get("type") == "image")
+        if count != len(images):
+            raise BadInput(f"chat: the messages have {count} image parts but {len(images)} images came")
+        if not any(c.get("text", "").strip() for m in messages for c in _parts(m)) and not images:
+            raise BadInput("chat: the prompt is empty")
+        text = self.processor.apply_chat_template(list(messages), add_generation_prompt=True)
+        sized = [resize_to_bucket(img, self.buckets) for img in images]
+        inputs = self.processor(text=[text], images=sized or None, return_tensors="np")
+        ids = np.asarray(inputs["input_ids"][0], np.int64)
+        embeds = self.embed(ids).copy()
+        is_image = ids == self.image_token
+        grids = [tuple(int(v) for v in g) for g in inputs.get("image_grid_thw", [])]
+        start = 0
+        patch = int(self.processor.image_processor.patch_size)
+        for img, grid in zip(sized, grids, strict=True):
+            if grid != (1, img.shape[0] // patch, img.shape[1] // patch):
+                raise BadInput(
+                    f"chat: the processor made a {grid} patch grid of a {img.shape[:2]} bucket image"
+                )
+            patches = int(np.prod(grid))
+            pixels = np.asarray(inputs["pixel_values"][start : start + patches], np.float32)
+            start += patches
+            session = self.vision[img.shape[:2]]
+            out = session.run(None, {"pixel_values": pixels})[0]
+            where = np.flatnonzero(is_image)[: out.shape[0]]
+            is_image[where] = False  # the next image fills the next run of image tokens
+            embeds[where] = out
+        positions, delta = mrope_positions((ids == self.image_token).astype(int).tolist(), grids, self.merge)
+        return Prompt(embeds, positions, delta)
+
+    def start(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling | None = None) -> Generation:
+        """A generation the caller steps (a scheduler interleaves several)."""
+        if max_new_tokens < 1:
+            raise BadInput(f"chat: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt.tokens + max_new_tokens > self.context:
+            raise BadInput(
+                f"chat: prompt of {prompt.tokens} tokens + {max_new_tokens} new exceeds the context of "
+                f"{self.context} tokens of {self.name}"
+            )
+        return self.engine.start(
+            prompt.embeds, prompt.positions, prompt.delta, max_new_tokens, self.stop, sampling
+        )
 
     def reply(
         self,
@@ -56,73 +147,53 @@ class ChatModel:
         seed: int | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> str:
-        """The model's answer; ``on_text`` receives each new piece of text as it is generated."""
+        """One user turn (optionally about an image file); ``on_text`` gets each new piece of text."""
+        from modelkiln.genai.images import read_rgb
+
         if not prompt or not prompt.strip():
             raise BadInput("chat: the prompt is empty")
         content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
-        pixels = None
-        if image is not None:
-            pixels = read_rgb(image)
+        images = [read_rgb(image)] if image is not None else []
+        if images:
             content.insert(0, {"type": "image"})
-        text = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
+        gen = self.start(
+            self.prompt([{"role": "user", "content": content}], images),
+            max_new_tokens,
+            Sampling(temperature, top_p, seed),
         )
-        inputs = self.processor(
-            text=[text], images=[pixels] if pixels is not None else None, return_tensors="np"
-        )
-        ids = np.asarray(inputs["input_ids"][0])
-        if len(ids) + max_new_tokens > self.context:
-            raise BadInput(
-                f"chat: prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the model's context of {self.context}"
-            )
-        embeds, positions, delta = self._prompt(ids, inputs)
-        new: list[int] = []
-        shown = [""]
-
-        def stream(token: int) -> None:
-            new.append(token)
-            if on_text is not None and token not in self.stop:
-                text_now = self.tokenizer.decode(new, skip_special_tokens=True)
-                on_text(text_now[len(shown[0]) :])
-                shown[0] = text_now
-
-        self.decoder.generate_from_embeds(
-            embeds, positions, delta, max_new_tokens, self.stop, temperature, top_p, seed, stream
-        )
-        return self.tokenizer.decode(new, skip_special_tokens=True)
-
-    def _prompt(self, ids: np.ndarray, inputs: Any) -> tuple[np.ndarray, np.ndarray, int]:
-        from modelkiln.genai.mrope import mrope_positions
-
-        embeds = self.decoder.embeddings[ids].copy()
-        is_image = ids == self.image_pad
-        grids = []
-        if is_image.any():
-            grids = [tuple(int(v) for v in inputs["image_grid_thw"][0])]
-            if grids[0] != self.grid:
-                raise BadInput(f"chat: image grid {grids[0]} differs from the exported bucket {self.grid}")
-            embeds[is_image] = self.vision.run(
-                None, {"pixel_values": np.asarray(inputs["pixel_values"], np.float32)}
-            )[0]
-        positions, delta = mrope_positions(is_image.astype(int).tolist(), grids, self.merge)
-        return embeds, positions, delta
+        stream = TextStream(self.tokenizer, self.stop)
+        try:
+            while not gen.done:
+                piece = stream.push(gen.step())
+                if piece and on_text is not None:
+                    on_text(piece)
+        finally:
+            gen.close()
+        return stream.text
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as RGB uint8 resized to the vision bucket; clear errors for bad files."""
-    import cv2
+class TextStream:
+    """Tokens in, new text out: decodes the whole answer each time and hands on what is new, holding
+    back a trailing partial UTF-8 character (byte-level BPE splits characters across tokens)."""
 
-    from modelkiln.zoo.images import IMAGE_SUFFIXES
+    def __init__(self, tokenizer: Any, stop: set[int]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.text = ""
 
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"chat: image not found: {path}")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise BadInput(
-            f"chat: unsupported image format {path.suffix!r} ({path.name}); use one of {sorted(IMAGE_SUFFIXES)}"
-        )
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise BadInput(f"chat: cannot decode image {path} (corrupt or not an image)")
-    image = cv2.resize(image, (IMAGE_SIDE, IMAGE_SIDE), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(image[:, :, ::-1])
+    def push(self, token: int) -> str:
+        if token in self.stop:
+            return ""
+        self.tokens.append(token)
+        now = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if now.endswith("\ufffd"):
+            return ""
+        piece, self.text = now[len(self.text) :], now
+        return piece
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content or [])

@@ -24,6 +24,8 @@ def names() -> list[str]:
         *(f"yolov5{s}" for s in _YOLO_SIZES),
         "clip-vit-b-32",
         "all-minilm-l6-v2",
+        "qwen2-vl",
+        "qwen2-vl-tiny",
     ]
 
 
@@ -46,6 +48,10 @@ def get(name: str, image_size: int | None = None) -> ZooModel:
         from modelkiln.zoo.minilm import SentenceEncoder
 
         return SentenceEncoder()
+    if key in ("qwen2_vl", "qwen2_vl_tiny"):
+        from modelkiln.zoo.qwen_vl import QwenVLFamily
+
+        return QwenVLFamily(tiny=key.endswith("tiny"))
     if key.startswith("clip-"):
         from modelkiln.zoo.clip import CLIPFamily, resolve_arch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,6 +91,10 @@ class ZooModel(abc.ABC):
     def metadata(self) -> dict[str, str]:
         """Extra key/values written into the exported ONNX file's metadata_props."""
         return {}
+
+    def write_assets(self, folder: Path) -> None:
+        """Files a multi-part export writes beside its graphs (tokenizer, processor, manifest);
+        called after every part passed its parity check. Most families have none."""
 
     def configure(self, metadata: dict[str, str]) -> None:
         """Adopt settings recorded at export (class names, scales) from an ONNX file's metadata."""

@@ -2,9 +2,10 @@
 random configuration built entirely locally (tokenizer, processor, chat template) for tests on
 machines that cannot download weights.
 
-Groundwork for the Qwen-VL issue: the models, tokenizer and processor exist and generate with
-transformers; ONNX export of the vision encoder / embedding / decoder step, the generation
-engine and the zoo registration come next.
+The zoo family (``qwen2-vl``, ``qwen2-vl-tiny``) exports three kinds of part: the token
+embedding, one decoder step (prefill and decode in one graph, KV cache in and out), and the vision
+encoder once per image-size bucket; beside them the processor files and ``genai.json``, which is
+everything the generation engine needs to run without torch.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelkiln._deps import require
-from modelkiln.errors import ModelNotFound, WeightsError
+from modelkiln.errors import BadInput, ModelNotFound, WeightsError
+from modelkiln.zoo.base import Part, Prepared, TensorSpec, ZooModel
 
 #: Qwen2-VL's special tokens, in the order the tiny tokenizer appends them after its BPE vocabulary.
 SPECIAL_TOKENS = (
@@ -142,3 +146,192 @@ def load_pretrained(source: str) -> tuple[Any, Any]:
     except OSError as exc:
         raise WeightsError(f"qwen2-vl: cannot load {source!r}: {exc}") from exc
     return model, processor
+
+
+#: Image-size buckets (height, width in pixels, multiples of 28 = patch x merge): one vision graph
+#: each, since the encoder's rotary tables and layout depend on the patch grid. An image is resized
+#: to the bucket nearest its aspect ratio. The tiny ones fit the tiny processor's pixel limit.
+TINY_BUCKETS = ((112, 112), (84, 140), (140, 84))
+REAL_BUCKETS = ((448, 448), (336, 588), (588, 336))
+
+
+def decoder_step_module(model: Any) -> Any:
+    """The decoder as one step: (inputs_embeds, position_ids [3, B, S], attention_mask, *past) ->
+    (last-position logits, *present), the cache passed as plain tensors."""
+    torch = require("torch", "the Qwen2-VL decoder step")
+    transformers = require("transformers", "the Qwen2-VL decoder step")
+    lm, head = model.model.language_model, model.lm_head
+    layers = lm.config.num_hidden_layers
+
+    class DecoderStep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm, self.head = lm, head
+
+        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+            cache = transformers.DynamicCache(
+                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=lm.config
+            )
+            out = self.lm(
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                use_cache=True,
+            )
+            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (self.head(out.last_hidden_state[:, -1:]), *present)
+
+    return DecoderStep().eval()
+
+
+def vision_module(model: Any, grid_thw: tuple[int, int, int]) -> Any:
+    """The vision encoder + merger for one patch grid: pixel_values [t*h*w, C*T*P*P] ->
+    image_embeds [t*h*w / merge^2, hidden]."""
+    torch = require("torch", "the Qwen2-VL vision encoder")
+    visual = model.model.visual
+    grid = torch.tensor([list(grid_thw)], dtype=torch.int64)
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixel_values):
+            return self.visual(pixel_values, grid_thw=grid).pooler_output
+
+    return Vision().eval()
+
+
+class QwenVLFamily(ZooModel):
+    """``qwen2-vl`` (weights: a local folder or hub id) or ``qwen2-vl-tiny`` (random, built here)."""
+
+    task = "generation"
+
+    def __init__(self, tiny: bool) -> None:
+        self.tiny = tiny
+        self.name = "qwen2-vl-tiny" if tiny else "qwen2-vl"
+        self.buckets = TINY_BUCKETS if tiny else REAL_BUCKETS
+        self._model: Any = None
+        self._processor: Any = None
+
+    def _require_built(self) -> Any:
+        if self._model is None:
+            raise RuntimeError(f"{self.name}: build() first (the part shapes come from the model config)")
+        return self._model
+
+    @property
+    def _text(self) -> Any:
+        return self._require_built().model.language_model.config
+
+    @property
+    def _vision(self) -> Any:
+        return self._require_built().config.vision_config
+
+    def grid(self, bucket: tuple[int, int]) -> tuple[int, int, int]:
+        patch = self._vision.patch_size
+        return (1, bucket[0] // patch, bucket[1] // patch)
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        t = self._text
+        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        kv = ("batch", t.num_key_value_heads, "past", head_dim)
+        present = ("batch", t.num_key_value_heads, "total", head_dim)
+        names = [f"{kind}_{i}" for i in range(t.num_hidden_layers) for kind in ("key", "value")]
+        embed = Part(
+            "embed",
+            (TensorSpec("input_ids", "int64", ("batch", "seq")),),
+            (TensorSpec("inputs_embeds", "float32", ("batch", "seq", t.hidden_size)),),
+        )
+        decoder = Part(
+            "decoder",
+            (
+                TensorSpec("inputs_embeds", "float32", ("batch", "seq", t.hidden_size)),
+                TensorSpec("position_ids", "int64", (3, "batch", "seq")),
+                TensorSpec("attention_mask", "int64", ("batch", "total")),
+                *(TensorSpec(f"past_{n}", "float32", kv) for n in names),
+            ),
+            (
+                TensorSpec("logits", "float32", ("batch", 1, t.vocab_size)),
+                *(TensorSpec(f"present_{n}", "float32", present) for n in names),
+            ),
+        )
+        return (embed, decoder, *(self._vision_part(b) for b in self.buckets))
+
+    def _vision_part(self, bucket: tuple[int, int]) -> Part:
+        v = self._vision
+        patches = int(np.prod(self.grid(bucket)))
+        width = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        return Part(
+            f"vision_{bucket[0]}x{bucket[1]}",
+            (TensorSpec("pixel_values", "float32", (patches, width)),),
+            (
+                TensorSpec(
+                    "image_embeds", "float32", (patches // v.spatial_merge_size**2, self._text.hidden_size)
+                ),
+            ),
+        )
+
+    def build(self, weights: str | None) -> dict[str, Any]:
+        if self.tiny:
+            if weights not in (None, "random"):
+                raise WeightsError(
+                    "qwen2-vl-tiny is random by definition; use qwen2-vl --weights DIR for real weights"
+                )
+            self._model, self._processor = build_tiny()
+        else:
+            if weights in (None, "random"):
+                raise WeightsError("qwen2-vl needs --weights: a local Qwen2-VL folder or hub id")
+            self._model, self._processor = load_pretrained(weights)
+        model = self._model
+        modules = {"embed": model.model.language_model.embed_tokens, "decoder": decoder_step_module(model)}
+        for b in self.buckets:
+            modules[f"vision_{b[0]}x{b[1]}"] = vision_module(model, self.grid(b))
+        return modules
+
+    def example_inputs(self, part: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+        """Decoder examples vary (seq, past) by seed: the trace example (seed 0) is a chunk on a
+        cache, the parity batches (seeds 1 and 3) a decode step and a prefill from an empty cache,
+        so one check covers all three uses; ids stay inside the vocabulary."""
+        rng = np.random.default_rng(seed)
+        if part == "embed":
+            return {"input_ids": rng.integers(0, self._text.vocab_size, (batch, 7)).astype(np.int64)}
+        if part != "decoder":
+            return super().example_inputs(part, batch, seed)
+        seq, past = ((5, 3), (1, 6), (4, 2), (9, 0))[seed % 4]
+        feed: dict[str, np.ndarray] = {}
+        for spec in self.part("decoder").inputs:
+            sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+            shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+            feed[spec.name] = rng.standard_normal(shape).astype(np.float32)
+        feed["position_ids"] = np.broadcast_to(np.arange(past, past + seq), (3, batch, seq)).astype(np.int64)
+        feed["attention_mask"] = np.ones((batch, past + seq), np.int64)
+        return feed
+
+    def preprocess(self, images: list[np.ndarray]) -> Prepared:
+        raise BadInput(
+            f"{self.name} is a generative model: use `kiln chat` (or the server's /v1/chat/completions)"
+        )
+
+    def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Any]:
+        raise BadInput(
+            f"{self.name} is a generative model: use `kiln chat` (or the server's /v1/chat/completions)"
+        )
+
+    def write_assets(self, folder: Path) -> None:
+        """The processor (tokenizer, chat template, image processor) and genai.json beside the parts."""
+        self._processor.save_pretrained(folder)
+        t, v, tok = self._text, self._vision, self._processor.tokenizer
+        spec = {
+            "model": self.name,
+            "context": int(t.max_position_embeddings),
+            "merge": int(v.spatial_merge_size),
+            "buckets": [list(b) for b in self.buckets],
+            "image_token": int(self._model.config.image_token_id),
+            "stop": sorted({tok.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>")}),
+            "embed": "embed.onnx",
+            "decoder": "decoder.onnx",
+            "vision": {f"{b[0]}x{b[1]}": f"vision_{b[0]}x{b[1]}.onnx" for b in self.buckets},
+        }
+        (Path(folder) / "genai.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")

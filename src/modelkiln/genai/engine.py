@@ -1,0 +1,190 @@
+"""The generation engine over the exported decoder step: prefill the prompt (text, or text with
+image embeddings and M-RoPE positions), then one token per step with the KV cache fed back.
+
+One ONNX Runtime session serves every sequence; a sequence (``Generation``) owns a static KV cache
+and a logits buffer from the memory pool, bound with I/O binding, so a step allocates nothing.
+``Generation.step()`` is the unit a scheduler interleaves; ``Engine.generate_from_embeds`` runs
+one sequence to the end. Greedy or seeded temperature/top-p sampling, stop tokens, streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modelkiln.errors import BadInput
+from modelkiln.genai.kv_cache import KVCache
+from modelkiln.runtime.memory_pool import MemoryPool
+from modelkiln.runtime.session import ort_session
+
+Embed = Callable[[np.ndarray], np.ndarray]  # token ids [n] -> embeddings [n, hidden]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; otherwise nucleus (top-p) sampling with a seeded generator."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise BadInput(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadInput(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when ``temperature`` is 0; else sample from the smallest set of tokens whose
+    probability reaches ``top_p`` (nucleus sampling)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+    q = p[keep] / p[keep].sum()
+    return int(keep[rng.choice(len(keep), p=q)])
+
+
+class Engine:
+    """The decoder step session, the token embedding and the pool sequences take caches from."""
+
+    def __init__(
+        self, step: str | Path, embed: Embed, pool: MemoryPool | None = None, threads: int | None = None
+    ) -> None:
+        self.session = ort_session(step, threads=threads)
+        self.embed = embed
+        self.pool = pool or MemoryPool()
+        inputs = self.session.get_inputs()
+        self.past_names = [i.name for i in inputs[3:]]
+        self.present_names = [n.replace("past", "present", 1) for n in self.past_names]
+        self.kv_heads, self.head_dim = inputs[3].shape[1], inputs[3].shape[3]
+        self.vocab = int(self.session.get_outputs()[0].shape[-1])
+
+    def start(
+        self,
+        embeds: np.ndarray,
+        positions: np.ndarray,
+        delta: int,
+        max_new_tokens: int,
+        stop: set[int] | None = None,
+        sampling: Sampling | None = None,
+    ) -> Generation:
+        """A sequence ready to run: prompt embeddings [seq, hidden], M-RoPE positions [3, seq]."""
+        return Generation(
+            self, embeds, positions, delta, max_new_tokens, stop or set(), sampling or Sampling()
+        )
+
+    def generate(
+        self, input_ids: list[int], max_new_tokens: int, stop: set[int] | None = None, **kw
+    ) -> list[int]:
+        """Continuation of a text prompt (text M-RoPE: the same index on all 3 axes)."""
+        positions = np.broadcast_to(np.arange(len(input_ids), dtype=np.int64), (3, len(input_ids)))
+        embeds = self.embed(np.asarray(input_ids, np.int64))
+        return self.generate_from_embeds(embeds, positions, 0, max_new_tokens, stop, **kw)
+
+    def generate_from_embeds(
+        self,
+        embeds: np.ndarray,
+        positions: np.ndarray,
+        delta: int,
+        max_new_tokens: int,
+        stop: set[int] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
+        """Run one sequence to the end; ``on_token`` streams each token as it is chosen; a stop
+        token ends generation and is returned last."""
+        gen = self.start(embeds, positions, delta, max_new_tokens, stop, Sampling(temperature, top_p, seed))
+        try:
+            while not gen.done:
+                token = gen.step()
+                if on_token is not None:
+                    on_token(token)
+        finally:
+            gen.close()
+        return gen.tokens
+
+
+class Generation:
+    """One sequence in flight: its cache, its sampler, the tokens so far. Not thread-safe; a
+    scheduler runs one ``step()`` of it at a time."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        embeds: np.ndarray,
+        positions: np.ndarray,
+        delta: int,
+        max_new_tokens: int,
+        stop: set[int],
+        sampling: Sampling,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise BadInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.engine, self.delta, self.stop, self.sampling = engine, delta, stop, sampling
+        self.max_new_tokens = max_new_tokens
+        self.rng = np.random.default_rng(sampling.seed)
+        self.tokens: list[int] = []
+        self.done = False
+        capacity = embeds.shape[0] + max_new_tokens
+        self.cache = KVCache(engine.pool, engine.past_names, engine.kv_heads, engine.head_dim, capacity)
+        self.logits = engine.pool.acquire((1, 1, engine.vocab))
+        self.mask = np.ones((1, capacity), np.int64)
+        self._embeds = np.ascontiguousarray(embeds[None], np.float32)
+        self._positions = np.ascontiguousarray(positions[:, None, :], np.int64)
+
+    def step(self, force: int | None = None) -> int:
+        """Prefill (first call) or decode one token; returns the token chosen, or ``force``
+        (teacher forcing: the logits of this step stay readable in ``self.logits``)."""
+        if self.done:
+            raise RuntimeError("generation already finished")
+        new = self._embeds.shape[1]
+        self._run(new)
+        if force is None:
+            token = pick(self.logits[0, -1], self.sampling.temperature, self.sampling.top_p, self.rng)
+        else:
+            token = int(force)
+        self.tokens.append(token)
+        if token in self.stop or len(self.tokens) >= self.max_new_tokens:
+            self.done = True
+        else:
+            self._embeds = np.ascontiguousarray(
+                self.engine.embed(np.asarray([token], np.int64))[None], np.float32
+            )
+            self._positions = np.full((3, 1, 1), self.cache.length + self.delta, np.int64)
+        return token
+
+    def _run(self, new: int) -> None:
+        engine, cache = self.engine, self.cache
+        binding = engine.session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", self._embeds)
+        binding.bind_cpu_input("position_ids", self._positions)
+        binding.bind_cpu_input("attention_mask", self.mask[:, : cache.length + new])
+        for name, past in cache.past().items():
+            _bind(binding.bind_input, name, past)
+        for name, present in zip(engine.present_names, cache.present(new), strict=True):
+            _bind(binding.bind_output, name, present)
+        _bind(binding.bind_output, "logits", self.logits)
+        engine.session.run_with_iobinding(binding)
+        cache.advance(new)
+
+    def close(self) -> None:
+        """Give the cache and logits buffers back to the pool (idempotent)."""
+        if self.cache is not None:
+            self.cache.release()
+            self.logits.release()
+            self.cache = None  # type: ignore[assignment]
+            self.done = True
+
+
+def _bind(bind, name: str, array: np.ndarray) -> None:
+    bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
