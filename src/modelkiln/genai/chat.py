@@ -169,6 +169,9 @@ class ChatModel:
                     on_text(piece)
         finally:
             gen.close()
+        rest = stream.flush()
+        if rest and on_text is not None:
+            on_text(rest)
         return stream.text
 
 
@@ -188,6 +191,12 @@ class TextStream:
         now = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if now.endswith("\ufffd"):
             return ""
+        piece, self.text = now[len(self.text) :], now
+        return piece
+
+    def flush(self) -> str:
+        """At the end: whatever was held back (an incomplete character decodes as U+FFFD)."""
+        now = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         piece, self.text = now[len(self.text) :], now
         return piece
 

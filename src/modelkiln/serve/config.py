@@ -13,6 +13,12 @@ on load, so a typo is an error naming the file and the key, never a silently ign
     warmup: true                  # one random inference per instance before ready
     inputs: [{name: images, dtype: float32, dims: [3, 640, 640]}]   # optional: read from the model
     pipeline: {kind: detect_classify, steps: {detector: yolo, classifier: lite0}}   # instead of a file
+
+A generative model (``backend: genai``) has a folder from ``kiln export qwen2-vl…`` as its version
+(``<version>/genai.json`` beside the graphs) and is served at ``/v1/chat/completions``:
+
+    backend: genai
+    genai: {max_sequences: 4, max_new_tokens: 512, decoder: decoder.int8.onnx}
 """
 
 from __future__ import annotations
@@ -77,6 +83,20 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class GenAIConfig:
+    """A generative model: how many sequences decode at once (each holds a KV cache), the most
+    new tokens a request may ask for, and which decoder file of the folder to run."""
+
+    max_sequences: int = 4
+    max_new_tokens: int = 512
+    decoder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_sequences < 1 or self.max_new_tokens < 1:
+            raise ConfigError("genai: max_sequences and max_new_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     backend: str = "onnxruntime"
@@ -90,12 +110,17 @@ class ModelConfig:
     inputs: tuple[TensorConfig, ...] = ()
     outputs: tuple[TensorConfig, ...] = ()
     pipeline: PipelineConfig | None = None
+    genai: GenAIConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in ("onnxruntime", "pipeline"):
+        if self.backend not in ("onnxruntime", "pipeline", "genai"):
             raise ConfigError(
-                f"model '{self.name}': backend must be onnxruntime or pipeline, got {self.backend!r}"
+                f"model '{self.name}': backend must be onnxruntime, pipeline or genai, got {self.backend!r}"
             )
+        if self.backend == "genai" and self.genai is None:
+            object.__setattr__(self, "genai", GenAIConfig())  # frozen: defaults filled in once here
+        if self.genai is not None and self.backend != "genai":
+            raise ConfigError(f"model '{self.name}': a genai section needs backend: genai")
         if self.max_batch_size < 0:
             raise ConfigError(f"model '{self.name}': max_batch_size must be >= 0, got {self.max_batch_size}")
         if self.instance_count < 1 or self.threads_per_instance < 1:
@@ -153,6 +178,8 @@ def parse_config(data: dict[str, Any] | None, name: str, where: str = "config") 
                 **_build(PipelineConfig, data["pipeline"], f"{where}: pipeline")
             )
             data.setdefault("backend", "pipeline")
+        if data.get("genai") is not None:
+            data["genai"] = GenAIConfig(**_build(GenAIConfig, data["genai"], f"{where}: genai"))
         return ModelConfig(**data)
     except TypeError as exc:  # a missing required field, e.g. a tensor without dtype
         raise ConfigError(f"{where}: {exc}") from exc
@@ -177,8 +204,9 @@ def dump_config(config: ModelConfig) -> str:
     """YAML for ``config`` (what ``kiln repo add`` writes)."""
     data = dataclasses.asdict(config)
     data.pop("name")
-    if config.pipeline is None:
-        data.pop("pipeline")
+    for key in ("pipeline", "genai"):
+        if getattr(config, key) is None:
+            data.pop(key)
     for key in ("inputs", "outputs"):
         data[key] = [{**t, "dims": list(t["dims"])} for t in data[key]]
         if not data[key]:

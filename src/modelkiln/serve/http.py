@@ -1,4 +1,5 @@
-"""KServe v2 over HTTP (Starlette + uvicorn), as Triton's ``tritonclient.http`` speaks it.
+"""KServe v2 over HTTP (Starlette + uvicorn), as Triton's ``tritonclient.http`` speaks it, and
+OpenAI-compatible chat completions for generative models (serve/openai.py).
 
 Every error is JSON ``{"error": message}`` with a status that says whose fault it was: 400 bad
 request, 404 unknown model, 413 body too large, 503 queue full or model unavailable, 504 request
@@ -31,6 +32,7 @@ from modelkiln.errors import (
     PoolClosed,
     QueueFull,
 )
+from modelkiln.serve import openai
 from modelkiln.serve.metrics import ServerMetrics
 from modelkiln.serve.protocol import encode_response, parse_request
 from modelkiln.serve.server import ModelServer
@@ -183,6 +185,7 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
         Route("/v2/repository/models/{model}/load", repository_action(server.load), methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_action(server.unload), methods=["POST"]),
         Route("/metrics", prometheus),
+        *openai.routes(server, body, status_of, metrics),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.metrics = metrics

@@ -13,13 +13,14 @@ from modelkiln.serve.config import ModelConfig, load_config
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
+GENAI_FILE = "genai.json"  # a generative model's version is a folder from kiln export
 
 
 @dataclass(frozen=True)
 class RepoEntry:
     name: str
     config: ModelConfig
-    versions: dict[int, Path]  # version -> model file (empty for pipelines)
+    versions: dict[int, Path]  # version -> model file, or folder for genai (empty for pipelines)
 
     @property
     def latest(self) -> int:
@@ -54,13 +55,17 @@ class Repository:
             )
         versions = _versions(folder)
         if not versions and config.pipeline is None:
-            raise ModelNotFound(f"model '{name}': no <version>/{MODEL_FILE} under {folder}")
+            raise ModelNotFound(f"model '{name}': no <version>/{MODEL_FILE} (or {GENAI_FILE}) under {folder}")
         return RepoEntry(name, config, versions)
 
 
 def _versions(folder: Path) -> dict[int, Path]:
     found = {}
     for sub in folder.iterdir():
-        if sub.is_dir() and sub.name.isdigit() and int(sub.name) > 0 and (sub / MODEL_FILE).is_file():
+        if not (sub.is_dir() and sub.name.isdigit() and int(sub.name) > 0):
+            continue
+        if (sub / MODEL_FILE).is_file():
             found[int(sub.name)] = sub / MODEL_FILE
+        elif (sub / GENAI_FILE).is_file():
+            found[int(sub.name)] = sub
     return found

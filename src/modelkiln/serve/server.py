@@ -62,6 +62,22 @@ class ModelServer:
                 pipe = build_pipeline(entry.config, self)
                 loaded[entry.latest] = Loaded(pipe, pipe)
                 log.info("loaded pipeline %s (%s: %s)", name, pipe.kind, entry.config.pipeline.steps)
+            elif entry.config.backend == "genai":
+                from modelkiln.serve.generation import GenerationQueue, GenerativeModel
+
+                for version, folder in sorted(entry.versions.items()):
+                    t = time.perf_counter()
+                    gen_model = GenerativeModel.load(entry.config, version, folder, self.scheduler)
+                    loaded[version] = Loaded(gen_model, GenerationQueue(gen_model, self.scheduler))
+                    log.info(
+                        "loaded %s v%d (%s; genai, %d sequence(s) x %d thread(s)) in %.2fs",
+                        name,
+                        version,
+                        folder,
+                        entry.config.genai.max_sequences,
+                        entry.config.threads_per_instance,
+                        time.perf_counter() - t,
+                    )
             else:
                 from modelkiln.serve.model import ServedModel
 
@@ -148,6 +164,22 @@ class ModelServer:
             return [item for versions in self._models.values() for item in versions.values()]
 
     # --- inference -------------------------------------------------------------------------------
+    def chat(self, name: str, job: Any) -> Future:
+        """Queue a chat (a ``serve.generation.ChatJob``) on a generative model."""
+        item = self.get(name)
+        if item.model.config.backend != "genai":
+            raise BadInput(f"model '{name}' is not a generative model; use the KServe infer endpoint")
+        return item.queue.submit(job)
+
+    def generative(self) -> list[str]:
+        """Names of the loaded generative models."""
+        with self._lock:
+            return sorted(
+                n
+                for n, v in self._models.items()
+                if v and next(iter(v.values())).model.config.backend == "genai"
+            )
+
     def infer(
         self,
         name: str,

@@ -1,0 +1,234 @@
+"""Serving a generative model: a loaded chat model and the queue that runs its sequences.
+
+Each accepted request becomes a sequence. Its prompt preparation (template, images, vision
+encoder) and then every decode step run as separate tasks on the server's one thread pool, at the
+model's priority and under the core budget, so several chats interleave token by token with each
+other and with the one-shot models. At most ``max_sequences`` sequences hold a KV cache at once;
+further requests wait in a bounded queue (full: QueueFull, 503). Each piece of text is handed to
+the request's ``emit`` as it is decoded; the future ends with a ChatResult or the request's own
+error; a failing sequence never touches the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modelkiln.errors import BadInput, ModelUnavailable, QueueFull
+from modelkiln.genai.engine import Generation, Sampling
+
+if TYPE_CHECKING:
+    from modelkiln.genai.chat import ChatModel
+    from modelkiln.serve.config import ModelConfig
+    from modelkiln.serve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatJob:
+    messages: list[dict[str, Any]]
+    images: list[np.ndarray]
+    max_new_tokens: int | None  # None: up to the model's limit and the context left
+    sampling: Sampling = field(default_factory=Sampling)
+    emit: Callable[[str], None] | None = None  # called from pool threads with each new text piece
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end token), "length" (max tokens) or "cancelled"
+    queue_s: float
+    first_token_s: float  # from acceptance to the first token
+    total_s: float
+
+
+class GenerativeModel:
+    """One loaded version of a genai model (an exported folder run by ChatModel)."""
+
+    def __init__(self, config: ModelConfig, version: int, folder: Path, chat: ChatModel) -> None:
+        self.config, self.version, self.folder, self.chat = config, version, folder, chat
+        self.name = config.name
+
+    @classmethod
+    def load(cls, config: ModelConfig, version: int, folder: Path, scheduler: Scheduler) -> GenerativeModel:
+        from modelkiln.genai.chat import ChatModel
+
+        chat = ChatModel(folder, config.genai.decoder, config.threads_per_instance, scheduler.memory)
+        model = cls(config, version, folder, chat)
+        if config.warmup:
+            gen = chat.start(chat.prompt([{"role": "user", "content": "Hello"}]), 2)
+            while not gen.done:
+                gen.step()
+            gen.close()
+        return model
+
+    def validate(self, feed: dict[str, np.ndarray]) -> int:
+        raise BadInput(
+            f"model '{self.name}' is a generative model: POST /v1/chat/completions instead of KServe infer"
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": [str(self.version)],
+            "platform": "modelkiln_genai",
+            "inputs": [],
+            "outputs": [],
+        }
+
+
+class GenerationQueue:
+    """The ModelQueue of a generative model (submit / depth / close)."""
+
+    def __init__(self, model: GenerativeModel, scheduler: Scheduler) -> None:
+        self.model, self.scheduler = model, scheduler
+        self.name = model.name
+        self.max_sequences = model.config.genai.max_sequences
+        self.capacity = model.config.queue.max_queue_size
+        self._waiting: collections.deque[ChatJob] = collections.deque()
+        self._active = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def submit(self, job: ChatJob) -> Future:
+        limit = self.model.config.genai.max_new_tokens
+        if job.max_new_tokens is not None and job.max_new_tokens > limit:
+            raise BadInput(
+                f"model '{self.name}': max_tokens {job.max_new_tokens} exceeds this server's limit of {limit}"
+            )
+        with self._cond:
+            if self._closed:
+                raise ModelUnavailable(f"model '{self.name}' is unloading")
+            if self._active < self.max_sequences:
+                self._active += 1
+            elif len(self._waiting) >= self.capacity:
+                raise QueueFull(f"model '{self.name}': queue full ({self.capacity} chats waiting)")
+            else:
+                self._waiting.append(job)
+                return job.future
+        self._schedule(self._begin, job)
+        return job.future
+
+    def depth(self) -> int:
+        return len(self._waiting) + self._active
+
+    def close(self, drain: bool = True) -> None:
+        """Stop taking chats; running and queued ones finish (or fail when not draining)."""
+        with self._cond:
+            self._closed = True
+            if not drain:
+                while self._waiting:
+                    self._waiting.popleft().future.set_exception(
+                        ModelUnavailable(f"model '{self.name}' unloaded")
+                    )
+            self._cond.wait_for(lambda: self._active == 0 and not self._waiting)
+
+    # --- tasks on the shared pool ----------------------------------------------------------------
+    def _schedule(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self.scheduler.pool.submit(self._with_cores, fn, *args, priority=self.model.config.priority)
+        except Exception as exc:  # noqa: BLE001 - pool closed or full: answer, never drop
+            self._fail(args[0], exc)
+
+    def _with_cores(self, fn: Callable[..., None], *args: Any) -> None:
+        cores = self.scheduler.budget.take(self.model.config.threads_per_instance)
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - this request's error, nobody else's
+            self._fail(args[0], exc)
+        finally:
+            self.scheduler.budget.give(cores)
+
+    def _begin(self, job: ChatJob) -> None:
+        from modelkiln.genai.chat import TextStream
+
+        chat = self.model.chat
+        started = time.monotonic()
+        prompt = chat.prompt(job.messages, job.images)
+        wanted = job.max_new_tokens
+        if wanted is None:
+            wanted = max(1, min(self.model.config.genai.max_new_tokens, chat.context - prompt.tokens))
+        gen = chat.start(prompt, wanted, job.sampling)
+        state = _Sequence(job, gen, TextStream(chat.tokenizer, chat.stop), prompt.tokens, started)
+        self._schedule(self._step, state)
+
+    def _step(self, state: _Sequence) -> None:
+        job, gen = state.job, state.gen
+        if job.cancelled.is_set():
+            return self._finish(state, "cancelled")
+        try:
+            token = gen.step()
+        except BaseException:
+            gen.close()
+            raise
+        if state.first_token is None:
+            state.first_token = time.monotonic()
+        piece = state.stream.push(token)
+        if piece and job.emit is not None:
+            job.emit(piece)
+        if gen.done:
+            return self._finish(state, "stop" if token in gen.stop else "length")
+        self._schedule(self._step, state)
+
+    def _finish(self, state: _Sequence, reason: str) -> None:
+        state.gen.close()
+        job, now = state.job, time.monotonic()
+        rest = state.stream.flush()
+        if rest and job.emit is not None:
+            job.emit(rest)
+        tokens = len(state.gen.tokens) - (reason == "stop")
+        result = ChatResult(
+            state.stream.text,
+            state.prompt_tokens,
+            tokens,
+            reason,
+            state.started - job.enqueued,
+            (state.first_token or now) - job.enqueued,
+            now - job.enqueued,
+        )
+        if not job.future.done():
+            job.future.set_result(result)
+        self._next()
+
+    def _fail(self, job_or_state: ChatJob | _Sequence, exc: BaseException) -> None:
+        job = job_or_state.job if isinstance(job_or_state, _Sequence) else job_or_state
+        if isinstance(job_or_state, _Sequence):
+            job_or_state.gen.close()
+        if not job.future.done():
+            job.future.set_exception(exc)
+        self._next()
+
+    def _next(self) -> None:
+        """A sequence ended: start the next waiting chat in its slot, or free the slot."""
+        with self._cond:
+            job = self._waiting.popleft() if self._waiting else None
+            if job is None:
+                self._active -= 1
+                self._cond.notify_all()
+        if job is not None:
+            self._schedule(self._begin, job)
+
+
+@dataclass
+class _Sequence:
+    job: ChatJob
+    gen: Generation
+    stream: Any  # TextStream
+    prompt_tokens: int
+    started: float
+    first_token: float | None = None

@@ -1,0 +1,186 @@
+"""OpenAI-compatible chat completions in kiln serve, on the exported tiny Qwen2-VL: answers equal
+the engine run directly, streaming equals non-streaming, two chats at once both finish correctly
+beside KServe traffic, and each bad request gets its status and a message while the server goes on."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Running, add_model, affine_model
+from modelkiln.serve.config import GenAIConfig, ModelConfig, dump_config
+
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Path]]:
+    from modelkiln.export import export
+
+    root = tmp_path_factory.mktemp("chat-repo")
+    folder = root / "qwen" / "1"
+    export("qwen2-vl-tiny", folder)
+    config = ModelConfig("qwen", backend="genai", genai=GenAIConfig(max_sequences=2, max_new_tokens=64))
+    (root / "qwen" / "config.yaml").write_text(dump_config(config))
+    add_model(
+        root,
+        "affine",
+        affine_model(tmp_path_factory.mktemp("m") / "a.onnx"),
+        ModelConfig("affine", max_batch_size=8),
+    )
+    running = Running(root, max_body=1 << 20)
+    yield running, folder
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def local(chat_server):
+    from modelkiln.genai.chat import ChatModel
+
+    return ChatModel(chat_server[1])
+
+
+def post(running: Running, path: str, body: dict | bytes) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"http://{running.url}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def stream(running: Running, body: dict) -> list[dict | str]:
+    req = urllib.request.Request(
+        f"http://{running.url}/v1/chat/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    events: list[dict | str] = []
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        for line in resp:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                payload = line[6:]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def png_url(seed: int = 0, h: int = 90, w: int = 120) -> tuple[str, np.ndarray]:
+    import cv2
+
+    rgb = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    ok, data = cv2.imencode(".png", rgb[:, :, ::-1])
+    assert ok
+    return "data:image/png;base64," + base64.b64encode(data.tobytes()).decode(), rgb
+
+
+def ask(text: str, image: str | None = None, **kw) -> dict:
+    content: list[dict] = [{"type": "text", "text": text}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+    return {"model": "qwen", "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
+
+
+def local_answer(local, text: str, rgb: np.ndarray | None, n: int) -> str:
+    content = [{"type": "image"}] if rgb is not None else []
+    gen = local.start(
+        local.prompt(
+            [{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
+            [rgb] if rgb is not None else [],
+        ),
+        n,
+    )
+    while not gen.done:
+        gen.step()
+    gen.close()
+    return local.tokenizer.decode([t for t in gen.tokens if t not in local.stop], skip_special_tokens=True)
+
+
+def test_text_and_image_chats_answer_what_the_engine_answers(chat_server, local) -> None:
+    running, _ = chat_server
+    status, body = post(running, "/v1/chat/completions", ask("Tell me about the harbour.", max_tokens=10))
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == local_answer(local, "Tell me about the harbour.", None, 10)
+    assert body["usage"]["completion_tokens"] <= 10 and body["usage"]["prompt_tokens"] > 10
+    url, rgb = png_url()
+    status, body = post(running, "/v1/chat/completions", ask("Describe the picture.", url, max_tokens=10))
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == local_answer(local, "Describe the picture.", rgb, 10)
+
+
+def test_streaming_yields_the_same_text_as_one_answer(chat_server) -> None:
+    running, _ = chat_server
+    url, _ = png_url(1)
+    request = ask("Describe the picture.", url, max_tokens=12, temperature=0.7, seed=5)
+    _, whole = post(running, "/v1/chat/completions", request)
+    events = stream(running, request)
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_two_chats_at_once_finish_correctly_beside_kserve_traffic(chat_server, local) -> None:
+    running, _ = chat_server
+    prompts = ["Tell me about the harbour.", "What is the old town like?"]
+    expected = [local_answer(local, p, None, 24) for p in prompts]
+    with ThreadPoolExecutor(3) as ex:
+        chats = [ex.submit(post, running, "/v1/chat/completions", ask(p, max_tokens=24)) for p in prompts]
+        kserve = ex.submit(
+            post,
+            running,
+            "/v2/models/affine/infer",
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]},
+        )
+        answers = [c.result() for c in chats]
+    assert [a[1]["choices"][0]["message"]["content"] for a in answers] == expected
+    assert kserve.result()[0] == 200 and kserve.result()[1]["outputs"][0]["data"] == [3, 5, 7, 9]
+    with urllib.request.urlopen(f"http://{running.url}/metrics") as resp:
+        text = resp.read().decode()
+    assert 'kiln_generated_tokens_total{model="qwen"}' in text
+
+
+def test_bad_chats_get_clear_errors_and_the_server_goes_on(chat_server) -> None:
+    running, _ = chat_server
+    gif = "data:image/gif;base64," + base64.b64encode(b"GIF89a").decode()
+    corrupt = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
+    cases = [
+        ({**ask("hi"), "model": "nope"}, 404, "unknown model 'nope'"),
+        ({"model": "qwen", "messages": []}, 400, "'messages' must be a non-empty list"),
+        (ask("   "), 400, "prompt is empty"),
+        (ask("What is it?", "https://example.com/x.png"), 400, "must be a data: URL"),
+        (ask("What is it?", gif), 400, "unsupported image type 'image/gif'"),
+        (ask("What is it?", corrupt), 400, "cannot decode image messages[0].content[0]"),
+        (ask("hi", max_tokens=65), 400, "exceeds this server's limit of 64"),
+        (ask("Hello " * 2100, max_tokens=8), 400, "exceeds the context of 2048"),
+        (ask("hi", max_tokens=0), 400, "max_tokens must be a positive integer"),
+        ({**ask("hi"), "tools": [{"type": "function"}]}, 400, "'tools' is not supported"),
+        ({**ask("hi"), "model": "affine"}, 400, "not a generative model"),
+    ]
+    for request, code, message in cases:
+        status, body = post(running, "/v1/chat/completions", request)
+        assert status == code and message in body["error"]["message"], (request.get("model"), body)
+    status, body = post(running, "/v1/chat/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    kserve = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    status, body = post(running, "/v2/models/qwen/infer", kserve)
+    assert status == 400 and "/v1/chat/completions" in body["error"]
+    status, body = post(running, "/v1/chat/completions", ask("Tell me about the harbour.", max_tokens=4))
+    assert status == 200 and body["choices"][0]["message"]["content"]
+    with urllib.request.urlopen(f"http://{running.url}/v1/models") as resp:
+        assert [m["id"] for m in json.loads(resp.read())["data"]] == ["qwen"]
