@@ -18,6 +18,7 @@ heads, intermediate 2048), random weights, the tiny tokenizer (vocab ~610).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -112,11 +113,11 @@ def bench_size(name: str, rounds: int, new: int, threads: int) -> list[dict]:
     variants = {
         "torch_fp32": lambda: torch_run(model, ids, new),
         "torch_dynamic_int8": lambda: torch_run(torch_int8, ids, new),
-        "ours_fp32": (lambda e: lambda: ours_run(e, ids, new))(
-            Engine(tmp / "decoder.onnx", embed, threads=threads)
+        "ours_fp32": functools.partial(
+            ours_run, Engine(tmp / "decoder.onnx", embed, threads=threads), ids, new
         ),
-        "ours_w8": (lambda e: lambda: ours_run(e, ids, new))(
-            Engine(tmp / "decoder.w8.onnx", embed, threads=threads)
+        "ours_w8": functools.partial(
+            ours_run, Engine(tmp / "decoder.w8.onnx", embed, threads=threads), ids, new
         ),
     }
     results: dict[str, list[tuple[float, float, list[int]]]] = {k: [] for k in variants}
