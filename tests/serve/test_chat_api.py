@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import Running, add_model, affine_model
-from modelkiln.serve.config import GenAIConfig, ModelConfig, dump_config
+from modelkiln.serve.config import GenAIConfig, ModelConfig, load_config
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
@@ -27,10 +29,13 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runn
     from modelkiln.export import export
 
     root = tmp_path_factory.mktemp("chat-repo")
+    exported = tmp_path_factory.mktemp("exported")
+    export("qwen2-vl-tiny", exported)
+    add = [sys.executable, "-m", "modelkiln", "repo", "add", str(root), str(exported), "--name", "qwen"]
+    res = subprocess.run([*add, "--max-sequences", "2", "--max-new-tokens", "64"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
     folder = root / "qwen" / "1"
-    export("qwen2-vl-tiny", folder)
-    config = ModelConfig("qwen", backend="genai", genai=GenAIConfig(max_sequences=2, max_new_tokens=64))
-    (root / "qwen" / "config.yaml").write_text(dump_config(config))
+    assert load_config(root / "qwen" / "config.yaml", "qwen").genai == GenAIConfig(2, 64, None)
     add_model(
         root,
         "affine",

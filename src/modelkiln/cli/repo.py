@@ -9,8 +9,8 @@ import typer
 
 from modelkiln.errors import BadInput
 from modelkiln.log import console
-from modelkiln.serve.config import DynamicBatching, ModelConfig, dump_config
-from modelkiln.serve.repository import MODEL_FILE
+from modelkiln.serve.config import DynamicBatching, GenAIConfig, ModelConfig, dump_config
+from modelkiln.serve.repository import GENAI_FILE, MODEL_FILE
 
 app = typer.Typer(help="Build model repositories.", no_args_is_help=True)
 
@@ -18,7 +18,9 @@ app = typer.Typer(help="Build model repositories.", no_args_is_help=True)
 @app.command("add")
 def add(
     repository: Path = typer.Argument(..., help="Repository folder (created if missing)."),
-    model: Path = typer.Argument(..., help="ONNX model file."),
+    model: Path = typer.Argument(
+        ..., help="ONNX model file, or a folder from `kiln export qwen2-vl…` (served as a chat model)."
+    ),
     name: str = typer.Option(..., "--name", help="Model name in the repository."),
     version: int = typer.Option(None, "--version", help="Version number (default: next free)."),
     max_batch: int = typer.Option(0, "--max-batch", help="Largest batch (0: no batch axis)."),
@@ -27,10 +29,17 @@ def add(
     instances: int = typer.Option(1, "--instances", help="Sessions running this model at once."),
     threads: int = typer.Option(1, "--threads", help="Intra-op threads per session."),
     priority: int = typer.Option(1, "--priority", help="0 most urgent … 2."),
+    max_sequences: int = typer.Option(4, "--max-sequences", help="Chat models: sequences decoding at once."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Chat models: most tokens per answer."),
+    decoder: str = typer.Option(None, "--decoder", help="Chat models: decoder file in the folder to serve."),
 ) -> None:
-    """Copy MODEL into REPOSITORY/NAME/VERSION/model.onnx and write NAME/config.yaml."""
-    if not model.is_file():
-        raise BadInput(f"model file not found: {model}")
+    """Copy MODEL into REPOSITORY/NAME/VERSION/model.onnx (a chat folder: into NAME/VERSION/) and
+    write NAME/config.yaml."""
+    genai = model.is_dir() and (model / GENAI_FILE).is_file()
+    if not model.is_file() and not genai:
+        raise BadInput(f"model file (or exported chat folder with {GENAI_FILE}) not found: {model}")
+    if decoder is not None and not (genai and (model / decoder).is_file()):
+        raise BadInput(f"--decoder {decoder}: not a file in the chat folder {model}")
     if "/" in name or name.startswith(".") or not name:
         raise BadInput(f"--name must be a plain folder name, got {name!r}")
     batching = None
@@ -43,6 +52,8 @@ def add(
         instance_count=instances,
         threads_per_instance=threads,
         priority=priority,
+        backend="genai" if genai else "onnxruntime",
+        genai=GenAIConfig(max_sequences, max_new_tokens, decoder) if genai else None,
     )
     folder = repository / name
     existing = (
@@ -50,7 +61,11 @@ def add(
     )
     version = version or (max(existing) + 1 if existing else 1)
     target = folder / str(version) / MODEL_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model, target)
+    if genai:
+        target = folder / str(version)
+        shutil.copytree(model, target)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model, target)
     (folder / "config.yaml").write_text(dump_config(config))
     console.print(f"added {name} v{version}: {target}")

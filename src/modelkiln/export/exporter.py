@@ -69,7 +69,7 @@ def output_paths(entry: zoo.ZooModel, out: str | Path) -> dict[str, Path]:
 
 
 def export(
-    model: str,
+    model: str | zoo.ZooModel,
     out: str | Path,
     weights: str | None = None,
     opset: int = DEFAULT_OPSET,
@@ -77,8 +77,9 @@ def export(
     nms: bool = False,
     tolerance: Tolerance | None = None,
 ) -> ExportResult:
-    """Export zoo ``model`` to ``out`` and check it against torch; raises ParityError on mismatch."""
-    entry = zoo.get(model, image_size)
+    """Export zoo ``model`` (a name, or an entry configured in code) to ``out`` and check it against
+    torch; raises ParityError on mismatch."""
+    entry = model if isinstance(model, zoo.ZooModel) else zoo.get(model, image_size)
     if nms and entry.task != "detection":
         raise ExportError(f"--nms applies to detectors; {entry.name} is a {entry.task} model")
     torch = require("torch", "export")

@@ -242,8 +242,11 @@ class QwenVLFamily(ZooModel):
 
     task = "generation"
 
-    def __init__(self, tiny: bool) -> None:
-        self.tiny = tiny
+    def __init__(self, tiny: bool, **sizes: int) -> None:
+        """``sizes`` (tiny only): hidden, layers, heads, kv_heads of a bigger random config."""
+        if sizes and not tiny:
+            raise WeightsError("qwen2-vl takes its sizes from its weights; sizes apply to qwen2-vl-tiny")
+        self.tiny, self.sizes = tiny, sizes
         self.name = "qwen2-vl-tiny" if tiny else "qwen2-vl"
         self.buckets = TINY_BUCKETS if tiny else REAL_BUCKETS
         self._model: Any = None
@@ -313,7 +316,7 @@ class QwenVLFamily(ZooModel):
                 raise WeightsError(
                     "qwen2-vl-tiny is random by definition; use qwen2-vl --weights DIR for real weights"
                 )
-            self._model, self._processor = build_tiny()
+            self._model, self._processor = build_tiny(**self.sizes)
         else:
             if weights in (None, "random"):
                 raise WeightsError("qwen2-vl needs --weights: a local Qwen2-VL folder or hub id")
