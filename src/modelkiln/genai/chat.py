@@ -9,8 +9,10 @@ arrays in order.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,6 +84,7 @@ class ChatModel:
         from modelkiln.export import export
 
         out = Path(tempfile.mkdtemp(prefix="kiln-chat-"))
+        atexit.register(shutil.rmtree, out, True)  # sessions hold the graphs; the folder is scratch
         tiny = name.lower().replace("_", "-") == "qwen2-vl-tiny"
         log.info("exporting %s to %s", name, out)
         export("qwen2-vl-tiny" if tiny else "qwen2-vl", out, weights=None if tiny else name)
