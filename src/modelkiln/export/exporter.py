@@ -29,7 +29,8 @@ from modelkiln.runtime.session import ort_session, run
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-PARITY_BATCHES = (1, 3)  # batch 3 proves the batch axis is really dynamic
+PARITY_BATCHES = (1, 3)
+LARGE_BYTES = 1_800_000_000  # above this a model is checked and run from its file (protobuf's 2 GB)  # batch 3 proves the batch axis is really dynamic
 
 
 @dataclass
@@ -87,8 +88,11 @@ def export(
     paths = output_paths(entry, out)
     result = ExportResult(entry.name, paths)
     for part in entry.parts:
-        proto = _trace(torch, entry, part, modules[part.name], opset)
-        checks = _parity(torch, entry, part, modules[part.name], proto, tolerance or Tolerance())
+        with tempfile.TemporaryDirectory() as tmp:
+            traced = Path(tmp) / "model.onnx"
+            proto = _trace(torch, entry, part, modules[part.name], opset, traced)
+            source = traced if _large(proto) else proto.SerializeToString()
+            checks = _parity(torch, entry, part, modules[part.name], source, tolerance or Tolerance())
         result.parity.extend(checks)
         if not all(c.passed for c in checks):
             worst = max(checks, key=lambda c: c.max_abs)
@@ -107,33 +111,37 @@ def export(
     return result
 
 
-def _trace(torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, opset: int) -> onnx.ModelProto:
-    """torch.onnx (TorchScript tracer) export into memory, then onnx.checker."""
+def _large(proto: onnx.ModelProto) -> bool:
+    """Over protobuf's 2 GB limit once serialized (weights counted, as loaded into memory)."""
+    return sum(len(t.raw_data) for t in proto.graph.initializer) > LARGE_BYTES
+
+
+def _trace(
+    torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, opset: int, path: Path
+) -> onnx.ModelProto:
+    """torch.onnx (TorchScript tracer) export to ``path`` (weights beside it when over 2 GB), loaded
+    into memory, then onnx.checker (on the file for large models, which cannot be serialized)."""
     example = entry.example_inputs(part.name, batch=1)
     args = tuple(torch.from_numpy(example[s.name]) for s in part.inputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        try:
-            with torch.no_grad(), _exportable_attention(torch), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
-                torch.onnx.export(
-                    module,
-                    args,
-                    path,
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[s.name for s in part.inputs],
-                    output_names=[s.name for s in part.outputs],
-                    dynamic_axes=part.dynamic_axes(),
-                    do_constant_folding=True,
-                )
-            proto = onnx.load(path)
-            _declare_output_shapes(proto, part)
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as exc:
-            raise ExportError(
-                f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}"
-            ) from exc
+    try:
+        with torch.no_grad(), _exportable_attention(torch), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[s.name for s in part.inputs],
+                output_names=[s.name for s in part.outputs],
+                dynamic_axes=part.dynamic_axes(),
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(path))
+        _declare_output_shapes(proto, part)
+        onnx.checker.check_model(str(path) if _large(proto) else proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}") from exc
     return proto
 
 
@@ -170,10 +178,10 @@ def _exportable_attention(torch: Any) -> Iterator[None]:
 
 
 def _parity(
-    torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, proto: onnx.ModelProto, tol: Tolerance
+    torch: Any, entry: zoo.ZooModel, part: zoo.Part, module: Any, source: bytes | Path, tol: Tolerance
 ) -> list[OutputParity]:
     """Run torch and ONNX Runtime (optimisations off: we test the file, not ORT's rewrites)."""
-    session = ort_session(proto.SerializeToString(), optimization="disable")
+    session = ort_session(source, optimization="disable")
     checks = []
     for batch in PARITY_BATCHES:
         feed = entry.example_inputs(part.name, batch=batch, seed=batch)
