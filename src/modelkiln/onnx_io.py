@@ -36,6 +36,8 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
+        if big:
+            os.chmod(path.parent / f"{path.name}.data", 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
