@@ -2,7 +2,7 @@
 OpenAI-compatible chat completions for generative models (serve/openai.py).
 
 Every error is JSON ``{"error": message}`` with a status that says whose fault it was: 400 bad
-request, 404 unknown model, 413 body too large, 503 queue full or model unavailable, 504 request
+request, 404 unknown model, 413 body too large, 503 queue or memory pool full or model unavailable, 504 request
 timed out, 500 server fault. An accepted request is always answered; the server keeps serving.
 """
 
@@ -30,6 +30,7 @@ from modelkiln.errors import (
     ModelUnavailable,
     PayloadTooLarge,
     PoolClosed,
+    PoolExhausted,
     QueueFull,
 )
 from modelkiln.serve import openai
@@ -47,6 +48,7 @@ STATUS = [
     (QueueFull, 503),
     (ModelUnavailable, 503),
     (PoolClosed, 503),
+    (PoolExhausted, 503),  # memory pool full (e.g. KV caches of running chats): busy, try again
     (DeadlineExceeded, 504),
 ]
 
