@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import Running, add_model, affine_model
-from modelkiln.serve.config import GenAIConfig, ModelConfig, load_config
+from modelkiln.serve.config import GenAIConfig, ModelConfig, dump_config, load_config
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
@@ -32,10 +32,12 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runn
     exported = tmp_path_factory.mktemp("exported")
     export("qwen2-vl-tiny", exported)
     add = [sys.executable, "-m", "modelkiln", "repo", "add", str(root), str(exported), "--name", "qwen"]
-    res = subprocess.run([*add, "--max-sequences", "2", "--max-new-tokens", "64"], capture_output=True, text=True)
+    res = subprocess.run(
+        [*add, "--max-sequences", "2", "--max-new-tokens", "64"], check=False, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     folder = root / "qwen" / "1"
-    assert load_config(root / "qwen" / "config.yaml", "qwen").genai == GenAIConfig(2, 64, None)
+    assert load_config(root / "qwen" / "config.yaml", "qwen").genai == GenAIConfig(2, 64, None, True)
     add_model(
         root,
         "affine",
@@ -189,3 +191,30 @@ def test_bad_chats_get_clear_errors_and_the_server_goes_on(chat_server) -> None:
     assert status == 200 and body["choices"][0]["message"]["content"]
     with urllib.request.urlopen(f"http://{running.url}/v1/models") as resp:
         assert [m["id"] for m in json.loads(resp.read())["data"]] == ["qwen"]
+
+
+def test_without_continuous_batching_chats_still_interleave_correctly(
+    chat_server, local, tmp_path: Path
+) -> None:
+    """Each sequence's steps as tasks of their own (no batched decode): same answers."""
+    import shutil
+
+    from modelkiln.serve.generation import ChatJob
+    from modelkiln.serve.server import ModelServer
+
+    _, folder = chat_server
+    shutil.copytree(folder, tmp_path / "repo" / "qwen" / "1")
+    config = ModelConfig(
+        "qwen", backend="genai", genai=GenAIConfig(2, 64, None, continuous_batching=False), warmup=False
+    )
+    (tmp_path / "repo" / "qwen" / "config.yaml").write_text(dump_config(config))
+    server = ModelServer(str(tmp_path / "repo"), cores=2)
+    server.load_all()
+    try:
+        prompts = ["Tell me about the harbour.", "What is the old town like?", "And the ships?"]
+        jobs = [ChatJob([{"role": "user", "content": p}], [], 16) for p in prompts]
+        futures = [server.chat("qwen", j) for j in jobs]  # 3 chats, 2 slots: one waits its turn
+        answers = [f.result(timeout=60).text for f in futures]
+    finally:
+        server.shutdown()
+    assert answers == [local_answer(local, p, None, 16) for p in prompts]

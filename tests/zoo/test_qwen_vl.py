@@ -268,3 +268,40 @@ def test_chat_refuses_bad_input_clearly(chat, tmp_path: Path) -> None:
         chat.reply("Hello " * 10, max_new_tokens=5000)
     with pytest.raises(BadInput, match="1 image parts but 0 images"):
         chat.prompt(_messages("What is this?", 1), [])
+
+
+def test_batched_decode_gives_each_sequence_its_own_answer(chat) -> None:
+    """Continuous batching: sequences of different lengths (and sampling settings) decoded in one
+    step each produce exactly what they produce alone; batch buffers go back to the pool."""
+    from modelkiln.genai.batch import decode_batch
+    from modelkiln.genai.engine import Sampling
+
+    prompts = [
+        (chat.prompt(_messages("Tell me about the harbour.")), Sampling()),
+        (chat.prompt(_messages("Describe it.", 1), [_image(90, 120)]), Sampling()),
+        (
+            chat.prompt(_messages("What is the old town like on a long summer evening?")),
+            Sampling(0.9, 0.9, 4),
+        ),
+    ]
+
+    def alone(prompt, sampling) -> list[int]:
+        gen = chat.start(prompt, 12, sampling)
+        gen.stop = set()
+        while not gen.done:
+            gen.step()
+        gen.close()
+        return gen.tokens
+
+    expected = [alone(p, s) for p, s in prompts]
+    gens = [chat.start(p, 12, s) for p, s in prompts]
+    for g in gens:
+        g.stop = set()
+        g.step()  # prefill alone: prompts differ in length
+    assert len({g.cache.length for g in gens}) == 3
+    while not all(g.done for g in gens):
+        decode_batch(chat.engine, [g for g in gens if not g.done])
+    assert [g.tokens for g in gens] == expected
+    for g in gens:
+        g.close()
+    assert chat.engine.pool.stats().outstanding == 0

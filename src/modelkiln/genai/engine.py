@@ -147,10 +147,19 @@ class Generation:
         (teacher forcing: the logits of this step stay readable in ``self.logits``)."""
         if self.done:
             raise RuntimeError("generation already finished")
-        new = self._embeds.shape[1]
-        self._run(new)
+        self._run(self._embeds.shape[1])
+        return self.accept(self.logits[0, -1], force)
+
+    @property
+    def prefilled(self) -> bool:
+        """The prompt has run: the next step decodes one token (and may join a batch)."""
+        return bool(self.tokens) and not self.done
+
+    def accept(self, logits: np.ndarray, force: int | None = None) -> int:
+        """Choose the next token from this step's ``logits`` [vocab] (or take ``force``) and get
+        the next input ready; the cache must already hold this step's keys/values."""
         if force is None:
-            token = pick(self.logits[0, -1], self.sampling.temperature, self.sampling.top_p, self.rng)
+            token = pick(logits, self.sampling.temperature, self.sampling.top_p, self.rng)
         else:
             token = int(force)
         self.tokens.append(token)

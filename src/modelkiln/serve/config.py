@@ -18,7 +18,7 @@ A generative model (``backend: genai``) has a folder from ``kiln export qwen2-vl
 (``<version>/genai.json`` beside the graphs) and is served at ``/v1/chat/completions``:
 
     backend: genai
-    genai: {max_sequences: 4, max_new_tokens: 512, decoder: decoder.int8.onnx}
+    genai: {max_sequences: 4, max_new_tokens: 512, decoder: decoder.int8.onnx, continuous_batching: true}
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ class GenAIConfig:
     max_sequences: int = 4
     max_new_tokens: int = 512
     decoder: str | None = None
+    #: Decode all running sequences in one batched step (weights read once per step for all).
+    continuous_batching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_sequences < 1 or self.max_new_tokens < 1:

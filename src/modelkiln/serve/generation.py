@@ -1,9 +1,11 @@
 """Serving a generative model: a loaded chat model and the queue that runs its sequences.
 
 Each accepted request becomes a sequence. Its prompt preparation (template, images, vision
-encoder) and then every decode step run as separate tasks on the server's one thread pool, at the
-model's priority and under the core budget, so several chats interleave token by token with each
-other and with the one-shot models. At most ``max_sequences`` sequences hold a KV cache at once;
+encoder) and prefill run as one task on the server's one thread pool, at the model's priority and
+under the core budget; then, with continuous batching (the default), one decode round after
+another computes the next token of every prefilled sequence in one batched run of the decoder
+(sequences join and leave between rounds); without it each sequence's steps are tasks of their
+own. Either way chats interleave token by token with each other and with the one-shot models. At most ``max_sequences`` sequences hold a KV cache at once;
 further requests wait in a bounded queue (full: QueueFull, 503). Each piece of text is handed to
 the request's ``emit`` as it is decoded; the future ends with a ChatResult or the request's own
 error; a failing sequence never touches the others.
@@ -100,7 +102,10 @@ class GenerationQueue:
         self.name = model.name
         self.max_sequences = model.config.genai.max_sequences
         self.capacity = model.config.queue.max_queue_size
+        self.batching = model.config.genai.continuous_batching
         self._waiting: collections.deque[ChatJob] = collections.deque()
+        self._ready: list[_Sequence] = []  # prefilled, waiting for the next batched decode step
+        self._decoding = False  # a decode round is scheduled or running
         self._active = 0
         self._closed = False
         self._cond = threading.Condition()
@@ -150,7 +155,10 @@ class GenerationQueue:
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - this request's error, nobody else's
-            self._fail(args[0], exc)
+            if args:
+                self._fail(args[0], exc)
+            else:
+                log.error("%s: decode round failed: %s", self.name, exc)
         finally:
             self.scheduler.budget.give(cores)
 
@@ -168,22 +176,78 @@ class GenerationQueue:
         self._schedule(self._step, state)
 
     def _step(self, state: _Sequence) -> None:
-        job, gen = state.job, state.gen
-        if job.cancelled.is_set():
+        """One step of one sequence (its prefill; every step without continuous batching)."""
+        if state.job.cancelled.is_set():
             return self._finish(state, "cancelled")
         try:
-            token = gen.step()
+            token = state.gen.step()
         except BaseException:
-            gen.close()
+            state.gen.close()
             raise
+        if self._took(state, token):
+            return
+        if not self.batching:
+            return self._schedule(self._step, state)
+        with self._cond:
+            self._ready.append(state)
+            start = not self._decoding
+            self._decoding = True
+        if start:
+            self._schedule_round()
+
+    def _took(self, state: _Sequence, token: int) -> bool:
+        """Stream a sequence's new token; True when that ended it."""
         if state.first_token is None:
             state.first_token = time.monotonic()
         piece = state.stream.push(token)
-        if piece and job.emit is not None:
-            job.emit(piece)
-        if gen.done:
-            return self._finish(state, "stop" if token in gen.stop else "length")
-        self._schedule(self._step, state)
+        if piece and state.job.emit is not None:
+            state.job.emit(piece)
+        if state.gen.done:
+            self._finish(state, "stop" if token in state.gen.stop else "length")
+            return True
+        return False
+
+    def _schedule_round(self) -> None:
+        try:
+            self.scheduler.pool.submit(
+                self._with_cores, self._decode_round, priority=self.model.config.priority
+            )
+        except Exception as exc:  # noqa: BLE001 - pool closed or full: answer every waiting sequence
+            self._fail_round(self._take_ready(), exc)
+
+    def _take_ready(self) -> list[_Sequence]:
+        with self._cond:
+            batch, self._ready = self._ready, []
+        return batch
+
+    def _decode_round(self) -> None:
+        """One token for every prefilled sequence, in one batched run of the decoder step."""
+        from modelkiln.genai.batch import decode_batch
+
+        batch = []
+        for state in self._take_ready():
+            if state.job.cancelled.is_set():
+                self._finish(state, "cancelled")
+            else:
+                batch.append(state)
+        try:
+            tokens = decode_batch(self.model.chat.engine, [s.gen for s in batch]) if batch else []
+        except Exception as exc:  # noqa: BLE001 - the step failed for the whole batch
+            self._fail_round(batch, exc)
+            tokens, batch = [], []
+        kept = [s for s, t in zip(batch, tokens, strict=True) if not self._took(s, t)]
+        with self._cond:
+            self._ready.extend(kept)
+            again = bool(self._ready)
+            self._decoding = again
+        if again:
+            self._schedule_round()
+
+    def _fail_round(self, batch: list[_Sequence], exc: BaseException) -> None:
+        for state in batch:
+            self._fail(state, exc)
+        with self._cond:
+            self._decoding = bool(self._ready)
 
     def _finish(self, state: _Sequence, reason: str) -> None:
         state.gen.close()
