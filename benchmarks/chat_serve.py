@@ -1,9 +1,10 @@
 """Chat completions through kiln serve: one chat alone vs two at once, tokens/s.
 
 A server (in this process, uvicorn on loopback, --cores 2) holds the exported tiny or mid-size
-random Qwen2-VL (max_sequences 2, 1 thread per step); clients POST /v1/chat/completions (greedy,
-max_tokens N, ignoring no stop token: random models may stop early, so tokens are counted from the
-usage field). Reported: tokens/s of one chat alone, aggregate tokens/s of two concurrent chats,
+random Qwen2-VL (max_sequences 2) in three set-ups: FP32 with per-sequence steps on 1 thread each,
+FP32 with continuous batching on 2 threads, weight-only INT8 (MatMulNBits) with continuous
+batching on 2 threads. Clients POST /v1/chat/completions (greedy, max_tokens N; random models may
+stop early, so tokens are counted from the usage field). Reported: tokens/s of one chat alone, aggregate tokens/s of two concurrent chats,
 whether each concurrent answer equals the same prompt answered alone, per-chat wall time; medians
 and best of ``--rounds``.
 
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
 from conftest import Running
 from modelkiln.bench.runner import machine_info
 from modelkiln.export import export
+from modelkiln.quant.config import QuantConfig, WeightKernel
+from modelkiln.quant.quantize import quantize
 from modelkiln.zoo.qwen_vl import QwenVLFamily
 
 SIZES = {"tiny": {}, "mid": {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 2}}
@@ -49,24 +52,40 @@ def chat(url: str, prompt: str, new: int) -> tuple[float, dict]:
     return time.perf_counter() - start, answer
 
 
-def bench(size: str, rounds: int, new: int) -> dict:
+VARIANTS = {  # name: (repo add flags)
+    "fp32_steps_1thread": ["--threads", "1", "--no-continuous-batching"],
+    "fp32_batched_2threads": ["--threads", "2"],
+    "w8_batched_2threads": ["--threads", "2", "--decoder", "decoder.int8.onnx"],
+}
+
+
+def bench(size: str, rounds: int, new: int) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="kiln-chat-bench-"))
     export(QwenVLFamily(tiny=True, **SIZES[size]), tmp / "q")
-    cmd = [
-        sys.executable,
-        "-m",
-        "modelkiln",
-        "repo",
-        "add",
-        str(tmp / "repo"),
-        str(tmp / "q"),
-        "--name",
-        "qwen",
+    config = QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS)
+    quantize(tmp / "q" / "decoder.onnx", tmp / "q" / "decoder.int8.onnx", None, config=config)
+    rows = []
+    for variant, flags in VARIANTS.items():
+        repo = tmp / f"repo-{variant}"
+        cmd = [sys.executable, "-m", "modelkiln", "repo", "add", str(repo), str(tmp / "q"), "--name", "qwen"]
+        subprocess.run([*cmd, "--max-sequences", "2", "--max-new-tokens", str(new), *flags], check=True)
+        rows.append({"variant": variant, **measure(repo, rounds, new)})
+    return [
+        {
+            "bench": "chat_serve",
+            "size": size,
+            **SIZES[size],
+            "max_tokens": new,
+            **r,
+            "rounds": rounds,
+            "machine": machine_info(),
+        }
+        for r in rows
     ]
-    subprocess.run(
-        [*cmd, "--max-sequences", "2", "--max-new-tokens", str(new)], check=True, capture_output=True
-    )
-    server = Running(tmp / "repo", max_body=1 << 20)
+
+
+def measure(repo: Path, rounds: int, new: int) -> dict:
+    server = Running(repo, max_body=1 << 20)
     try:
         alone, together, same = [], [], []
         solo_answers = {}
@@ -89,17 +108,11 @@ def bench(size: str, rounds: int, new: int) -> dict:
     finally:
         server.stop()
     return {
-        "bench": "chat_serve",
-        "size": size,
-        **SIZES[size],
-        "max_tokens": new,
         "alone_tok_s_median": round(statistics.median(alone), 1),
         "alone_tok_s_max": round(max(alone), 1),
         "two_concurrent_aggregate_tok_s_median": round(statistics.median(together), 1),
         "two_concurrent_aggregate_tok_s_max": round(max(together), 1),
         "concurrent_answers_equal_solo": all(same),
-        "rounds": rounds,
-        "machine": machine_info(1),
     }
 
 
@@ -112,9 +125,10 @@ def main() -> None:
     args = ap.parse_args()
     with args.out.open("w") as f:
         for size in args.sizes.split(","):
-            line = json.dumps(bench(size, args.rounds, args.new))
-            print(line, flush=True)
-            f.write(line + "\n")
+            for row in bench(size, args.rounds, args.new):
+                line = json.dumps(row)
+                print(line, flush=True)
+                f.write(line + "\n")
 
 
 if __name__ == "__main__":
