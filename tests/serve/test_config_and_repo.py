@@ -101,6 +101,31 @@ def test_core_budget_never_oversubscribes_and_never_deadlocks() -> None:
     assert peak[0] <= 2
 
 
+def test_core_budget_serves_waiters_first_come_first_served() -> None:
+    """A task that gives its cores back and asks again at once (a chat's next decode round) must
+    queue behind one already waiting, not take the cores back and starve it."""
+    budget = CoreBudget(2)
+    order: list[str] = []
+    budget.take(2)
+
+    def waiter() -> None:
+        budget.take(2)
+        order.append("waiter")
+        budget.give(2)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    deadline = time.time() + 5
+    while not budget._queue and time.time() < deadline:  # the waiter is in line
+        time.sleep(0.001)
+    budget.give(2)
+    budget.take(2)  # asks again immediately
+    order.append("again")
+    budget.give(2)
+    t.join(timeout=5)
+    assert order == ["waiter", "again"]
+
+
 def test_sigterm_answers_in_flight_requests(tmp_path: Path) -> None:
     """kiln serve stops on SIGTERM only after answering what it accepted."""
     httpclient = pytest.importorskip("tritonclient.http")

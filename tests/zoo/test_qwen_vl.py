@@ -207,6 +207,15 @@ def test_sampling_is_seeded_and_streaming_yields_the_returned_text(chat) -> None
         return gen.tokens
 
     assert run(7) == run(7) and run(7) != run(8)
+    ids = chat.tokenizer("Tell me about the harbour.").input_ids  # the plain text API, streamed
+    streamed: list[int] = []
+    tokens = chat.engine.generate(ids, 10, temperature=1.0, top_p=0.9, seed=7, on_token=streamed.append)
+    assert tokens == streamed and len(tokens) >= 1
+    stop = {tokens[-1]}
+    assert (
+        chat.engine.generate(ids, 10, stop, temperature=1.0, top_p=0.9, seed=7)
+        == tokens[: tokens.index(tokens[-1]) + 1]
+    )
     pieces: list[str] = []
     text = chat.reply(
         "Tell me about the harbour.", max_new_tokens=12, temperature=0.8, seed=3, on_text=pieces.append

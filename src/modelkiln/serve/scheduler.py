@@ -4,6 +4,7 @@ never exceed the machine's cores, however many models and instances are loaded."
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -22,17 +23,24 @@ log = logging.getLogger(__name__)
 
 class CoreBudget:
     """Counts busy cores; ``take(n)`` waits until n are free and takes them at once (no partial
-    holds, so two inferences can never deadlock each holding half of what both need)."""
+    holds, so two inferences can never deadlock each holding half of what both need). Waiters are
+    served first come, first served: a task that gives its cores back and at once asks again (a
+    chat's next decode round) queues behind those already waiting instead of taking them back."""
 
     def __init__(self, cores: int) -> None:
         self.cores, self._free = cores, cores
         self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
 
     def take(self, n: int) -> int:
         n = min(n, self.cores)
+        ticket = object()
         with self._cond:
-            self._cond.wait_for(lambda: self._free >= n)
+            self._queue.append(ticket)
+            self._cond.wait_for(lambda: self._queue[0] is ticket and self._free >= n)
+            self._queue.popleft()
             self._free -= n
+            self._cond.notify_all()  # the next in line may fit in what is left
         return n
 
     def give(self, n: int) -> None:
