@@ -11,7 +11,8 @@ from modelkiln.log import console, err_console
 
 def chat_cmd(
     model: str = typer.Argument(
-        ..., help="An exported folder (kiln export qwen2-vl…), qwen2-vl-tiny, or a Qwen2-VL weights folder."
+        ...,
+        help="An exported folder (kiln export qwen2-vl…), qwen2-vl-tiny / qwen2.5-vl-tiny, or a weights folder.",
     ),
     prompt: str = typer.Argument(..., help="What to ask."),
     image: Path = typer.Option(None, "--image", help="An image to ask about."),

@@ -15,7 +15,9 @@ from modelkiln.log import console, err_console
 
 def export(
     model: str = typer.Argument(
-        ..., help="Zoo name: resnet50, efficientnet_lite0, yolov5n|s|m|l|x, clip-vit-b-32."
+        ...,
+        help="Zoo name: resnet50, efficientnet_lite0, yolov5n|s|m|l|x, clip-vit-b-32, all-minilm-l6-v2, "
+        "qwen2-vl[-tiny], qwen2.5-vl[-tiny].",
     ),
     out: Path = typer.Option(..., "-o", "--out", help="Output .onnx file (a folder for multi-part models)."),
     weights: str = typer.Option(None, "--weights", "-w", help="Weights file, release name, or 'random'."),

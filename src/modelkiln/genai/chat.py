@@ -85,9 +85,12 @@ class ChatModel:
 
         out = Path(tempfile.mkdtemp(prefix="kiln-chat-"))
         atexit.register(shutil.rmtree, out, True)  # sessions hold the graphs; the folder is scratch
-        tiny = name.lower().replace("_", "-") == "qwen2-vl-tiny"
+        key = name.lower().replace("_", "-")
         log.info("exporting %s to %s", name, out)
-        export("qwen2-vl-tiny" if tiny else "qwen2-vl", out, weights=None if tiny else name)
+        if key in ("qwen2-vl-tiny", "qwen2.5-vl-tiny"):
+            export(key, out)
+        else:
+            export(_family_of(path), out, weights=name)
         return cls(out, decoder, threads)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -202,6 +205,16 @@ class TextStream:
         now = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         piece, self.text = now[len(self.text) :], now
         return piece
+
+
+def _family_of(folder: Path) -> str:
+    """qwen2.5-vl or qwen2-vl, from a weights folder's config.json (hub ids: qwen2-vl unless the
+    id says 2.5)."""
+    config = folder / "config.json"
+    if config.is_file():
+        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
+        return "qwen2.5-vl" if "2_5" in kind else "qwen2-vl"
+    return "qwen2.5-vl" if "2.5" in str(folder) else "qwen2-vl"
 
 
 def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:

@@ -26,6 +26,8 @@ def names() -> list[str]:
         "all-minilm-l6-v2",
         "qwen2-vl",
         "qwen2-vl-tiny",
+        "qwen2.5-vl",
+        "qwen2.5-vl-tiny",
     ]
 
 
@@ -48,10 +50,11 @@ def get(name: str, image_size: int | None = None) -> ZooModel:
         from modelkiln.zoo.minilm import SentenceEncoder
 
         return SentenceEncoder()
-    if key in ("qwen2_vl", "qwen2_vl_tiny"):
+    if key in ("qwen2_vl", "qwen2_vl_tiny", "qwen2.5_vl", "qwen2.5_vl_tiny"):
         from modelkiln.zoo.qwen_vl import QwenVLFamily
 
-        return QwenVLFamily(tiny=key.endswith("tiny"))
+        family = "qwen2.5-vl" if key.startswith("qwen2.5") else "qwen2-vl"
+        return QwenVLFamily(tiny=key.endswith("tiny"), family=family)
     if key.startswith("clip-"):
         from modelkiln.zoo.clip import CLIPFamily, resolve_arch
 

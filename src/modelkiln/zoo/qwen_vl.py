@@ -72,12 +72,20 @@ def tiny_tokenizer(vocab_size: int = 600) -> Any:
     return fast
 
 
-def tiny_processor(tokenizer: Any = None, max_pixels: int = 112 * 112) -> Any:
-    """Qwen2-VL's own image processor (dynamic resolution, 14 px patches, 2x2 merge) with the tiny
-    tokenizer; small max_pixels keeps test images to a few dozen patches."""
+#: The two generations we export: (config class, model class, processor class) names in transformers.
+FAMILIES = {
+    "qwen2-vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2.5-vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+}
+
+
+def tiny_processor(tokenizer: Any = None, max_pixels: int = 112 * 112, family: str = "qwen2-vl") -> Any:
+    """Qwen2-VL's own image processor (dynamic resolution, 14 px patches, 2x2 merge; Qwen2.5-VL
+    uses the same) with the tiny tokenizer; small max_pixels keeps test images to a few dozen
+    patches."""
     transformers = require("transformers", "the tiny Qwen2-VL processor")
     tokenizer = tokenizer or tiny_tokenizer()
-    return transformers.Qwen2VLProcessor(
+    return getattr(transformers, FAMILIES[family][2])(
         image_processor=transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels),
         tokenizer=tokenizer,
         video_processor=transformers.Qwen2VLVideoProcessor(),
@@ -85,13 +93,45 @@ def tiny_processor(tokenizer: Any = None, max_pixels: int = 112 * 112) -> Any:
     )
 
 
-def tiny_config(tokenizer: Any, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Any:
-    """Same architecture as Qwen2-VL (GQA decoder with M-RoPE, ViT with 2x2 patch merger), tiny sizes."""
+def tiny_config(
+    tokenizer: Any,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    family: str = "qwen2-vl",
+) -> Any:
+    """Same architecture as Qwen2-VL (GQA decoder with M-RoPE, ViT with 2x2 patch merger) or
+    Qwen2.5-VL (the same decoder; a ViT with windowed attention and a few full-attention blocks),
+    tiny sizes."""
     transformers = require("transformers", "the tiny Qwen2-VL config")
     head_dim = hidden // heads
     section = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    return transformers.Qwen2VLConfig(
+    vision = {  # Qwen2-VL's ViT
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": hidden,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2.5-vl":  # windowed ViT: block 0 in 56 px windows, block 1 full attention
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+    return getattr(transformers, FAMILIES[family][0])(
         text_config={
             "hidden_size": hidden,
             "intermediate_size": 2 * hidden,
@@ -105,16 +145,7 @@ def tiny_config(tokenizer: Any, hidden: int = 64, layers: int = 2, heads: int = 
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": hidden,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -125,26 +156,27 @@ def tiny_config(tokenizer: Any, hidden: int = 64, layers: int = 2, heads: int = 
     )
 
 
-def build_tiny(seed: int = 0, **sizes: int) -> tuple[Any, Any]:
-    """(model in eval mode, processor) of a random tiny Qwen2-VL."""
-    torch = require("torch", "building qwen2-vl-tiny")
-    transformers = require("transformers", "building qwen2-vl-tiny")
-    processor = tiny_processor()
+def build_tiny(seed: int = 0, family: str = "qwen2-vl", **sizes: int) -> tuple[Any, Any]:
+    """(model in eval mode, processor) of a random tiny Qwen2-VL or Qwen2.5-VL."""
+    torch = require("torch", "building a tiny Qwen-VL")
+    transformers = require("transformers", "building a tiny Qwen-VL")
+    processor = tiny_processor(family=family)
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer, **sizes)).eval()
+    config = tiny_config(processor.tokenizer, family=family, **sizes)
+    model = getattr(transformers, FAMILIES[family][1])(config).eval()
     return model, processor
 
 
-def load_pretrained(source: str) -> tuple[Any, Any]:
-    """(model, processor) from a local Qwen2-VL folder or a hub id (hub ids download)."""
-    transformers = require("transformers", "loading qwen2-vl")
+def load_pretrained(source: str, family: str = "qwen2-vl") -> tuple[Any, Any]:
+    """(model, processor) from a local Qwen2-VL / Qwen2.5-VL folder or a hub id (hub ids download)."""
+    transformers = require("transformers", f"loading {family}")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise ModelNotFound(f"qwen2-vl: {source} is not a model folder (no config.json)")
+        raise ModelNotFound(f"{family}: {source} is not a model folder (no config.json)")
     try:
-        model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(source).eval()
+        model = getattr(transformers, FAMILIES[family][1]).from_pretrained(source).eval()
         processor = transformers.AutoProcessor.from_pretrained(source)
     except OSError as exc:
-        raise WeightsError(f"qwen2-vl: cannot load {source!r}: {exc}") from exc
+        raise WeightsError(f"{family}: cannot load {source!r}: {exc}") from exc
     return model, processor
 
 
@@ -238,16 +270,19 @@ def vision_module(model: Any, grid_thw: tuple[int, int, int]) -> Any:
 
 
 class QwenVLFamily(ZooModel):
-    """``qwen2-vl`` (weights: a local folder or hub id) or ``qwen2-vl-tiny`` (random, built here)."""
+    """``qwen2-vl`` / ``qwen2.5-vl`` (weights: a local folder or hub id) or their ``-tiny`` random
+    configurations built here."""
 
     task = "generation"
 
-    def __init__(self, tiny: bool, **sizes: int) -> None:
+    def __init__(self, tiny: bool, family: str = "qwen2-vl", **sizes: int) -> None:
         """``sizes`` (tiny only): hidden, layers, heads, kv_heads of a bigger random config."""
+        if family not in FAMILIES:
+            raise ModelNotFound(f"unknown Qwen-VL family {family!r}; known: {sorted(FAMILIES)}")
         if sizes and not tiny:
-            raise WeightsError("qwen2-vl takes its sizes from its weights; sizes apply to qwen2-vl-tiny")
-        self.tiny, self.sizes = tiny, sizes
-        self.name = "qwen2-vl-tiny" if tiny else "qwen2-vl"
+            raise WeightsError(f"{family} takes its sizes from its weights; sizes apply to {family}-tiny")
+        self.tiny, self.sizes, self.family = tiny, sizes, family
+        self.name = f"{family}-tiny" if tiny else family
         self.buckets = TINY_BUCKETS if tiny else REAL_BUCKETS
         self._model: Any = None
         self._processor: Any = None
@@ -314,13 +349,13 @@ class QwenVLFamily(ZooModel):
         if self.tiny:
             if weights not in (None, "random"):
                 raise WeightsError(
-                    "qwen2-vl-tiny is random by definition; use qwen2-vl --weights DIR for real weights"
+                    f"{self.name} is random by definition; use {self.family} --weights DIR for real weights"
                 )
-            self._model, self._processor = build_tiny(**self.sizes)
+            self._model, self._processor = build_tiny(family=self.family, **self.sizes)
         else:
             if weights in (None, "random"):
-                raise WeightsError("qwen2-vl needs --weights: a local Qwen2-VL folder or hub id")
-            self._model, self._processor = load_pretrained(weights)
+                raise WeightsError(f"{self.family} needs --weights: a local folder or hub id")
+            self._model, self._processor = load_pretrained(weights, self.family)
         model = self._model
         modules = {"embed": model.model.language_model.embed_tokens, "decoder": decoder_step_module(model)}
         for b in self.buckets:
