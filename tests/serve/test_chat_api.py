@@ -218,3 +218,32 @@ def test_without_continuous_batching_chats_still_interleave_correctly(
     finally:
         server.shutdown()
     assert answers == [local_answer(local, p, None, 16) for p in prompts]
+
+
+def test_a_cancelled_chat_stops_decoding_and_a_client_leaving_leaks_nothing(chat_server) -> None:
+    """A chat cancelled mid-answer (what a client leaving a stream triggers) stops at the next
+    round; after a real client leaves a stream, its KV cache goes back and the slot frees."""
+    from modelkiln.serve.generation import ChatJob
+
+    running, _ = chat_server
+    job = ChatJob([{"role": "user", "content": "Tell me about the harbour."}], [], 64)
+    job.emit = lambda piece: job.cancelled.set()  # leave after the first piece of text
+    result = running.server.chat("qwen", job).result(timeout=30)
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 64
+    import http.client
+    import time
+
+    host, port = running.url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({**ask("Tell me about the harbour.", max_tokens=64), "stream": True})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.close()  # gone after the first event
+    queue = running.server.get("qwen").queue
+    deadline = time.time() + 20
+    while queue.depth() and time.time() < deadline:
+        time.sleep(0.05)
+    assert queue.depth() == 0 and running.server.scheduler.memory.stats().outstanding == 0
+    status, body = post(running, "/v1/chat/completions", ask("Tell me about the harbour.", max_tokens=4))
+    assert status == 200
