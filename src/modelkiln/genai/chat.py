@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from modelkiln._deps import require
 from modelkiln.errors import BadInput, ModelNotFound
 from modelkiln.genai.engine import Engine, Generation, Sampling
 from modelkiln.genai.images import resize_to_bucket
 from modelkiln.genai.mrope import mrope_positions
+from modelkiln.genai.processor import QwenVLProcessor
 from modelkiln.runtime.memory_pool import MemoryPool
 from modelkiln.runtime.session import ort_session
 
@@ -54,11 +54,10 @@ class ChatModel:
         threads: int | None = None,
         pool: MemoryPool | None = None,
     ) -> None:
-        transformers = require("transformers", "the Qwen2-VL processor (tokenizer, chat template, images)")
         folder = Path(folder)
         spec = json.loads((folder / "genai.json").read_text(encoding="utf-8"))
         self.name = spec["model"]
-        self.processor = transformers.AutoProcessor.from_pretrained(str(folder))
+        self.processor = QwenVLProcessor.from_folder(folder)
         self.tokenizer = self.processor.tokenizer
         self.context, self.merge = int(spec["context"]), int(spec["merge"])
         self.stop, self.image_token = set(spec["stop"]), int(spec["image_token"])
@@ -105,15 +104,15 @@ class ChatModel:
             raise BadInput(f"chat: the messages have {count} image parts but {len(images)} images came")
         if not any(c.get("text", "").strip() for m in messages for c in _parts(m)) and not images:
             raise BadInput("chat: the prompt is empty")
-        text = self.processor.apply_chat_template(list(messages), add_generation_prompt=True)
+        text = self.processor.apply_chat_template(messages)
         sized = [resize_to_bucket(img, self.buckets) for img in images]
-        inputs = self.processor(text=[text], images=sized or None, return_tensors="np")
-        ids = np.asarray(inputs["input_ids"][0], np.int64)
+        inputs = self.processor(text, sized)
+        ids = inputs["input_ids"]
         embeds = self.embed(ids).copy()
         is_image = ids == self.image_token
         grids = [tuple(int(v) for v in g) for g in inputs.get("image_grid_thw", [])]
         start = 0
-        patch = int(self.processor.image_processor.patch_size)
+        patch = self.processor.patch_size
         for img, grid in zip(sized, grids, strict=True):
             if grid != (1, img.shape[0] // patch, img.shape[1] // patch):
                 raise BadInput(

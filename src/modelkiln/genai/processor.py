@@ -1,0 +1,72 @@
+"""Qwen-VL prompt processing from an exported folder with the tokenizer and image processor only.
+
+transformers' Qwen2VLProcessor also insists on a video processor, which needs torchvision; a
+server has no business importing torch for text and images. This does what the processor does for
+images: chat template -> text, each ``<|image_pad|>`` expanded to one token per merged patch of its
+image, tokenized; images through the model's own image processor (resize to the patch grid,
+normalise, flatten patches).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelkiln._deps import require
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+class QwenVLProcessor:
+    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str) -> None:
+        self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
+        self.patch_size = int(image_processor.patch_size)
+        self.merge = int(image_processor.merge_size)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> QwenVLProcessor:
+        transformers = require("transformers", "the Qwen-VL tokenizer and image processor")
+        folder = Path(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        image_processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+        return cls(tokenizer, image_processor, _chat_template(folder, tokenizer))
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+        """The prompt text with an open assistant turn, images as vision_start/pad/end."""
+        return self.tokenizer.apply_chat_template(
+            list(messages), chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+
+    def __call__(self, text: str, images: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
+        """input_ids [seq], and with images pixel_values [patches, C*T*P*P] and image_grid_thw [n, 3]."""
+        out: dict[str, np.ndarray] = {}
+        if images:
+            pixels = self.image_processor(images=list(images), return_tensors="np")
+            out["pixel_values"] = np.asarray(pixels["pixel_values"], np.float32)
+            out["image_grid_thw"] = np.asarray(pixels["image_grid_thw"], np.int64)
+            pieces = text.split(IMAGE_PAD)
+            if len(pieces) - 1 != len(images):
+                raise ValueError(
+                    f"{len(pieces) - 1} image placeholders in the prompt for {len(images)} images"
+                )
+            counts = [int(np.prod(g)) // self.merge**2 for g in out["image_grid_thw"]]
+            text = pieces[0] + "".join(
+                IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:], strict=True)
+            )
+        out["input_ids"] = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+        return out
+
+
+def _chat_template(folder: Path, tokenizer: Any) -> str:
+    """The processor's template (chat_template.jinja / .json) or else the tokenizer's."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))["chat_template"]
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    raise FileNotFoundError(f"{folder}: no chat template (chat_template.jinja/.json or in the tokenizer)")
