@@ -247,3 +247,40 @@ def test_a_cancelled_chat_stops_decoding_and_a_client_leaving_leaks_nothing(chat
     assert queue.depth() == 0 and running.server.scheduler.memory.stats().outstanding == 0
     status, body = post(running, "/v1/chat/completions", ask("Tell me about the harbour.", max_tokens=4))
     assert status == 200
+
+
+def test_the_official_openai_client_talks_to_the_server(chat_server, local) -> None:
+    """OpenAI's own Python client, as a user would point it at the server."""
+    openai = pytest.importorskip("openai")
+    running, _ = chat_server
+    client = openai.OpenAI(base_url=f"http://{running.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["qwen"]
+    url, rgb = png_url(3)
+    content = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "Describe the picture."},
+    ]
+    answer = client.chat.completions.create(
+        model="qwen", messages=[{"role": "user", "content": content}], max_tokens=10, temperature=0
+    )
+    text = answer.choices[0].message.content
+    assert (
+        text == local_answer(local, "Describe the picture.", rgb, 10) and answer.usage.completion_tokens <= 10
+    )
+    stream = client.chat.completions.create(
+        model="qwen",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    with pytest.raises(openai.BadRequestError, match="must be a data: URL"):
+        client.chat.completions.create(
+            model="qwen",
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}
+            ],
+        )
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
