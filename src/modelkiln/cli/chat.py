@@ -47,3 +47,4 @@ def chat_cmd(
         on_text=lambda piece: console.print(piece, end="", highlight=False, markup=False, soft_wrap=True),
     )
     console.print()
+    err_console.print(f"[dim]{chat.last_stats}[/]")

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class ChatModel:
         }
         self._embed = ort_session(folder / spec["embed"], threads=1)
         self.engine = Engine(folder / (decoder or spec["decoder"]), self.embed, pool, threads)
+        self.last_stats: ReplyStats | None = None  # of the last reply()
 
     @classmethod
     def open(cls, name: str, decoder: str | None = None, threads: int | None = None) -> ChatModel:
@@ -161,15 +163,15 @@ class ChatModel:
         images = [read_rgb(image)] if image is not None else []
         if images:
             content.insert(0, {"type": "image"})
-        gen = self.start(
-            self.prompt([{"role": "user", "content": content}], images),
-            max_new_tokens,
-            Sampling(temperature, top_p, seed),
-        )
+        began = time.perf_counter()
+        prompt_in = self.prompt([{"role": "user", "content": content}], images)
+        gen = self.start(prompt_in, max_new_tokens, Sampling(temperature, top_p, seed))
         stream = TextStream(self.tokenizer, self.stop)
+        times: list[float] = []
         try:
             while not gen.done:
                 piece = stream.push(gen.step())
+                times.append(time.perf_counter())
                 if piece and on_text is not None:
                     on_text(piece)
         finally:
@@ -177,7 +179,26 @@ class ChatModel:
         rest = stream.flush()
         if rest and on_text is not None:
             on_text(rest)
+        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+        self.last_stats = ReplyStats(prompt_in.tokens, len(times), times[0] - began, rate)
         return stream.text
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """How the last reply went: prompt and answer tokens, time to the first token (prompt
+    processing, vision and prefill included), decode tokens/s after it."""
+
+    prompt_tokens: int
+    new_tokens: int
+    first_token_s: float
+    decode_tok_s: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.new_tokens} tokens after a {self.prompt_tokens}-token prompt; first token "
+            f"{self.first_token_s * 1e3:.0f} ms, then {self.decode_tok_s:.1f} tokens/s"
+        )
 
 
 class TextStream:

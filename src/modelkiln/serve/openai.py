@@ -20,6 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,16 @@ ROLES = ("system", "user", "assistant")
 UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format")
 
 
-def parse_chat(data: Any) -> tuple[str, ChatJob, bool]:
-    """(model name, job, stream) from a request body; BadInput naming the field otherwise."""
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    job: ChatJob
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with token counts
+
+
+def parse_chat(data: Any) -> ChatRequest:
+    """A request body as a ChatRequest; BadInput naming the field otherwise."""
     if not isinstance(data, dict):
         raise BadInput("chat completions: the body must be a JSON object")
     model = data.get("model")
@@ -65,7 +74,11 @@ def parse_chat(data: Any) -> tuple[str, ChatJob, bool]:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise BadInput(f"chat completions: 'stream' must be true or false, got {stream!r}")
-    return model, ChatJob(messages, images, max_tokens, sampling), stream
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadInput("chat completions: 'stream_options' must be an object")
+    usage = bool(options.get("include_usage", False))
+    return ChatRequest(model, ChatJob(messages, images, max_tokens, sampling), stream, usage)
 
 
 def _number(data: dict, key: str, default: float) -> float:
@@ -139,22 +152,31 @@ def completion(model: str, cid: str, result: ChatResult) -> dict[str, Any]:
                 "finish_reason": result.finish_reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
+        "usage": usage(result),
     }
 
 
-def chunk(model: str, cid: str, delta: dict[str, str], finish: str | None = None) -> bytes:
-    body = {
+def usage(result: ChatResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def chunk(
+    model: str, cid: str, delta: dict[str, str] | None, finish: str | None = None, tokens: dict | None = None
+) -> bytes:
+    """One server-sent event; ``delta`` None is the usage-only chunk (no choices)."""
+    body: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+    if tokens is not None:
+        body["usage"] = tokens
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -178,11 +200,12 @@ def routes(
                 data = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BadInput(f"chat completions: body is not valid JSON: {exc}") from None
-            name, job, stream = parse_chat(data)
+            req = parse_chat(data)
+            name = req.model
             cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-            if stream:
-                return _stream(server, name, job, cid, metrics)
-            future = server.chat(name, job)
+            if req.stream:
+                return _stream(server, req, cid, metrics)
+            future = server.chat(name, req.job)
             result = await asyncio.wrap_future(future)
         except Exception as exc:  # noqa: BLE001 - every failure is answered
             metrics.failure.labels(name, "", type(exc).__name__).inc()
@@ -200,8 +223,9 @@ def routes(
     ]
 
 
-def _stream(server: ModelServer, name: str, job: ChatJob, cid: str, metrics: Any) -> Response:
+def _stream(server: ModelServer, req: ChatRequest, cid: str, metrics: Any) -> Response:
     """Queue the chat now (so a refusal is a plain error status), then stream its pieces."""
+    name, job = req.model, req.job
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str | None] = asyncio.Queue()
     job.emit = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
@@ -226,6 +250,8 @@ def _stream(server: ModelServer, name: str, job: ChatJob, cid: str, metrics: Any
             else:
                 metrics.observe_chat(name, result)
                 yield chunk(name, cid, {}, result.finish_reason)
+                if req.include_usage:
+                    yield chunk(name, cid, None, tokens=usage(result))
             yield b"data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # client gone or stream over: stop decoding for nobody
