@@ -42,6 +42,9 @@ SIZES = {
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2},
     "mid": {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 2},
 }
+#: Pause before each timed run: torch's OpenMP workers and ONNX Runtime's pool spin for a while
+#: after their last job, and on 2 cores a spinning neighbour doubles the next run's first token.
+SETTLE_S = 0.5
 PROMPT = "Tell me a long story about the harbour, the ships and the old town by the sea."
 
 
@@ -160,6 +163,7 @@ def bench_size(name: str, rounds: int, new: int, threads: int) -> list[dict]:
         run()
     for _ in range(rounds):
         for k, run in variants.items():
+            time.sleep(SETTLE_S)  # the previous variant's spinning worker threads park first
             results[k].append(run())
     quality = teacher_forced_quality(variants, results["ours_fp32"][0][2], ids, table)
     pool_mb = preallocated_mb(variants["ours_fp32"].args[0], table, ids, 1000)
