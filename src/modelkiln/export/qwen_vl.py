@@ -6,9 +6,10 @@
     prefill of a long prompt never computes seq x vocab logits it would throw away),
     present_key_i / present_value_i [batch, kv_heads, past + seq, head_dim]
 
-Also the token embedding (input_ids -> inputs_embeds, a Gather) and the vision encoder per image
-grid bucket. ``kiln export qwen2-vl-tiny`` writes all of them through the zoo family (with the
-parity check); these functions export one graph each, for tests and tools.
+Also the token embedding (input_ids -> inputs_embeds, a Gather). ``kiln export qwen2-vl-tiny``
+writes these and the vision encoder per image bucket through the zoo family (with the parity
+check); the two functions here export the text graphs of any (e.g. resized) model alone, for
+benchmarks and tools.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from modelkiln._deps import require
-from modelkiln.zoo.qwen_vl import decoder_step_module, vision_module
+from modelkiln.zoo.qwen_vl import decoder_step_module
 
 
 @dataclass(frozen=True)
@@ -92,48 +93,6 @@ def export_decoder_step(model: Any, path: str | Path, opset: int = 17) -> StepSp
             dynamo=False,
         )
     return spec
-
-
-def step_parity(
-    model: Any, path: str | Path, shapes: tuple[tuple[int, int], ...] = ((5, 3), (1, 6), (9, 0))
-) -> float:
-    """Max |logits ONNX - torch| over (seq, past) shapes other than the export example's."""
-    torch = require("torch", "checking the Qwen2-VL decoder step")
-    from modelkiln.runtime.session import ort_session
-
-    spec = step_spec(model)
-    session = ort_session(path, optimization="disable")
-    step = decoder_step_module(model)
-    worst = 0.0
-    for i, (seq, past) in enumerate(shapes):
-        feed = example_step_inputs(spec, seq=seq, past=past, seed=i + 1)
-        got = session.run(None, feed)
-        with torch.no_grad():
-            ref = step(*(torch.from_numpy(feed[n]) for n in spec.input_names))
-        for g, r in zip(got, ref, strict=True):
-            worst = max(worst, float(np.abs(g - r.numpy()).max()))
-    return worst
-
-
-def export_vision(model: Any, grid_thw: tuple[int, int, int], path: str | Path, opset: int = 17) -> int:
-    """The vision encoder for one image grid bucket (t, h, w patches): its rotary tables and window
-    layout depend on the grid, which TorchScript tracing bakes in, so there is one graph per bucket
-    (images are resized to a bucket's size before encoding). Returns the number of image tokens."""
-    torch = require("torch", "exporting the Qwen2-VL vision encoder")
-    cfg = model.model.visual.config
-    patches = int(np.prod(grid_thw))
-    example = torch.randn(patches, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2)
-    with torch.no_grad():
-        torch.onnx.export(
-            vision_module(model, grid_thw),
-            (example,),
-            str(path),
-            input_names=["pixel_values"],
-            output_names=["image_embeds"],
-            opset_version=opset,
-            dynamo=False,
-        )
-    return patches // cfg.spatial_merge_size**2
 
 
 def export_embed(model: Any, path: str | Path, opset: int = 17) -> int:

@@ -1,1 +1,2 @@
-"""Local generation on our own stack (ONNX Runtime): the Qwen-VL engine grows here."""
+"""Local generation on our own stack (ONNX Runtime): the Qwen-VL engine (static KV cache from the
+memory pool, I/O binding, sampling, continuous batching), prompt processing and chat."""
