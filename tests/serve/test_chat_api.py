@@ -284,3 +284,28 @@ def test_the_official_openai_client_talks_to_the_server(chat_server, local) -> N
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_failing_decode_round_answers_its_chats_and_the_model_goes_on(chat_server, monkeypatch) -> None:
+    import modelkiln.genai.batch as batch
+    from modelkiln.serve.generation import ChatJob
+
+    running, _ = chat_server
+
+    def boom(engine, gens):
+        raise RuntimeError("decoder blew up")
+
+    monkeypatch.setattr(batch, "decode_batch", boom)
+    jobs = [ChatJob([{"role": "user", "content": p}], [], 8) for p in ("Hello there.", "And you?")]
+    futures = [running.server.chat("qwen", j) for j in jobs]
+    for f in futures:
+        with pytest.raises(RuntimeError, match="decoder blew up"):
+            f.result(timeout=30)
+    monkeypatch.undo()
+    assert (
+        running.server.chat("qwen", ChatJob([{"role": "user", "content": "Hi"}], [], 4))
+        .result(timeout=30)
+        .text
+    )
+    queue = running.server.get("qwen").queue
+    assert queue.depth() == 0 and running.server.scheduler.memory.stats().outstanding == 0

@@ -157,8 +157,9 @@ class GenerationQueue:
         except Exception as exc:  # noqa: BLE001 - this request's error, nobody else's
             if args:
                 self._fail(args[0], exc)
-            else:
+            else:  # a decode round: answer every sequence waiting for it, never leave them hanging
                 log.error("%s: decode round failed: %s", self.name, exc)
+                self._fail_round(self._take_ready(), exc)
         finally:
             self.scheduler.budget.give(cores)
 
@@ -199,13 +200,22 @@ class GenerationQueue:
         """Stream a sequence's new token; True when that ended it."""
         if state.first_token is None:
             state.first_token = time.monotonic()
-        piece = state.stream.push(token)
-        if piece and state.job.emit is not None:
-            state.job.emit(piece)
+        self._emit(state.job, state.stream.push(token))
         if state.gen.done:
             self._finish(state, "stop" if token in state.gen.stop else "length")
             return True
         return False
+
+    @staticmethod
+    def _emit(job: ChatJob, piece: str) -> None:
+        """Hand a piece of text on; a listener that fails (its client is gone) cancels the chat."""
+        if not piece or job.emit is None:
+            return
+        try:
+            job.emit(piece)
+        except Exception as exc:  # noqa: BLE001 - the listener's problem ends this chat only
+            log.debug("chat listener failed (%s); cancelling", exc)
+            job.cancelled.set()
 
     def _schedule_round(self) -> None:
         try:
@@ -224,18 +234,19 @@ class GenerationQueue:
         """One token for every prefilled sequence, in one batched run of the decoder step."""
         from modelkiln.genai.batch import decode_batch
 
-        batch = []
-        for state in self._take_ready():
-            if state.job.cancelled.is_set():
-                self._finish(state, "cancelled")
-            else:
-                batch.append(state)
+        batch = self._take_ready()
         try:
-            tokens = decode_batch(self.model.chat.engine, [s.gen for s in batch]) if batch else []
-        except Exception as exc:  # noqa: BLE001 - the step failed for the whole batch
-            self._fail_round(batch, exc)
-            tokens, batch = [], []
-        kept = [s for s, t in zip(batch, tokens, strict=True) if not self._took(s, t)]
+            live = []
+            for state in batch:
+                if state.job.cancelled.is_set():
+                    self._finish(state, "cancelled")
+                else:
+                    live.append(state)
+            tokens = decode_batch(self.model.chat.engine, [s.gen for s in live]) if live else []
+            kept = [s for s, t in zip(live, tokens, strict=True) if not self._took(s, t)]
+        except Exception as exc:  # noqa: BLE001 - the step failed: answer its unfinished sequences
+            self._fail_round([s for s in batch if not s.job.future.done()], exc)
+            kept = []
         with self._cond:
             self._ready.extend(kept)
             again = bool(self._ready)
@@ -252,9 +263,7 @@ class GenerationQueue:
     def _finish(self, state: _Sequence, reason: str) -> None:
         state.gen.close()
         job, now = state.job, time.monotonic()
-        rest = state.stream.flush()
-        if rest and job.emit is not None:
-            job.emit(rest)
+        self._emit(job, state.stream.flush())
         tokens = len(state.gen.tokens) - (reason == "stop")
         result = ChatResult(
             state.stream.text,
