@@ -287,7 +287,7 @@ def test_the_official_openai_client_talks_to_the_server(chat_server, local) -> N
 
 
 def test_a_failing_decode_round_answers_its_chats_and_the_model_goes_on(chat_server, monkeypatch) -> None:
-    import modelkiln.genai.batch as batch
+    from modelkiln.genai import batch
     from modelkiln.serve.generation import ChatJob
 
     running, _ = chat_server
@@ -309,3 +309,33 @@ def test_a_failing_decode_round_answers_its_chats_and_the_model_goes_on(chat_ser
     )
     queue = running.server.get("qwen").queue
     assert queue.depth() == 0 and running.server.scheduler.memory.stats().outstanding == 0
+
+
+def test_a_client_leaving_a_plain_request_cancels_its_chat(chat_server, monkeypatch) -> None:
+    import http.client
+    import socket
+    import time
+
+    from modelkiln.genai import batch
+
+    running, _ = chat_server
+    rounds = [0]
+    original = batch.decode_batch
+
+    def slow(engine, gens):  # 64 tokens would take > 3 s
+        rounds[0] += 1
+        time.sleep(0.05)
+        return original(engine, gens)
+
+    monkeypatch.setattr(batch, "decode_batch", slow)
+    host, port = running.url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=0.5)
+    conn.request("POST", "/v1/chat/completions", json.dumps(ask("Tell me about the harbour.", max_tokens=64)))
+    with pytest.raises((socket.timeout, TimeoutError)):
+        conn.getresponse()
+    conn.close()
+    queue = running.server.get("qwen").queue
+    deadline = time.time() + 10
+    while queue.depth() and time.time() < deadline:
+        time.sleep(0.05)
+    assert queue.depth() == 0 and rounds[0] < 40  # stopped well before its 63 decode rounds

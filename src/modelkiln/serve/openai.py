@@ -35,6 +35,7 @@ from modelkiln.serve.generation import ChatJob, ChatResult
 from modelkiln.serve.server import ModelServer
 
 ROLES = ("system", "user", "assistant")
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed chat checks that its client is there
 UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format")
 
 
@@ -206,7 +207,7 @@ def routes(
             if req.stream:
                 return _stream(server, req, cid, metrics)
             future = server.chat(name, req.job)
-            result = await asyncio.wrap_future(future)
+            result = await _unless_disconnected(request, req.job, asyncio.wrap_future(future))
         except Exception as exc:  # noqa: BLE001 - every failure is answered
             metrics.failure.labels(name, "", type(exc).__name__).inc()
             return openai_error(exc, status_of(exc))
@@ -221,6 +222,19 @@ def routes(
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models),
     ]
+
+
+async def _unless_disconnected(request: Request, job: ChatJob, answer: Awaitable[ChatResult]) -> ChatResult:
+    """The chat's result; if the client goes away first, the chat is cancelled (it stops at its
+    next decode round) and its result, a short "cancelled" one, goes nowhere."""
+    answer = asyncio.ensure_future(answer)
+    while True:
+        done, _ = await asyncio.wait({answer}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return answer.result()
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return await answer
 
 
 def _stream(server: ModelServer, req: ChatRequest, cid: str, metrics: Any) -> Response:
