@@ -32,6 +32,7 @@ import torch
 from modelkiln.bench.runner import machine_info
 from modelkiln.export.qwen_vl import export_decoder_step, export_embed, step_spec
 from modelkiln.genai.engine import Engine
+from modelkiln.genai.measure import SETTLE_S, teacher_forced, timed_greedy
 from modelkiln.graph.manager import PassManager
 from modelkiln.graph.pipeline import build_pipeline
 from modelkiln.quant.config import QuantConfig, WeightKernel
@@ -42,9 +43,6 @@ SIZES = {
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2},
     "mid": {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 2},
 }
-#: Pause before each timed run: torch's OpenMP workers and ONNX Runtime's pool spin for a while
-#: after their last job, and on 2 cores a spinning neighbour doubles the next run's first token.
-SETTLE_S = 0.5
 PROMPT = "Tell me a long story about the harbour, the ships and the old town by the sea."
 
 
@@ -75,16 +73,8 @@ def torch_run(model, ids: list[int], new: int) -> tuple[float, float, list[int]]
 
 
 def ours_run(engine: Engine, ids: list[int], new: int) -> tuple[float, float, list[int]]:
-    times: list[float] = []
-    start = time.perf_counter()
     positions = np.broadcast_to(np.arange(len(ids), dtype=np.int64), (3, len(ids)))
-    gen = engine.start(engine.embed(np.asarray(ids)), positions, 0, new)
-    gen.stop = set()
-    while not gen.done:
-        gen.step()
-        times.append(time.perf_counter())
-    gen.close()
-    return _rates(start, times) + (gen.tokens,)
+    return timed_greedy(engine, engine.embed(np.asarray(ids)), positions, 0, new)
 
 
 def _rates(start: float, times: list[float]) -> tuple[float, float]:
@@ -92,27 +82,16 @@ def _rates(start: float, times: list[float]) -> tuple[float, float]:
     return ttft_ms, (len(times) - 1) / (times[-1] - times[0])
 
 
-def teacher_forced_quality(variants: dict, path: list[int], ids: list[int], table: np.ndarray) -> dict:
-    """W8 vs FP32 along the FP32 greedy path (both fed the same tokens): logit cosine per step and
-    how often the W8 argmax equals the FP32 one."""
-    engines = [variants["ours_fp32"].args[0], variants["ours_w8"].args[0]]
+def w8_quality(variants: dict, ids: list[int], table: np.ndarray, steps: int) -> dict:
+    """W8 vs FP32 along the FP32 greedy path (both fed the same tokens): genai.measure.teacher_forced."""
     positions = np.broadcast_to(np.arange(len(ids), dtype=np.int64), (3, len(ids)))
-    gens = [e.start(table[ids], positions, 0, len(path)) for e in engines]
-    cosines, same = [], 0
-    for token in path:
-        logits = []
-        for g in gens:
-            g.step(force=token)
-            logits.append(g.logits[0, -1].copy())
-        a, b = logits
-        cosines.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
-        same += int(a.argmax() == b.argmax())
-    for g in gens:
-        g.close()
+    q = teacher_forced(
+        variants["ours_fp32"].args[0], variants["ours_w8"].args[0], [(table[ids], positions, 0)], steps
+    )
     return {
-        "w8_logit_cosine_mean": round(float(np.mean(cosines)), 6),
-        "w8_logit_cosine_min": round(float(np.min(cosines)), 6),
-        "w8_teacher_forced_top1_agreement": round(same / len(path), 3),
+        "w8_logit_cosine_mean": q["logit_cosine_mean"],
+        "w8_logit_cosine_min": q["logit_cosine_min"],
+        "w8_teacher_forced_top1_agreement": q["top1_agreement"],
     }
 
 
@@ -165,7 +144,7 @@ def bench_size(name: str, rounds: int, new: int, threads: int) -> list[dict]:
         for k, run in variants.items():
             time.sleep(SETTLE_S)  # the previous variant's spinning worker threads park first
             results[k].append(run())
-    quality = teacher_forced_quality(variants, results["ours_fp32"][0][2], ids, table)
+    quality = w8_quality(variants, ids, table, new)
     pool_mb = preallocated_mb(variants["ours_fp32"].args[0], table, ids, 1000)
     spec = step_spec(model)
     kv_per_token = 2 * spec.layers * spec.kv_heads * spec.head_dim * 4

@@ -52,6 +52,8 @@ def deploy_cmd(
         summary = deploy(opts, status=lambda text: status.update(text))
     from rich.table import Table
 
+    if summary.task == "generation":
+        return _print_chat(summary, out)
     from modelkiln.deploy.report import table_rows
 
     head, rows = table_rows(summary)
@@ -65,3 +67,27 @@ def deploy_cmd(
         console.print(note, style="yellow")
     console.print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}")
     console.print(f"serve it: kiln serve {out / 'repository'}   (Triton: {out / 'triton'})")
+
+
+def _print_chat(summary, out: Path) -> None:
+    """The chat-model deployment: speed and INT8 quality per precision."""
+    from rich.table import Table
+
+    table = Table(title=f"{summary.model}: deployment")
+    for h in ("precision", "decoder MB", "first token ms", "decode tok/s", "cosine vs fp32", "top-1 agree"):
+        table.add_column(h, justify="left" if h == "precision" else "right")
+    for name, p in summary.precisions.items():
+        b, q = p.get("bench", {}), p.get("quality") or {}
+        table.add_row(
+            name,
+            str(p.get("size_mb", "")),
+            str(b.get("ttft_ms_median", "")),
+            str(b.get("decode_tok_s_median", "")),
+            f"{q['logit_cosine_mean']:.5f}" if q else "-",
+            f"{q['top1_agreement']:.1%}" if q else "-",
+        )
+    console.print(table)
+    for note in summary.notes:
+        console.print(note, style="yellow")
+    console.print(f"wrote {out / 'report.md'}, {out / 'summary.json'}")
+    console.print(f"serve it: kiln serve {out / 'repository'}   (POST /v1/chat/completions)")

@@ -99,6 +99,14 @@ class Stages:
 
 def deploy(opts: DeployOptions, status: Any = None) -> DeploySummary:
     """Run every stage; returns the summary also written to ``OUT/summary.json``."""
+    if Path(opts.model).suffix != ".onnx":
+        from modelkiln import zoo
+
+        entry = zoo.get(opts.model)
+        if entry.task == "generation":  # a chat model: its own stages (deploy/genai.py)
+            from modelkiln.deploy.genai import deploy_genai
+
+            return deploy_genai(opts, entry, status)
     out = opts.out
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)

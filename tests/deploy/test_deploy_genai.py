@@ -1,0 +1,38 @@
+"""kiln deploy for a chat model: folder exported, INT8 decoder built and compared with FP32 on the
+same tokens, both timed, a repository kiln serve answers chats from, and a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+
+def test_deploying_a_chat_model(tmp_path: Path) -> None:
+    from modelkiln.deploy import DeployOptions, deploy
+    from modelkiln.serve.generation import ChatJob
+    from modelkiln.serve.server import ModelServer
+
+    summary = deploy(DeployOptions("qwen2-vl-tiny", tmp_path / "out", precisions=("fp32", "int8")))
+    assert list(summary.stages) == ["export", "int8", "compare", "bench", "repository", "report"]
+    quality = summary.precisions["int8"]["quality"]
+    assert 0.999 < quality["logit_cosine_mean"] < 1.0 and quality["steps"] == 96
+    for p in ("fp32", "int8"):
+        assert summary.precisions[p]["bench"]["decode_tok_s_median"] > 0
+    assert summary.precisions["int8"]["size_mb"] < summary.precisions["fp32"]["size_mb"] / 2
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"{quality['logit_cosine_mean']:.5f}" in report
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["task"] == "generation"
+    server = ModelServer(str(tmp_path / "out" / "repository"), cores=2)
+    server.load_all()
+    try:
+        assert server.generative() == ["qwen2_vl_tiny"]
+        assert server.get("qwen2_vl_tiny").model.config.genai.decoder == "decoder.int8.onnx"
+        job = ChatJob([{"role": "user", "content": "Hello there."}], [], 6)
+        assert server.chat("qwen2_vl_tiny", job).result(timeout=60).completion_tokens >= 1
+    finally:
+        server.shutdown()
