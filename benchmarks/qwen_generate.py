@@ -106,10 +106,12 @@ def preallocated_mb(engine: Engine, table: np.ndarray, ids: list[int], context: 
     return round(taken / 2**20, 2)
 
 
-def bench_size(name: str, rounds: int, new: int, threads: int) -> list[dict]:
+def bench_size(name: str, rounds: int, new: int, threads: int, repeat: int = 1) -> list[dict]:
+    """``repeat``: the prompt's text repeated that many times (long-context runs)."""
     torch.set_num_threads(threads)
     model, processor = build_tiny(seed=1, **SIZES[name])
-    text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    content = " ".join([PROMPT] * repeat)
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     ids = processor.tokenizer(text).input_ids
     tmp = Path(tempfile.mkdtemp(prefix="kiln-qwen-bench-"))
     export_decoder_step(model, tmp / "decoder.raw.onnx")
@@ -196,11 +198,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="Repeat the prompt text (long contexts).")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qwen_generate.jsonl")
     args = ap.parse_args()
     with args.out.open("w") as f:
         for size in args.sizes.split(","):
-            for row in bench_size(size, args.rounds, args.new, args.threads):
+            for row in bench_size(size, args.rounds, args.new, args.threads, args.repeat):
                 line = json.dumps(row)
                 print(line, flush=True)
                 f.write(line + "\n")
