@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,14 @@ from pathlib import Path
 import torch
 
 
-def kiln(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def kiln(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "modelkiln", *args],
         capture_output=True,
         text=True,
         check=False,
         cwd=cwd,
+        input=stdin,
         env={**os.environ, "COLUMNS": "200"},
     )
 
@@ -145,5 +147,9 @@ def test_chat_tiny_with_an_image_end_to_end(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()  # random weights: some text, streamed
+    talk = kiln("chat", "qwen2-vl-tiny", "--max-new-tokens", "4", stdin="Hello there.\nAnd the harbour?\n\n")
+    assert talk.returncode == 0, talk.stderr
+    stats = re.findall(r"after a (\d+)-token prompt", talk.stderr)
+    assert len(stats) == 2 and int(stats[1]) > int(stats[0]) + 4  # the second turn carries the first
     bad = kiln("chat", "qwen2-vl-tiny", "  ")
     assert bad.returncode == 1 and "prompt is empty" in bad.stderr and "Traceback" not in bad.stderr

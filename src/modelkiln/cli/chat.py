@@ -1,4 +1,5 @@
-"""``kiln chat MODEL PROMPT [--image F]``: answer streamed to the terminal."""
+"""``kiln chat MODEL [PROMPT] [--image F]``: answer streamed to the terminal; without a prompt, a
+conversation read from stdin (each line a turn, the whole conversation the context)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def chat_cmd(
         ...,
         help="An exported folder (kiln export qwen2-vl…), qwen2-vl-tiny / qwen2.5-vl-tiny, or a weights folder.",
     ),
-    prompt: str = typer.Argument(..., help="What to ask."),
+    prompt: str = typer.Argument(None, help="What to ask; omit for a conversation on stdin."),
     image: Path = typer.Option(None, "--image", help="An image to ask about."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest answer in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; > 0 samples."),
@@ -27,9 +28,10 @@ def chat_cmd(
 ) -> None:
     """Chat with a Qwen2-VL model on ONNX Runtime (our decoder step, vision encoder and KV cache)."""
     from modelkiln.genai.chat import ChatModel
+    from modelkiln.genai.engine import Sampling
     from modelkiln.genai.images import read_rgb
 
-    if not prompt.strip():
+    if prompt is not None and not prompt.strip():
         from modelkiln.errors import BadInput
 
         raise BadInput("chat: the prompt is empty")
@@ -37,14 +39,44 @@ def chat_cmd(
         read_rgb(image)  # bad images fail before the model is built
     with err_console.status(f"loading {model}…"):
         chat = ChatModel.open(model, decoder, threads)
-    chat.reply(
-        prompt,
-        image,
+    sampling = Sampling(temperature, top_p, seed)
+    if prompt is not None:
+        _turn(chat, [], [], prompt, image, max_new_tokens, sampling)
+    else:
+        _conversation(chat, image, max_new_tokens, sampling)
+
+
+def _turn(chat, messages: list, images: list, text: str, image, max_new_tokens: int, sampling) -> str:
+    """One user turn: the answer streamed to stdout, stats to stderr; both turns kept in ``messages``."""
+    from modelkiln.genai.chat import add_turn
+
+    add_turn(messages, images, text, image)
+    answer = chat.answer(
+        messages,
+        images,
         max_new_tokens,
-        temperature,
-        top_p,
-        seed,
+        sampling,
         on_text=lambda piece: console.print(piece, end="", highlight=False, markup=False, soft_wrap=True),
     )
     console.print()
     err_console.print(f"[dim]{chat.last_stats}[/]")
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return answer
+
+
+def _conversation(chat, image, max_new_tokens: int, sampling) -> None:
+    """Read user turns from stdin until EOF or an empty line; --image goes with the first turn.
+    The whole conversation is the prompt of every answer."""
+    import sys
+
+    messages: list = []
+    images: list = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            err_console.print("[bold]you>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        _turn(chat, messages, images, line.strip(), image, max_new_tokens, sampling)
+        image = None

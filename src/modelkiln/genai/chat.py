@@ -155,17 +155,25 @@ class ChatModel:
         on_text: Callable[[str], None] | None = None,
     ) -> str:
         """One user turn (optionally about an image file); ``on_text`` gets each new piece of text."""
-        from modelkiln.genai.images import read_rgb
-
         if not prompt or not prompt.strip():
             raise BadInput("chat: the prompt is empty")
-        content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
-        images = [read_rgb(image)] if image is not None else []
-        if images:
-            content.insert(0, {"type": "image"})
+        messages, images = [], []
+        add_turn(messages, images, prompt, image)
+        return self.answer(messages, images, max_new_tokens, Sampling(temperature, top_p, seed), on_text)
+
+    def answer(
+        self,
+        messages: Sequence[dict[str, Any]],
+        images: Sequence[np.ndarray] = (),
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """The assistant's next turn after ``messages`` (a whole conversation: the prompt is
+        rebuilt from all of it), streamed to ``on_text``; stats in ``last_stats``."""
         began = time.perf_counter()
-        prompt_in = self.prompt([{"role": "user", "content": content}], images)
-        gen = self.start(prompt_in, max_new_tokens, Sampling(temperature, top_p, seed))
+        prompt_in = self.prompt(messages, images)
+        gen = self.start(prompt_in, max_new_tokens, sampling)
         stream = TextStream(self.tokenizer, self.stop)
         times: list[float] = []
         try:
@@ -182,6 +190,19 @@ class ChatModel:
         rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
         self.last_stats = ReplyStats(prompt_in.tokens, len(times), times[0] - began, rate)
         return stream.text
+
+
+def add_turn(
+    messages: list[dict[str, Any]], images: list[np.ndarray], text: str, image: str | Path | None = None
+) -> None:
+    """Append a user turn (text, optionally about an image file) to a conversation."""
+    from modelkiln.genai.images import read_rgb
+
+    content: list[dict[str, str]] = [{"type": "text", "text": text}]
+    if image is not None:
+        images.append(read_rgb(image))
+        content.insert(0, {"type": "image"})
+    messages.append({"role": "user", "content": content})
 
 
 @dataclass(frozen=True)
