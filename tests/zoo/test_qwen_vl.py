@@ -334,3 +334,15 @@ def test_qwen2_5_vl_tiny_exports_and_generates_like_transformers(tmp_path: Path)
         assert _greedy_ours(chat, messages, images, 10) == _greedy_reference(
             reference, chat, messages, images, 10
         )
+
+
+def test_images_declaring_too_many_pixels_are_refused_before_decoding(monkeypatch) -> None:
+    import cv2
+
+    from modelkiln.genai import images
+
+    _, png = cv2.imencode(".png", np.zeros((100, 120, 3), np.uint8))
+    assert images.decode_rgb(png.tobytes(), "small.png").shape == (100, 120, 3)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100 * 119)
+    with pytest.raises(BadInput, match=r"bomb.png is 120x100 pixels; the limit is 11900"):
+        images.decode_rgb(png.tobytes(), "bomb.png")

@@ -35,10 +35,17 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return decode_rgb(path.read_bytes(), str(path))
 
 
+#: Largest image we decode (pixels). A few KB of PNG can declare 50 000 x 50 000 pixels; the
+#: header is read first so such a file is refused before anything is allocated for it.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 def decode_rgb(data: bytes, source: str) -> np.ndarray:
-    """Encoded image bytes as RGB uint8; BadInput naming ``source`` when they do not decode."""
+    """Encoded image bytes as RGB uint8; BadInput naming ``source`` when they do not decode or
+    declare more than MAX_IMAGE_PIXELS."""
     import cv2
 
+    _check_size(data, source)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         raise BadInput(f"chat: cannot decode image {source} (corrupt or not an image)")
@@ -58,3 +65,22 @@ def resize_to_bucket(image: np.ndarray, buckets: Sequence[tuple[int, int]]) -> n
     if image.shape[:2] == (h, w):
         return image
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+
+
+def _check_size(data: bytes, source: str) -> None:
+    """Refuse images whose header declares too many pixels (read by Pillow without decoding)."""
+    try:
+        from PIL import Image
+    except ImportError:  # without Pillow, OpenCV's own limit (2^30 pixels) is the only bound
+        return
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: OpenCV decides below
+        return
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadInput(
+            f"chat: image {source} is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS} pixels"
+        )
