@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -21,6 +22,7 @@ def test_deploying_a_chat_model(tmp_path: Path) -> None:
     assert list(summary.stages) == ["export", "int8", "compare", "bench", "repository", "report"]
     quality = summary.precisions["int8"]["quality"]
     assert 0.999 < quality["logit_cosine_mean"] < 1.0 and quality["steps"] == 96
+    assert 0.999 < summary.precisions["int8"]["vision_cosine_min"] < 1.0
     for p in ("fp32", "int8"):
         assert summary.precisions[p]["bench"]["decode_tok_s_median"] > 0
     assert summary.precisions["int8"]["size_mb"] < summary.precisions["fp32"]["size_mb"] / 2
@@ -31,8 +33,13 @@ def test_deploying_a_chat_model(tmp_path: Path) -> None:
     server.load_all()
     try:
         assert server.generative() == ["qwen2_vl_tiny"]
-        assert server.get("qwen2_vl_tiny").model.config.genai.decoder == "decoder.int8.onnx"
+        genai = server.get("qwen2_vl_tiny").model.config.genai
+        assert genai.decoder == "decoder.int8.onnx" and genai.vision_int8
         job = ChatJob([{"role": "user", "content": "Hello there."}], [], 6)
         assert server.chat("qwen2_vl_tiny", job).result(timeout=60).completion_tokens >= 1
+        image = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
+        content = [{"type": "image"}, {"type": "text", "text": "Describe it."}]
+        job = ChatJob([{"role": "user", "content": content}], [image], 6)  # through the INT8 vision graph
+        assert server.chat("qwen2_vl_tiny", job).result(timeout=60).prompt_tokens > 16
     finally:
         server.shutdown()

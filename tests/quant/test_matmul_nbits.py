@@ -77,3 +77,31 @@ def test_block_size_and_kernel_are_validated() -> None:
         QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS, block_size=24)
     with pytest.raises(ConfigError, match="weight-only"):
         QuantConfig(weight_kernel=WeightKernel.MATMUL_NBITS)
+
+
+def test_a_linear_gemm_becomes_matmulnbits_and_a_scaled_one_does_not(tmp_path: Path) -> None:
+    """torch's Linear on 2-D input exports as Gemm(transB=1) with a bias: that is a MatMulNBits;
+    a Gemm with alpha != 1 is not a plain linear layer and keeps the dequantize path."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 48)).astype(np.float32) * 0.2  # [N, K] as transB=1 stores it
+    b = rng.standard_normal(40).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="linear", transB=1),
+        helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], name="scaled", transB=1, alpha=0.5),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (b, "b"), (w[:, :40], "w2"), (b, "b2"))]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 48])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 40])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    quantize(tmp_path / "g.onnx", tmp_path / "w8.onnx", None, config=NBITS)
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "w8.onnx").graph.node)
+    assert ops["MatMulNBits"] == 1 and ops["Gemm"] == 1 and ops["DequantizeLinear"] == 1
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    ref = ort_session(tmp_path / "g.onnx").run(None, {"x": x})[0]
+    got = ort_session(tmp_path / "w8.onnx").run(None, {"x": x})[0]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999

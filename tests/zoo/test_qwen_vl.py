@@ -279,6 +279,14 @@ def test_chat_refuses_bad_input_clearly(chat, tmp_path: Path) -> None:
         chat.prompt(_messages("What is this?", 1), [])
 
 
+def test_int8_vision_graphs_are_asked_for_by_name(exported: Path) -> None:
+    from modelkiln.errors import ModelNotFound
+    from modelkiln.genai.chat import ChatModel
+
+    with pytest.raises(ModelNotFound, match=r"vision_112x112.int8.onnx not found .*kiln quantize"):
+        ChatModel(exported, vision_int8=True)
+
+
 def test_batched_decode_gives_each_sequence_its_own_answer(chat) -> None:
     """Continuous batching: sequences of different lengths (and sampling settings) decoded in one
     step each produce exactly what they produce alone; batch buffers go back to the pool."""

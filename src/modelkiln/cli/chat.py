@@ -25,6 +25,11 @@ def chat_cmd(
         None, "--decoder", help="Decoder file in the folder to use instead (e.g. an INT8 one)."
     ),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
+    vision_int8: bool = typer.Option(
+        False,
+        "--vision-int8",
+        help="Use the folder's weight-only INT8 vision graphs (kiln deploy writes them).",
+    ),
 ) -> None:
     """Chat with a Qwen2-VL model on ONNX Runtime (our decoder step, vision encoder and KV cache)."""
     from modelkiln.genai.chat import ChatModel
@@ -38,7 +43,7 @@ def chat_cmd(
     if image is not None:
         read_rgb(image)  # bad images fail before the model is built
     with err_console.status(f"loading {model}…"):
-        chat = ChatModel.open(model, decoder, threads)
+        chat = ChatModel.open(model, decoder, threads, vision_int8)
     sampling = Sampling(temperature, top_p, seed)
     if prompt is not None:
         _turn(chat, [], [], prompt, image, max_new_tokens, sampling)

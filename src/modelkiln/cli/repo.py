@@ -32,6 +32,11 @@ def add(
     max_sequences: int = typer.Option(4, "--max-sequences", help="Chat models: sequences decoding at once."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Chat models: most tokens per answer."),
     decoder: str = typer.Option(None, "--decoder", help="Chat models: decoder file in the folder to serve."),
+    vision_int8: bool = typer.Option(
+        False,
+        "--vision-int8",
+        help="Chat models: serve the folder's INT8 vision graphs (vision_*.int8.onnx).",
+    ),
     continuous: bool = typer.Option(
         True, "--continuous-batching/--no-continuous-batching", help="Chat models: decode sequences together."
     ),
@@ -56,7 +61,7 @@ def add(
         threads_per_instance=threads,
         priority=priority,
         backend="genai" if genai else "onnxruntime",
-        genai=GenAIConfig(max_sequences, max_new_tokens, decoder, continuous) if genai else None,
+        genai=GenAIConfig(max_sequences, max_new_tokens, decoder, continuous, vision_int8) if genai else None,
     )
     folder = repository / name
     existing = (

@@ -1,7 +1,8 @@
 """``kiln deploy`` for chat models (qwen2-vl, qwen2.5-vl, their -tiny): export the folder (every
-graph parity-checked), weight-only INT8 of the decoder (MatMulNBits, per channel), quality of INT8
-vs FP32 fed the same tokens, time to first token and decode rate of both, a kiln serve repository
-(served at /v1/chat/completions) and a report."""
+graph parity-checked), weight-only INT8 of the decoder and the vision graphs (MatMulNBits, per
+channel), quality of INT8 vs FP32 (decoder fed the same tokens; vision embeddings), time to first
+token and decode rate of both, a kiln serve repository (served at /v1/chat/completions) and a
+report."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def deploy_genai(opts: DeployOptions, entry: ZooModel, status: Any = None) -> De
 
             config = QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS)
             quantize(folder / "decoder.onnx", folder / "decoder.int8.onnx", None, config=config)
+            for graph in _vision_graphs(folder):
+                quantize(graph, graph.with_suffix(".int8.onnx"), None, config=config)
             decoders["int8"] = "decoder.int8.onnx"
             summary.files["int8"] = str(folder / "decoder.int8.onnx")
             summary.int8 = {"kernel": "MatMulNBits (8-bit, per output channel, accuracy level 4)"}
@@ -59,6 +62,7 @@ def deploy_genai(opts: DeployOptions, entry: ZooModel, status: Any = None) -> De
             summary.precisions.setdefault("int8", {})["quality"] = teacher_forced(
                 engines["fp32"], engines["int8"], prompts, NEW_TOKENS
             )
+            summary.precisions["int8"]["vision_cosine_min"] = _vision_cosine(folder)
     with stage("bench"):
         from modelkiln.genai.measure import speed
 
@@ -90,8 +94,31 @@ def _engines(folder: Path, decoders: dict[str, str]) -> tuple[dict[str, Any], li
     return engines, prompts
 
 
+def _vision_graphs(folder: Path) -> list[Path]:
+    spec = json.loads((folder / "genai.json").read_text(encoding="utf-8"))
+    return [folder / f for f in spec["vision"].values()]
+
+
+def _vision_cosine(folder: Path, seed: int = 0) -> float:
+    """Worst cosine of INT8 to FP32 image embeddings over the buckets (random pixel input)."""
+    import numpy as np
+
+    from modelkiln.runtime.session import ort_session
+
+    rng = np.random.default_rng(seed)
+    worst = 1.0
+    for graph in _vision_graphs(folder):
+        fp32, int8 = ort_session(graph), ort_session(graph.with_suffix(".int8.onnx"))
+        shape = [int(d) for d in fp32.get_inputs()[0].shape]
+        x = {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
+        a, b = fp32.run(None, x)[0].ravel(), int8.run(None, x)[0].ravel()
+        worst = min(worst, float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    return round(worst, 6)
+
+
 def _repository(out: Path, folder: Path, entry: ZooModel, decoders: dict[str, str]) -> Path:
-    """``OUT/repository/<name>``: the folder as version 1, serving the INT8 decoder when there is one."""
+    """``OUT/repository/<name>``: the folder as version 1, serving the INT8 decoder and vision
+    graphs when there are some."""
     from modelkiln.serve.config import GenAIConfig, ModelConfig, dump_config
 
     name = entry.name.replace("-", "_").replace(".", "_")
@@ -103,7 +130,7 @@ def _repository(out: Path, folder: Path, entry: ZooModel, decoders: dict[str, st
         name,
         backend="genai",
         threads_per_instance=os.cpu_count() or 1,
-        genai=GenAIConfig(decoder=decoders.get("int8")),
+        genai=GenAIConfig(decoder=decoders.get("int8"), vision_int8="int8" in decoders),
     )
     (target / "config.yaml").write_text(dump_config(config))
     return target
@@ -125,6 +152,8 @@ def _report(out: Path, summary: DeploySummary) -> Path:
             if quality
             else "reference | reference"
         )
+        if "vision_cosine_min" in p:
+            q += f" (vision embeddings cosine >= {p['vision_cosine_min']:.5f})"
         lines.append(
             f"| {name} | {p.get('size_mb', '')} | {bench.get('ttft_ms_median', '')} | "
             f"{bench.get('decode_tok_s_median', '')} | {q} |"

@@ -54,7 +54,10 @@ class ChatModel:
         decoder: str | None = None,
         threads: int | None = None,
         pool: MemoryPool | None = None,
+        vision_int8: bool = False,
     ) -> None:
+        """``vision_int8``: run the weight-only INT8 vision graphs (``vision_HxW.int8.onnx``, written
+        by ``kiln deploy`` or ``kiln quantize --weight-only --kernel matmulnbits``)."""
         folder = Path(folder)
         spec = json.loads((folder / "genai.json").read_text(encoding="utf-8"))
         self.name = spec["model"]
@@ -64,7 +67,9 @@ class ChatModel:
         self.stop, self.image_token = set(spec["stop"]), int(spec["image_token"])
         self.buckets = [tuple(b) for b in spec["buckets"]]
         self.vision = {
-            tuple(int(v) for v in k.split("x")): ort_session(folder / f, threads=threads)
+            tuple(int(v) for v in k.split("x")): ort_session(
+                _vision_file(folder, f, vision_int8), threads=threads
+            )
             for k, f in spec["vision"].items()
         }
         self._embed = ort_session(folder / spec["embed"], threads=1)
@@ -72,12 +77,14 @@ class ChatModel:
         self.last_stats: ReplyStats | None = None  # of the last reply()
 
     @classmethod
-    def open(cls, name: str, decoder: str | None = None, threads: int | None = None) -> ChatModel:
+    def open(
+        cls, name: str, decoder: str | None = None, threads: int | None = None, vision_int8: bool = False
+    ) -> ChatModel:
         """An exported folder, or ``qwen2-vl-tiny`` / a Qwen2-VL weights folder or hub id, exported
         here first (into a temporary folder, parity-checked)."""
         path = Path(name)
         if (path / "genai.json").is_file():
-            return cls(path, decoder, threads)
+            return cls(path, decoder, threads, vision_int8=vision_int8)
         if path.exists() and not (path / "config.json").is_file():
             raise ModelNotFound(
                 f"chat: {name} is neither an exported folder (genai.json) nor a Qwen2-VL folder"
@@ -92,7 +99,7 @@ class ChatModel:
             export(key, out)
         else:
             export(_family_of(path), out, weights=name)
-        return cls(out, decoder, threads)
+        return cls(out, decoder, threads, vision_int8=vision_int8)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [n] -> embeddings [n, hidden] through the exported embedding graph."""
@@ -246,6 +253,18 @@ class TextStream:
         now = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         piece, self.text = now[len(self.text) :], now
         return piece
+
+
+def _vision_file(folder: Path, name: str, int8: bool) -> Path:
+    if not int8:
+        return folder / name
+    path = folder / name.replace(".onnx", ".int8.onnx")
+    if not path.is_file():
+        raise ModelNotFound(
+            f"chat: {path.name} not found in {folder}; write it with `kiln quantize {folder / name} -o {path} "
+            "--weight-only --kernel matmulnbits` (kiln deploy does it for every bucket)"
+        )
+    return path
 
 
 def _family_of(folder: Path) -> str:

@@ -93,6 +93,11 @@ def attr_int(node: ir.Node, name: str, default: int) -> int:
     return attr.as_int() if attr is not None else default
 
 
+def attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return attr.as_float() if attr is not None else default
+
+
 def attr_ints(node: ir.Node, name: str, default: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
     attr = node.attributes.get(name)
     return tuple(attr.as_ints()) if attr is not None else default

@@ -16,7 +16,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from modelkiln.graph.ir_utils import const, new_initializer, replace_value, single_consumer
+from modelkiln.graph.ir_utils import (
+    attr_float,
+    attr_int,
+    const,
+    new_initializer,
+    replace_value,
+    single_consumer,
+)
 
 DOMAIN = "com.microsoft"
 ACCURACY_INT8 = 4
@@ -49,23 +56,43 @@ def unpack_int8_blocks(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
 
 
 def nbits_candidates(model: ir.Model, exclude: tuple[str, ...] = ()) -> list[ir.Node]:
-    """MatMuls with a constant 2-D float32 weight as second input, not excluded."""
+    """MatMuls with a constant 2-D float32 weight as second input, and Gemms that are a plain
+    linear layer (alpha = beta = 1, A not transposed, constant B and [N] bias), not excluded."""
     found = []
     for node in model.graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in exclude:
+        if node.domain not in ("", "ai.onnx") or node.name in exclude or const(node.inputs[0]) is not None:
             continue
-        w = const(node.inputs[1])
-        if w is not None and w.ndim == 2 and w.dtype == np.float32 and const(node.inputs[0]) is None:
-            found.append(node)
+        if node.op_type == "MatMul" or (node.op_type == "Gemm" and _plain_gemm(node)):
+            w = const(node.inputs[1])
+            if w is not None and w.ndim == 2 and w.dtype == np.float32:
+                found.append(node)
     return found
 
 
+def _plain_gemm(node: ir.Node) -> bool:
+    if attr_float(node, "alpha", 1.0) != 1.0 or attr_float(node, "beta", 1.0) != 1.0:
+        return False
+    if attr_int(node, "transA", 0):
+        return False
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = const(node.inputs[2])
+        return bias is not None and bias.ndim == 1 and bias.dtype == np.float32
+    return True
+
+
+def _weight_kn(node: ir.Node) -> np.ndarray:
+    """The weight as [K, N] (a Gemm with transB=1 stores it [N, K], as torch's Linear does)."""
+    w = const(node.inputs[1])
+    return w.T if node.op_type == "Gemm" and attr_int(node, "transB", 0) else w
+
+
 def quantize_matmul_nbits(model: ir.Model, block_size: int = 0, exclude: tuple[str, ...] = ()) -> int:
-    """Replace every candidate MatMul (and its bias Add) with MatMulNBits; returns how many."""
+    """Replace every candidate MatMul (and its bias Add) or Gemm (and its bias) with MatMulNBits;
+    returns how many."""
     graph = model.graph
     count = 0
     for node in nbits_candidates(model, exclude):
-        w = const(node.inputs[1])
+        w = _weight_kn(node)
         k, n = w.shape
         block = block_size or per_channel_block(k)
         b, scales = pack_int8_blocks(w, block)
@@ -75,8 +102,10 @@ def quantize_matmul_nbits(model: ir.Model, block_size: int = 0, exclude: tuple[s
             new_initializer(graph, scales, f"{node.name}_scales"),
         ]
         out = node.outputs[0]
-        add = _bias_add(out, n)
-        if add is not None:
+        add = _bias_add(out, n) if node.op_type == "MatMul" else None
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            inputs += [None, None, node.inputs[2]]
+        elif add is not None:
             bias = next(v for v in add.inputs if v is not out)
             inputs += [None, None, bias]
             out = add.outputs[0]

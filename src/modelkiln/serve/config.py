@@ -92,6 +92,8 @@ class GenAIConfig:
     decoder: str | None = None
     #: Decode all running sequences in one batched step (weights read once per step for all).
     continuous_batching: bool = True
+    #: Run the weight-only INT8 vision graphs (vision_HxW.int8.onnx) of the folder.
+    vision_int8: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequences < 1 or self.max_new_tokens < 1:

@@ -70,7 +70,13 @@ class GenerativeModel:
     def load(cls, config: ModelConfig, version: int, folder: Path, scheduler: Scheduler) -> GenerativeModel:
         from modelkiln.genai.chat import ChatModel
 
-        chat = ChatModel(folder, config.genai.decoder, config.threads_per_instance, scheduler.memory)
+        chat = ChatModel(
+            folder,
+            config.genai.decoder,
+            config.threads_per_instance,
+            scheduler.memory,
+            vision_int8=config.genai.vision_int8,
+        )
         model = cls(config, version, folder, chat)
         if config.warmup:
             gen = chat.start(chat.prompt([{"role": "user", "content": "Hello"}]), 2)
