@@ -26,6 +26,7 @@ from modelkiln.export import export
 from modelkiln.genai.chat import ChatModel
 from modelkiln.genai.engine import Engine
 from modelkiln.genai.measure import SETTLE_S, timed_greedy
+from modelkiln.onnx_io import model_bytes
 from modelkiln.quant.config import QuantConfig, WeightKernel
 from modelkiln.quant.quantize import quantize
 from modelkiln.zoo.qwen_vl import QwenVLFamily, build_tiny
@@ -62,10 +63,8 @@ def main() -> None:
         "peak_rss_gb_after_quantize": round(peak_gb(), 1),
     }
     row["decoder_mb"] = {
-        "fp32": round(
-            ((folder / "decoder.onnx").stat().st_size + (folder / "decoder.onnx.data").stat().st_size) / 1e6
-        ),
-        "w8": round((folder / "decoder.int8.onnx").stat().st_size / 1e6),
+        "fp32": round(model_bytes(folder / "decoder.onnx") / 1e6),
+        "w8": round(model_bytes(folder / "decoder.int8.onnx") / 1e6),
     }
     gc.collect()
     chat = ChatModel(folder, threads=2)

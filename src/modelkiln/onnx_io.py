@@ -25,6 +25,12 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def model_bytes(path: Path) -> int:
+    """Size of a saved model with the ``<name>.data`` weight file ``save_model`` writes beside it."""
+    data = path.parent / f"{path.name}.data"
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Atomic write; models over 1.8 GB keep their weights in ``<name>.data`` beside the file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.deploy.run import DeployOptions, DeploySummary, Stages
+from modelkiln.onnx_io import model_bytes
 from modelkiln.zoo import ZooModel
 
 #: Prompts the INT8 decoder is compared and timed on (text-only chats).
@@ -68,7 +69,7 @@ def deploy_genai(opts: DeployOptions, entry: ZooModel, status: Any = None) -> De
 
         for name, figures in speed(engines, *prompts[0], NEW_TOKENS, ROUNDS).items():
             summary.precisions.setdefault(name, {})["bench"] = figures
-            summary.precisions[name]["size_mb"] = round((folder / decoders[name]).stat().st_size / 1e6, 1)
+            summary.precisions[name]["size_mb"] = round(model_bytes(folder / decoders[name]) / 1e6, 1)
     with stage("repository"):
         summary.files["repository"] = str(_repository(out, folder, entry, decoders))
     with stage("report"):
@@ -173,5 +174,4 @@ def _report(out: Path, summary: DeploySummary) -> Path:
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1, default=str))
-    return path
+    return path  # summary.json: Stages writes it after every stage

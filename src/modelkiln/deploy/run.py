@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from modelkiln.errors import BadInput, KilnError, MissingDependency
+from modelkiln.onnx_io import model_bytes
 from modelkiln.zoo import ZooModel
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def deploy(opts: DeployOptions, status: Any = None) -> DeploySummary:
 
         for name, figures in bench(models, compare_data, entry, opts.bench_seconds).items():
             summary.precisions[name]["bench"] = figures
-            summary.precisions[name]["size_mb"] = models[name].stat().st_size / 1e6
+            summary.precisions[name]["size_mb"] = model_bytes(models[name]) / 1e6
     with stage("repository"):
         summary.files.update(_repositories(out, models, entry, opts.model))
     with stage("report"):

@@ -25,6 +25,7 @@ import numpy as np
 from modelkiln.errors import BadInput, ModelNotFound
 from modelkiln.genai.engine import Engine, Generation, Sampling
 from modelkiln.genai.images import resize_to_bucket
+from modelkiln.genai.measure import decode_rate
 from modelkiln.genai.mrope import mrope_positions
 from modelkiln.genai.processor import QwenVLProcessor
 from modelkiln.runtime.memory_pool import MemoryPool
@@ -119,8 +120,9 @@ class ChatModel:
         ids = inputs["input_ids"]
         embeds = self.embed(ids).copy()
         is_image = ids == self.image_token
+        slots = np.flatnonzero(is_image)  # image k fills the k-th run of image tokens
         grids = [tuple(int(v) for v in g) for g in inputs.get("image_grid_thw", [])]
-        start = 0
+        pixel_row = token = 0
         patch = self.processor.patch_size
         for img, grid in zip(sized, grids, strict=True):
             if grid != (1, img.shape[0] // patch, img.shape[1] // patch):
@@ -128,14 +130,11 @@ class ChatModel:
                     f"chat: the processor made a {grid} patch grid of a {img.shape[:2]} bucket image"
                 )
             patches = int(np.prod(grid))
-            pixels = np.asarray(inputs["pixel_values"][start : start + patches], np.float32)
-            start += patches
-            session = self.vision[img.shape[:2]]
-            out = session.run(None, {"pixel_values": pixels})[0]
-            where = np.flatnonzero(is_image)[: out.shape[0]]
-            is_image[where] = False  # the next image fills the next run of image tokens
-            embeds[where] = out
-        positions, delta = mrope_positions((ids == self.image_token).astype(int).tolist(), grids, self.merge)
+            pixels = np.asarray(inputs["pixel_values"][pixel_row : pixel_row + patches], np.float32)
+            out = self.vision[img.shape[:2]].run(None, {"pixel_values": pixels})[0]
+            embeds[slots[token : token + len(out)]] = out
+            pixel_row, token = pixel_row + patches, token + len(out)
+        positions, delta = mrope_positions(is_image.astype(int).tolist(), grids, self.merge)
         return Prompt(embeds, positions, delta)
 
     def start(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling | None = None) -> Generation:
@@ -182,20 +181,14 @@ class ChatModel:
         prompt_in = self.prompt(messages, images)
         gen = self.start(prompt_in, max_new_tokens, sampling)
         stream = TextStream(self.tokenizer, self.stop)
-        times: list[float] = []
-        try:
-            while not gen.done:
-                piece = stream.push(gen.step())
-                times.append(time.perf_counter())
-                if piece and on_text is not None:
-                    on_text(piece)
-        finally:
-            gen.close()
-        rest = stream.flush()
-        if rest and on_text is not None:
-            on_text(rest)
-        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-        self.last_stats = ReplyStats(prompt_in.tokens, len(times), times[0] - began, rate)
+
+        def show(piece: str) -> None:
+            if piece and on_text is not None:
+                on_text(piece)
+
+        times = gen.run(lambda token: show(stream.push(token)))
+        show(stream.flush())
+        self.last_stats = ReplyStats(prompt_in.tokens, len(times), times[0] - began, decode_rate(times))
         return stream.text
 
 

@@ -9,6 +9,7 @@ one sequence to the end. Greedy or seeded temperature/top-p sampling, stop token
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,13 +105,7 @@ class Engine:
         """Run one sequence to the end; ``on_token`` streams each token as it is chosen; a stop
         token ends generation and is returned last."""
         gen = self.start(embeds, positions, delta, max_new_tokens, stop, Sampling(temperature, top_p, seed))
-        try:
-            while not gen.done:
-                token = gen.step()
-                if on_token is not None:
-                    on_token(token)
-        finally:
-            gen.close()
+        gen.run(on_token)
         return gen.tokens
 
 
@@ -150,10 +145,19 @@ class Generation:
         self._run(self._embeds.shape[1])
         return self.accept(self.logits[0, -1], force)
 
-    @property
-    def prefilled(self) -> bool:
-        """The prompt has run: the next step decodes one token (and may join a batch)."""
-        return bool(self.tokens) and not self.done
+    def run(self, on_token: Callable[[int], None] | None = None) -> list[float]:
+        """Step to the end, handing each token to ``on_token``, then give the buffers back;
+        returns when each token was chosen (``time.perf_counter``), for TTFT and decode rates."""
+        times: list[float] = []
+        try:
+            while not self.done:
+                token = self.step()
+                times.append(time.perf_counter())
+                if on_token is not None:
+                    on_token(token)
+        finally:
+            self.close()
+        return times
 
     def accept(self, logits: np.ndarray, force: int | None = None) -> int:
         """Choose the next token from this step's ``logits`` [vocab] (or take ``force``) and get

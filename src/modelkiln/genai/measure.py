@@ -22,18 +22,16 @@ def timed_greedy(
 ) -> tuple[float, float, list[int]]:
     """(ms to the first token, decode tokens/s after it, tokens) of ``new`` greedy tokens, stop
     tokens ignored so every run decodes the same count."""
-    times: list[float] = []
     start = time.perf_counter()
     gen = engine.start(embeds, positions, delta, new)
     gen.stop = set()
-    try:
-        while not gen.done:
-            gen.step()
-            times.append(time.perf_counter())
-    finally:
-        gen.close()
-    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-    return (times[0] - start) * 1e3, rate, gen.tokens
+    times = gen.run()
+    return (times[0] - start) * 1e3, decode_rate(times), gen.tokens
+
+
+def decode_rate(times: Sequence[float]) -> float:
+    """Tokens per second after the first, from the instants each token was chosen."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
 
 
 def speed(

@@ -79,10 +79,7 @@ class GenerativeModel:
         )
         model = cls(config, version, folder, chat)
         if config.warmup:
-            gen = chat.start(chat.prompt([{"role": "user", "content": "Hello"}]), 2)
-            while not gen.done:
-                gen.step()
-            gen.close()
+            chat.start(chat.prompt([{"role": "user", "content": "Hello"}]), 2).run()
         return model
 
     def validate(self, feed: dict[str, np.ndarray]) -> int:
@@ -186,11 +183,7 @@ class GenerationQueue:
         """One step of one sequence (its prefill; every step without continuous batching)."""
         if state.job.cancelled.is_set():
             return self._finish(state, "cancelled")
-        try:
-            token = state.gen.step()
-        except BaseException:
-            state.gen.close()
-            raise
+        token = state.gen.step()  # an error goes to _with_cores, whose _fail closes the sequence
         if self._took(state, token):
             return
         if not self.batching:

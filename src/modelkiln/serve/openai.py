@@ -181,8 +181,13 @@ def chunk(
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+def error_text(exc: BaseException) -> str:
+    """What a client is told: our errors' own messages; for anything else only its type."""
+    return str(exc) if isinstance(exc, KilnError) else f"internal error: {type(exc).__name__}"
+
+
 def openai_error(exc: BaseException, status: int) -> JSONResponse:
-    message = str(exc) if isinstance(exc, KilnError) else f"internal error: {type(exc).__name__}"
+    message = error_text(exc)
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
 
@@ -255,12 +260,8 @@ def _stream(server: ModelServer, req: ChatRequest, cid: str, metrics: Any) -> Re
                 result = future.result()
             except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band
                 metrics.failure.labels(name, "", type(exc).__name__).inc()
-                message = str(exc) if isinstance(exc, KilnError) else f"internal error: {type(exc).__name__}"
-                yield (
-                    b"data: "
-                    + json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
-                    + b"\n\n"
-                )
+                error = {"error": {"message": error_text(exc), "type": "server_error"}}
+                yield b"data: " + json.dumps(error).encode() + b"\n\n"
             else:
                 metrics.observe_chat(name, result)
                 yield chunk(name, cid, {}, result.finish_reason)

@@ -269,6 +269,42 @@ def vision_module(model: Any, grid_thw: tuple[int, int, int]) -> Any:
     return Vision().eval()
 
 
+def decoder_part(text: Any) -> Part:
+    """The decoder step's inputs and outputs for a transformers text config: inputs_embeds,
+    M-RoPE position_ids [3, B, S], attention_mask [B, past+S], past_key/value_i -> last-position
+    logits, present_key/value_i."""
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = ("batch", text.num_key_value_heads, "past", head_dim)
+    present = ("batch", text.num_key_value_heads, "total", head_dim)
+    names = [f"{kind}_{i}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]
+    return Part(
+        "decoder",
+        (
+            TensorSpec("inputs_embeds", "float32", ("batch", "seq", text.hidden_size)),
+            TensorSpec("position_ids", "int64", (3, "batch", "seq")),
+            TensorSpec("attention_mask", "int64", ("batch", "total")),
+            *(TensorSpec(f"past_{n}", "float32", kv) for n in names),
+        ),
+        (
+            TensorSpec("logits", "float32", ("batch", 1, text.vocab_size)),
+            *(TensorSpec(f"present_{n}", "float32", present) for n in names),
+        ),
+    )
+
+
+def decoder_example(part: Part, batch: int, seq: int, past: int, seed: int) -> dict[str, np.ndarray]:
+    """Random decoder-step inputs: ``seq`` new positions on a ``past``-long cache."""
+    rng = np.random.default_rng(seed)
+    sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+    feed: dict[str, np.ndarray] = {}
+    for spec in part.inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+        feed[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    feed["position_ids"] = np.broadcast_to(np.arange(past, past + seq), (3, batch, seq)).astype(np.int64)
+    feed["attention_mask"] = np.ones((batch, past + seq), np.int64)
+    return feed
+
+
 class QwenVLFamily(ZooModel):
     """``qwen2-vl`` / ``qwen2.5-vl`` (weights: a local folder or hub id) or their ``-tiny`` random
     configurations built here."""
@@ -307,29 +343,12 @@ class QwenVLFamily(ZooModel):
     @property
     def parts(self) -> tuple[Part, ...]:
         t = self._text
-        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        kv = ("batch", t.num_key_value_heads, "past", head_dim)
-        present = ("batch", t.num_key_value_heads, "total", head_dim)
-        names = [f"{kind}_{i}" for i in range(t.num_hidden_layers) for kind in ("key", "value")]
         embed = Part(
             "embed",
             (TensorSpec("input_ids", "int64", ("batch", "seq")),),
             (TensorSpec("inputs_embeds", "float32", ("batch", "seq", t.hidden_size)),),
         )
-        decoder = Part(
-            "decoder",
-            (
-                TensorSpec("inputs_embeds", "float32", ("batch", "seq", t.hidden_size)),
-                TensorSpec("position_ids", "int64", (3, "batch", "seq")),
-                TensorSpec("attention_mask", "int64", ("batch", "total")),
-                *(TensorSpec(f"past_{n}", "float32", kv) for n in names),
-            ),
-            (
-                TensorSpec("logits", "float32", ("batch", 1, t.vocab_size)),
-                *(TensorSpec(f"present_{n}", "float32", present) for n in names),
-            ),
-        )
-        return (embed, decoder, *(self._vision_part(b) for b in self.buckets))
+        return (embed, decoder_part(t), *(self._vision_part(b) for b in self.buckets))
 
     def _vision_part(self, bucket: tuple[int, int]) -> Part:
         v = self._vision
@@ -372,14 +391,7 @@ class QwenVLFamily(ZooModel):
         if part != "decoder":
             return super().example_inputs(part, batch, seed)
         seq, past = ((5, 3), (1, 6), (4, 2), (9, 0))[seed % 4]
-        feed: dict[str, np.ndarray] = {}
-        for spec in self.part("decoder").inputs:
-            sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-            shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
-            feed[spec.name] = rng.standard_normal(shape).astype(np.float32)
-        feed["position_ids"] = np.broadcast_to(np.arange(past, past + seq), (3, batch, seq)).astype(np.int64)
-        feed["attention_mask"] = np.ones((batch, past + seq), np.int64)
-        return feed
+        return decoder_example(self.part("decoder"), batch, seq, past, seed)
 
     def preprocess(self, images: list[np.ndarray]) -> Prepared:
         raise BadInput(
