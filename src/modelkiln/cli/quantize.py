@@ -14,8 +14,9 @@ from rich.table import Table
 
 from modelkiln.errors import BadInput, ConfigError
 from modelkiln.log import console, err_console
-from modelkiln.quant.config import Method, PerChannel, PerTensor, QuantConfig, Target, WeightKernel
+from modelkiln.quant.config import Int8Cpu, Method, PerChannel, PerTensor, QuantConfig, Target, WeightKernel
 from modelkiln.quant.quantize import QuantizeResult
+from modelkiln.runtime.cpu import cpu_info
 
 
 def _enum(kind: type, value: str, option: str):
@@ -58,6 +59,12 @@ def quantize_cmd(
     exclude: list[str] = typer.Option([], "--exclude", help="Node names to keep in float (repeatable)."),
     target: str = typer.Option(
         "cpu", "--target", help="cpu (ONNX Runtime integer kernels) or trt (TensorRT)."
+    ),
+    cpu: str = typer.Option(
+        "portable",
+        "--cpu",
+        help="INT8 format: portable (exact on every x86-64/ARM64 CPU), vnni (fastest, needs "
+        "AVX512-VNNI/AVX-VNNI/AMX or ARM64; saturates on AVX2-only CPUs) or native (best for this CPU).",
     ),
     int8_silu: bool = typer.Option(
         False, "--int8-silu", help="Run SiLU (Sigmoid, Mul) in int8 too: faster, less exact."
@@ -114,6 +121,7 @@ def quantize_cmd(
         percentile=percentile,
         weights=PerTensor() if per_tensor else PerChannel(0),
         target=_enum(Target, target, "--target"),
+        cpu=_enum(Int8Cpu, cpu, "--cpu"),
         exclude=tuple(exclude),
         int8_silu=int8_silu,
         transformer=transformer,
@@ -253,6 +261,10 @@ def _print_result(source: Path, out: Path, result: QuantizeResult, show_kept: bo
         kinds = sorted(set(result.smoothed.values()))
         counts = ", ".join(f"{sum(v == k for v in result.smoothed.values())} {k}" for k in kinds)
         console.print(f"SmoothQuant: {len(result.smoothed)} tensors smoothed ({counts})")
+    if result.int8_format:
+        console.print(
+            f"INT8 format: {result.int8_format}; this CPU: {cpu_info().describe()}", highlight=False
+        )
     console.print(
         f"size {result.size_before / 1e6:.2f} MB -> {result.size_after / 1e6:.2f} MB; wrote [bold]{out}[/]"
     )

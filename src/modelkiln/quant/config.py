@@ -20,6 +20,23 @@ class Target(enum.Enum):
     TRT = "trt"  # TensorRT explicit quantization: int8 symmetric activations
 
 
+class Int8Cpu(enum.Enum):
+    """Which CPUs an ONNX Runtime INT8 model is built for (the integer format it stores).
+
+    x86 CPUs without an int32 dot product (AVX2, AVX-512BW without VNNI) multiply uint8 x int8 with
+    VPMADDUBSW, which adds pairs of products into a saturating int16: full-range int8 weights
+    overflow it. PORTABLE stores weights as uint8 (zero point 128, the same 255-level grid), so
+    ONNX Runtime takes its u8 x u8 kernels, which widen to int16 before multiplying and sum in
+    int32: exact on every x86-64 and ARM64 CPU. VNNI keeps int8 weights for the u8 x s8 kernels:
+    exact and fastest with AVX512-VNNI, AVX-VNNI, AMX-INT8 or on ARM64, saturating elsewhere.
+    NATIVE is resolved when the model is built: VNNI where this CPU has an int32 dot product,
+    else PORTABLE."""
+
+    PORTABLE = "portable"
+    VNNI = "vnni"
+    NATIVE = "native"
+
+
 class WeightKernel(enum.Enum):
     """How a weight-only model computes: DEQUANTIZE (DequantizeLinear + the float op: any runtime,
     TensorRT included) or MATMUL_NBITS (ONNX Runtime's MatMulNBits, 8-bit, integer compute:
@@ -45,6 +62,8 @@ class QuantConfig:
     percentile: float = 99.999
     weights: PerTensor | PerChannel = field(default_factory=PerChannel)
     target: Target = Target.CPU
+    #: INT8 format for ONNX Runtime CPU kernels (ignored for the trt target).
+    cpu: Int8Cpu = Int8Cpu.PORTABLE
     exclude: tuple[str, ...] = ()
     #: A Concat whose input ranges differ by more than this stays float (one 8-bit scale cannot
     #: serve, e.g., pixel boxes and 0-1 scores together).
@@ -76,6 +95,8 @@ class QuantConfig:
             raise ConfigError(f"method must be a Method, got {self.method!r}")
         if not isinstance(self.target, Target):
             raise ConfigError(f"target must be a Target, got {self.target!r}")
+        if not isinstance(self.cpu, Int8Cpu):
+            raise ConfigError(f"cpu must be an Int8Cpu, got {self.cpu!r}")
         if not isinstance(self.weights, (PerTensor, PerChannel)):
             raise ConfigError(f"weights must be PerTensor() or PerChannel(axis), got {self.weights!r}")
         if not 50.0 < self.percentile <= 100.0:

@@ -16,7 +16,8 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.ir_utils import const, new_initializer
-from modelkiln.quant.config import PerChannel, QuantConfig
+from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig
+from modelkiln.quant.formats import weight_dtype
 from modelkiln.quant.primitives import quantize, weight_qparams
 
 
@@ -37,9 +38,11 @@ def dynamic_candidates(model: ir.Model, config: QuantConfig) -> list[ir.Node]:
 
 
 def quantize_dynamic_matmuls(
-    model: ir.Model, config: QuantConfig, only: str | set[str] | None = None
+    model: ir.Model, config: QuantConfig, only: str | set[str] | None = None, fmt: Int8Cpu = Int8Cpu.PORTABLE
 ) -> Counter:
-    """Rewrite the candidates (or just those named in ``only``) in place; counts by op type."""
+    """Rewrite the candidates (or just those named in ``only``) in place, weights stored as ``fmt``
+    needs (uint8 for PORTABLE: the activations are full-range uint8 here, see quant/formats.py);
+    counts by op type."""
     if isinstance(only, str):
         only = {only}
     graph = model.graph
@@ -57,20 +60,26 @@ def quantize_dynamic_matmuls(
             graph.insert_before(node, dq)
             shared[x.name] = tuple(dq.outputs)
         xq, xs, xz = shared[x.name]
-        _rewrite(graph, node, xq, xs, xz, per_channel)
+        _rewrite(graph, node, xq, xs, xz, per_channel, weight_dtype(config, fmt))
         count += 1
     graph.sort()
     return Counter({"MatMulInteger": count}) if count else Counter()
 
 
 def _rewrite(
-    graph: ir.Graph, node: ir.Node, xq: ir.Value, xs: ir.Value, xz: ir.Value, per_channel: bool
+    graph: ir.Graph,
+    node: ir.Node,
+    xq: ir.Value,
+    xs: ir.Value,
+    xz: ir.Value,
+    per_channel: bool,
+    dtype: type = np.int8,
 ) -> None:
     w = const(node.inputs[1])
-    qp = weight_qparams(w, 1 if per_channel else None)
+    qp = weight_qparams(w, 1 if per_channel else None, dtype)
     hint = node.inputs[1].name
     wq = new_initializer(graph, quantize(w, qp), f"{hint}_quantized")
-    wz = new_initializer(graph, np.zeros(qp.scale.shape, np.int8), f"{hint}_zero_point")
+    wz = new_initializer(graph, np.asarray(qp.zero_point), f"{hint}_zero_point")
     ws = new_initializer(graph, np.asarray(qp.scale, np.float32), f"{hint}_scale")
     name = node.name
     mm = ir.Node("", "MatMulInteger", [xq, wq, xz, wz], num_outputs=1, name=f"{name}_MatMulInteger")

@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from modelkiln.graph.ir_utils import const, new_initializer
 from modelkiln.quant.calibrators.base import Range
-from modelkiln.quant.config import PerChannel, QuantConfig, Target
+from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig, Target
+from modelkiln.quant.formats import weight_dtype
 from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams, quantize, weight_qparams
 from modelkiln.quant.rules import (
     ACTIVATIONS,
@@ -244,8 +245,14 @@ def _group_ranges(plan: Plan, ranges: dict[str, Range]) -> dict[str, Range]:
     return merged
 
 
-def emit(model: ir.Model, plan: Plan, ranges: dict[str, Range], config: QuantConfig) -> Counter:
-    """Insert Q/DQ for the plan; returns counts of quantized ops by type."""
+def emit(
+    model: ir.Model,
+    plan: Plan,
+    ranges: dict[str, Range],
+    config: QuantConfig,
+    fmt: Int8Cpu = Int8Cpu.PORTABLE,
+) -> Counter:
+    """Insert Q/DQ for the plan, weights stored as ``fmt`` needs; returns counts of quantized ops by type."""
     graph = model.graph
     act_dtype = np.int8 if config.symmetric_activations else np.uint8
     group_ranges = _group_ranges(plan, ranges)
@@ -262,11 +269,13 @@ def emit(model: ir.Model, plan: Plan, ranges: dict[str, Range], config: QuantCon
     per_channel = isinstance(config.weights, PerChannel)
     weight_qp: dict[int, QParams] = {}
     shared: dict[tuple[int, int | None], tuple[ir.Value, QParams]] = {}  # one DQ per shared weight
+    floors = _bias_scale_floors(plan, act_qp, per_channel)
+    wdtype = weight_dtype(config, fmt)
     for node, idx, axis in plan.weights:
         axis = axis if per_channel else None
         key = (id(node.inputs[idx]), axis)
         if key not in shared:
-            shared[key] = quantize_weight(graph, node, idx, axis)
+            shared[key] = quantize_weight(graph, node, idx, axis, wdtype, floors.get(id(node)))
         dq_out, qp = shared[key]
         node.replace_input_with(idx, dq_out)
         weight_qp[id(node)] = qp
@@ -330,19 +339,60 @@ def _insert_qdq(
     return dq_out
 
 
-def quantize_weight(graph: ir.Graph, node: ir.Node, idx: int, axis: int | None) -> tuple[ir.Value, QParams]:
-    """Replace constant input ``idx`` of ``node`` by int8 (per channel along ``axis``) -> DequantizeLinear."""
+def quantize_weight(
+    graph: ir.Graph,
+    node: ir.Node,
+    idx: int,
+    axis: int | None,
+    dtype: type = np.int8,
+    min_scale: np.ndarray | None = None,
+) -> tuple[ir.Value, QParams]:
+    """Replace constant input ``idx`` of ``node`` by int8/uint8 (symmetric, per channel along ``axis``)
+    -> DequantizeLinear. ``min_scale`` raises the scale of channels whose bias would not fit int32."""
     w = const(node.inputs[idx])
-    qp = weight_qparams(w, axis)
+    qp = weight_qparams(w, axis, dtype)
+    if min_scale is not None:
+        if min_scale.size != qp.scale.size:  # per-tensor weight, or channels the bias does not map to
+            min_scale = np.full(qp.scale.shape, min_scale.max(), np.float32)
+        raised = np.maximum(qp.scale, min_scale.reshape(qp.scale.shape)).astype(np.float32)
+        if np.any(raised > qp.scale):
+            log.info(
+                "%s: weight scale raised on %d channel(s) so the int32 bias keeps its value",
+                node.name,
+                int(np.sum(raised > qp.scale)),
+            )
+        qp = QParams(raised, qp.zero_point, qp.axis)
     return _replace_with_dq(graph, node, idx, quantize(w, qp), qp, f"{node.inputs[idx].name}"), qp
 
 
+#: Largest int32 a bias may take, with room for the float32 rounding of its scale.
+_BIAS_LIMIT = float(2**31 - 1) * (1 - 1e-5)
+
+
+def _bias_scale_floors(plan: Plan, act_qp: dict[str, QParams], per_channel: bool) -> dict[int, np.ndarray]:
+    """Smallest weight scale per channel that keeps ``bias / (input scale x weight scale)`` inside
+    int32 (ONNX Runtime's quantizer does the same): a near-zero weight channel beside a large bias
+    would otherwise overflow its int32 bias. Keyed by the id of the node."""
+    floors = {}
+    for node, idx in plan.biases:
+        in_qp = act_qp.get(node.inputs[0].name)
+        b = const(node.inputs[idx])
+        if in_qp is None or b is None:
+            continue
+        need = np.abs(b.astype(np.float64)).reshape(-1) / (float(in_qp.scale) * _BIAS_LIMIT)
+        floors[id(node)] = (need if per_channel else np.asarray(need.max())).astype(np.float32)
+    return floors
+
+
 def _quantize_bias(graph: ir.Graph, node: ir.Node, idx: int, in_qp: QParams, w_qp: QParams) -> None:
-    b = const(node.inputs[idx])
+    """int32 bias = round(b / (input scale x weight scale)), computed in float64 and saturated to
+    int32 (float32 cannot hold 2**31 - 1: it rounds up to 2**31, which the cast wraps to -2**31)."""
+    b = const(node.inputs[idx]).astype(np.float64)
     qp = bias_qparams(in_qp.scale, w_qp.scale)
     scale = np.broadcast_to(qp.scale, b.shape) if qp.scale.ndim else qp.scale
-    safe = np.where(np.asarray(scale) > 0, scale, 1.0)
-    q = np.clip(np.rint(np.where(np.asarray(scale) > 0, b / safe, 0.0)), -(2**31), 2**31 - 1).astype(np.int32)
+    scale64 = np.asarray(scale, np.float64)
+    ratio = np.where(scale64 > 0, b / np.where(scale64 > 0, scale64, 1.0), 0.0)
+    q = np.clip(np.rint(ratio), -(2**31), 2**31 - 1).astype(np.int32)
     full = QParams(
         np.asarray(scale, np.float32), np.zeros(np.shape(scale), np.int32), 0 if np.ndim(scale) else None
     )

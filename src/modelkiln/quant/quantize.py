@@ -26,6 +26,7 @@ from modelkiln.quant.collect import collect
 from modelkiln.quant.config import Method, QuantConfig
 from modelkiln.quant.data import batches, list_samples
 from modelkiln.quant.dynamic import dynamic_candidates, quantize_dynamic_matmuls
+from modelkiln.quant.formats import describe_format, metadata, resolve, stamp
 from modelkiln.quant.qdq import Plan, emit, isolate, layers, mark
 from modelkiln.quant.smoothquant import smooth_model
 from modelkiln.quant.weight_only import quantize_weights_only
@@ -46,6 +47,8 @@ class QuantizeResult:
     size_before: int = 0
     size_after: int = 0
     smoothed: dict[str, str] = field(default_factory=dict)
+    #: how the INT8 model computes, as written in its metadata: "portable (weights u8, ...)"
+    int8_format: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -149,20 +152,22 @@ def build(
     """One INT8 model from a calibrated float model (which is left as it was); with ``only``, just
     that node is quantized (as it would be in the full model), for sensitivity analysis."""
     model = ir.from_proto(cal.proto)
+    fmt = resolve(config.cpu)
     if config.weight_only:
         counts, kept = quantize_weights_only(model, config)
         plan = Plan(kept_float=kept)
     elif config.dynamic:
-        counts = quantize_dynamic_matmuls(model, config, only)
+        counts = quantize_dynamic_matmuls(model, config, only, fmt)
         plan = Plan()
     else:
         plan = mark(model, config, cal.ranges)
         ranges = cal.ranges
         if only is not None:
             plan, ranges = isolate(plan, only, ranges)
-        counts = emit(model, plan, ranges, config)
+        counts = emit(model, plan, ranges, config, fmt)
     RemoveDead()(model)  # the float weights the quantized ones replaced
     result = ir.to_proto(model)
+    stamp(result, metadata(config, fmt))
     if check:
         onnx.checker.check_model(result)
     return result, plan, counts
@@ -200,6 +205,7 @@ def summarize(
         cal.size_before,
         result.ByteSize(),
         smoothed=dict(cal.smoothed),
+        int8_format=describe_format({p.key: p.value for p in result.metadata_props}),
     )
 
 

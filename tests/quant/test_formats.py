@@ -1,0 +1,277 @@
+"""INT8 formats per CPU: the default (portable) stores uint8 weights that no CPU's kernel can
+saturate, the VNNI format keeps int8 weights (saturating on AVX2-only CPUs), native picks by CPU,
+the format travels in the model's metadata, and large biases keep their sign."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from modelkiln.quant import formats
+from modelkiln.quant.config import Int8Cpu, QuantConfig
+from modelkiln.quant.quantize import quantize
+from modelkiln.runtime.cpu import (
+    INT8_FORMAT_KEY,
+    INT8_REQUIRES_KEY,
+    INT8_WEIGHTS_KEY,
+    INT32_DOT,
+    CpuInfo,
+)
+from modelkiln.runtime.session import ort_session
+
+from int8_kernels import (
+    dot_u8s8_pair_saturating,
+    dot_u8u8_widened,
+    exact_dot,
+    worst_case_activations,
+)
+
+C_IN, C_MID, C_OUT = 64, 16, 8
+
+
+def _conv_model(bias_scale: float = 0.1) -> onnx.ModelProto:
+    """x -> 1x1 Conv (weights mostly positive, like a trained layer after ReLU) -> Relu -> 1x1 Conv."""
+    rng = np.random.default_rng(0)
+    w1 = rng.uniform(0.2, 1.0, (C_MID, C_IN, 1, 1)).astype(np.float32)
+    w2 = rng.uniform(-1.0, 1.0, (C_OUT, C_MID, 1, 1)).astype(np.float32)
+    b1 = (rng.standard_normal(C_MID) * bias_scale).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "toy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, C_IN, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, C_OUT, 4, 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b1, "b1")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("formats")
+    onnx.save(_conv_model(), root / "toy.onnx")
+    calib = root / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        np.save(calib / f"{i}.npy", rng.uniform(0, 1, (1, C_IN, 4, 4)).astype(np.float32))
+    out = {"model": root / "toy.onnx", "calib": calib}
+    for cpu in (Int8Cpu.PORTABLE, Int8Cpu.VNNI):
+        out[cpu.value] = root / f"toy.{cpu.value}.onnx"
+        quantize(out["model"], out[cpu.value], calib, config=QuantConfig(cpu=cpu))
+    return out
+
+
+def _integer_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Stored integer weight and zero point of each Conv/Gemm/MatMul, by consumer name."""
+    model = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            dq = producers.get(node.input[1])
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                found[node.name] = (inits[dq.input[0]], inits[dq.input[2]])
+    return found
+
+
+def _typical_input() -> dict[str, np.ndarray]:
+    """Inputs like the calibration data (uniform in [0, 1]): the output stays inside its calibrated
+    range, so a saturated int16 pair sum shows in the output instead of being clipped away."""
+    return {"x": np.random.default_rng(7).uniform(0, 1, (1, C_IN, 4, 4)).astype(np.float32)}
+
+
+def test_numpy_kernel_model_saturates_like_vpmaddubsw() -> None:
+    a = np.array([[255, 255, 255, 255]], np.uint8)
+    w = np.array([[127], [127], [-128], [1]], np.int8)
+    assert exact_dot(a, w)[0, 0] == 255 * 127 * 2 + 255 * (-128 + 1)
+    assert dot_u8s8_pair_saturating(a, w)[0, 0] == 32767 + 255 * (-127)  # first pair clipped to int16
+    assert dot_u8u8_widened(a, (w.astype(np.int16) + 128).astype(np.uint8))[0, 0] == exact_dot(
+        a, w.astype(np.int16) + 128
+    )[0, 0]
+
+
+def test_default_is_portable_and_no_layer_can_saturate(toy: dict[str, Path]) -> None:
+    portable, vnni = _integer_weights(toy["portable"]), _integer_weights(toy["vnni"])
+    assert set(portable) == set(vnni) == {"conv1"}  # conv2 feeds the float output: stays float
+    for name, (wq, zp) in portable.items():
+        assert wq.dtype == np.uint8 and np.all(zp == 128), name
+        w = wq.reshape(wq.shape[0], -1).T  # [K, N]
+        a = worst_case_activations(w.astype(np.int16) - 128)
+        # the u8 x u8 kernel is exact whatever the activations...
+        assert np.array_equal(dot_u8u8_widened(a, w), exact_dot(a, w))
+        # ...and the portable weights are exactly the VNNI format's int8 levels shifted by 128
+        assert np.array_equal(wq.astype(np.int16) - 128, vnni[name][0].astype(np.int16))
+    # the old (VNNI) format on a CPU without VNNI: the worst case overflows int16 pair sums
+    w1 = vnni["conv1"][0].reshape(C_MID, -1).T
+    a = worst_case_activations(w1)
+    assert not np.array_equal(dot_u8s8_pair_saturating(a, w1), exact_dot(a, w1))
+
+
+def test_portable_integer_kernels_match_the_qdq_arithmetic(toy: dict[str, Path]) -> None:
+    """On whatever CPU runs this: ONNX Runtime's fused integer kernels give what the QDQ graph means
+    (computed in float with its optimisations off)."""
+    fused = ort_session(toy["portable"]).run(None, _typical_input())[0]
+    reference = ort_session(toy["portable"], optimization="disable").run(None, _typical_input())[0]
+    assert np.abs(fused - reference).max() <= 1e-3 * np.abs(reference).max()
+
+
+def test_portable_weights_fuse_into_integer_kernels(toy: dict[str, Path], tmp_path: Path) -> None:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(toy["portable"]), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 1 and ops["Conv"] == 1  # conv2 feeds the float graph output
+
+
+def test_format_travels_in_metadata(toy: dict[str, Path]) -> None:
+    def props(p: Path) -> dict[str, str]:
+        return {m.key: m.value for m in onnx.load(p).metadata_props}
+
+    assert props(toy["portable"])[INT8_FORMAT_KEY] == "portable"
+    assert props(toy["portable"])[INT8_WEIGHTS_KEY] == "u8"
+    assert props(toy["portable"])[INT8_REQUIRES_KEY] == ""
+    assert props(toy["vnni"])[INT8_FORMAT_KEY] == "vnni"
+    assert props(toy["vnni"])[INT8_REQUIRES_KEY] == INT32_DOT
+    assert "exact on any CPU" in formats.describe_format(props(toy["portable"]))
+
+
+@pytest.mark.parametrize(
+    ("arch", "flags", "expected"),
+    [
+        ("x86_64", {"avx2"}, Int8Cpu.PORTABLE),
+        ("x86_64", {"avx2", "avx512bw"}, Int8Cpu.PORTABLE),  # Skylake-X: VPMADDUBSW saturates too
+        ("x86_64", {"avx2", "avx512bw", "avx512_vnni"}, Int8Cpu.VNNI),
+        ("x86_64", {"avx2", "avx_vnni"}, Int8Cpu.VNNI),
+        ("x86_64", {"avx2", "amx_int8"}, Int8Cpu.VNNI),
+        ("arm64", {"asimddp"}, Int8Cpu.VNNI),
+        ("arm64", set(), Int8Cpu.VNNI),
+    ],
+)
+def test_native_resolves_by_cpu(arch: str, flags: set[str], expected: Int8Cpu) -> None:
+    info = CpuInfo(arch, "test cpu", frozenset(flags))
+    assert formats.resolve(Int8Cpu.NATIVE, info) is expected
+    assert formats.resolve(Int8Cpu.PORTABLE, info) is Int8Cpu.PORTABLE
+
+
+def test_native_builds_for_the_cpu_it_runs_on(
+    toy: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    avx2 = CpuInfo("x86_64", "AVX2-only test CPU", frozenset({"avx2"}))
+    monkeypatch.setattr(formats, "cpu_info", lambda: avx2)
+    out = tmp_path / "native.onnx"
+    result = quantize(toy["model"], out, toy["calib"], config=QuantConfig(cpu=Int8Cpu.NATIVE))
+    assert result.int8_format.startswith("portable")
+    assert {m.key: m.value for m in onnx.load(out).metadata_props}[INT8_FORMAT_KEY] == "portable"
+
+
+def test_dynamic_portable_uses_uint8_weights(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    src = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    outs = {}
+    for cpu in (Int8Cpu.PORTABLE, Int8Cpu.VNNI):
+        outs[cpu] = tmp_path / f"mm.{cpu.value}.onnx"
+        quantize(src, outs[cpu], None, config=QuantConfig(dynamic=True, cpu=cpu))
+    model = onnx.load(outs[Int8Cpu.PORTABLE])
+    mm = next(n for n in model.graph.node if n.op_type == "MatMulInteger")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert inits[mm.input[1]].dtype == np.uint8 and np.all(inits[mm.input[3]] == 128)
+    x = {"x": np.abs(rng.standard_normal((4, 32))).astype(np.float32) * 3}
+    got = {cpu: ort_session(p).run(None, x)[0] for cpu, p in outs.items()}
+    reference = x["x"] @ w
+    cos = float((got[Int8Cpu.PORTABLE] * reference).sum()) / (
+        np.linalg.norm(got[Int8Cpu.PORTABLE]) * np.linalg.norm(reference)
+    )
+    assert cos > 0.999
+
+
+def test_bias_too_large_for_int32_keeps_its_sign(tmp_path: Path) -> None:
+    """A near-zero weight channel beside a large bias: bias / (input scale x weight scale) exceeds
+    int32. The weight scale of that channel is raised so the bias stays exact (it used to become
+    -2**31 through a float32 round-up and a wrapping cast)."""
+    model = _conv_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    w1 = numpy_helper.to_array(inits["w1"]).copy()
+    b1 = numpy_helper.to_array(inits["b1"]).copy()
+    w1[3] = 1e-9  # channel 3: weights almost zero ...
+    b1[3] = 50.0  # ... and a bias far larger than any int32 step of that scale can hold
+    inits["w1"].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    inits["b1"].CopyFrom(numpy_helper.from_array(b1, "b1"))
+    src, out = tmp_path / "big_bias.onnx", tmp_path / "big_bias.int8.onnx"
+    onnx.save(model, src)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(4):
+        np.save(calib / f"{i}.npy", rng.uniform(0, 1, (1, C_IN, 4, 4)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "invalid value encountered in cast"
+        quantize(src, out, calib, config=QuantConfig())
+    q = onnx.load(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    bias = next(v for k, v in inits.items() if v.dtype == np.int32 and v.size == C_MID)
+    assert bias[3] > 0 and bias[3] < 2**31 - 1
+    x = {"x": rng.uniform(0, 1, (1, C_IN, 4, 4)).astype(np.float32)}
+    want = ort_session(src, optimization="disable").run(None, x)[0]
+    got = ort_session(out).run(None, x)[0]
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def _qemu_avx2() -> list[str] | None:
+    """qemu user-mode emulating an AVX2-only EPYC (Zen 2), where ONNX Runtime takes its AVX2 kernels."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return [qemu, "-cpu", "EPYC-Rome"]
+
+
+_RUN_BOTH = """
+import sys, numpy as np, onnxruntime as ort
+x = {"x": np.random.default_rng(7).uniform(0, 1, (1, %d, 4, 4)).astype(np.float32)}
+out = {}
+for name in ("portable", "vnni"):
+    s = ort.InferenceSession(sys.argv[1] + "/toy." + name + ".onnx", providers=["CPUExecutionProvider"])
+    out[name] = s.run(None, x)[0]
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.skipif(_qemu_avx2() is None, reason="qemu-x86_64 (Debian package qemu-user) not installed")
+def test_on_an_emulated_avx2_cpu_only_portable_keeps_its_values(toy: dict[str, Path], tmp_path: Path) -> None:
+    """The real ONNX Runtime kernels on an emulated AVX2-only CPU: the portable model computes what
+    its QDQ graph means; the VNNI-format model's int16 pair sums saturate."""
+    script = tmp_path / "run_both.py"
+    script.write_text(_RUN_BOTH % C_IN)
+    npz = tmp_path / "avx2.npz"
+    cmd = [*_qemu_avx2(), sys.executable, str(script), str(toy["model"].parent), str(npz)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    got = np.load(npz)
+    reference = ort_session(toy["portable"], optimization="disable").run(None, _typical_input())[0]
+    scale = np.abs(reference).max()
+    assert np.abs(got["portable"] - reference).max() <= 1e-3 * scale
+    assert np.abs(got["vnni"] - reference).max() > 0.05 * scale
