@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import threading
 import time
@@ -16,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
+from modelkiln.bench.runner import machine_info
 from modelkiln.runtime.thread_pool import ThreadPool
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--onnx", help="model for the saturation test (skipped if absent)")
     ap.add_argument("--seconds", type=float, default=5.0)
     a = ap.parse_args()
-    machine = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+    machine = {"machine": machine_info(1)}
     print(json.dumps(overhead(a.tasks, a.repeats) | machine))
     if a.onnx:
         print(json.dumps(onnx_saturation(a.onnx, a.seconds, a.repeats) | machine))

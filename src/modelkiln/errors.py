@@ -92,3 +92,7 @@ class ModelUnavailable(KilnError):
 
 class PayloadTooLarge(BadInput):
     """A request body over the server's configured limit."""
+
+
+class CpuMismatch(BackendError):
+    """A model built for CPU instructions this machine lacks (e.g. a VNNI INT8 model on AVX2)."""

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelkiln.bench.runner import LoopSpec, benchmark, synthesize_feed
+from modelkiln.bench import runner
+from modelkiln.bench.runner import LoopSpec, benchmark, machine_info, synthesize_feed
 from modelkiln.errors import BadInput
 from modelkiln.runtime.backends import TensorMeta, load_backend
+from modelkiln.runtime.cpu import CpuInfo, cpu_info
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:
@@ -62,6 +64,22 @@ def test_bench_json_is_self_consistent(tiny: Path, tmp_path: Path) -> None:
         assert r["wall_s"] >= lat.sum() / 1e3 / r["concurrency"] * 0.999  # callers cannot overlap more
     assert png.stat().st_size > 10_000
     assert "items/s" in res.stdout and "p99" in res.stdout
+    info = cpu_info()  # the same machine as the subprocess: its INT8 facts are in every row
+    assert f"CPU: {info.describe()}" in res.stdout
+    assert res.stdout.index("CPU: ") < res.stdout.index("p99")  # named before the table
+    for r in rows:
+        assert r["machine"]["cpu_description"] == info.describe()
+        assert {k: r["machine"][k] for k in info.to_dict()} == info.to_dict()
+
+
+def test_machine_info_names_the_int8_instruction_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = CpuInfo("x86_64", "AMD EPYC 7B12", frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(runner, "cpu_info", lambda: fake)
+    machine = machine_info(2)
+    assert machine["cpu_model"] == "AMD EPYC 7B12" and machine["arch"] == "x86_64"
+    assert machine["int8_flags"] == ["avx2"] and machine["int32_dot"] is False
+    assert machine["cpu_description"] == "AMD EPYC 7B12 (x86_64: avx2)"
+    assert machine["intra_op_threads"] == 2 and machine["onnxruntime"]
 
 
 def test_symbolic_dims_need_a_shape() -> None:

@@ -3,18 +3,31 @@ figures, Triton configs that parse into Triton's ModelConfig, a repository that 
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from modelkiln.deploy import DeployError, DeployOptions, deploy
-from modelkiln.deploy.report import table_rows
+from modelkiln.deploy import DeployError, DeployOptions, DeploySummary, deploy
+from modelkiln.deploy import run as deploy_run
+from modelkiln.deploy.report import machine_lines, table_rows
 from modelkiln.deploy.triton import validate_pbtxt
 from modelkiln.errors import BadInput
+from modelkiln.quant.config import Int8Cpu
+from modelkiln.runtime import cpu
+from modelkiln.runtime.cpu import (
+    INT8_ACTIVATIONS_KEY,
+    INT8_FORMAT_KEY,
+    INT8_REQUIRES_KEY,
+    INT8_WEIGHTS_KEY,
+    CpuInfo,
+    cpu_info,
+)
 
 
 def small_model(path: Path) -> Path:
@@ -110,6 +123,67 @@ def test_the_repository_serves(deployed) -> None:
         server.shutdown()
 
 
+def test_summary_and_reports_name_the_cpu_and_the_int8_format_of_the_file(deployed) -> None:
+    out, summary = deployed
+    saved = json.loads((out / "summary.json").read_text())
+    info = cpu_info()
+    assert saved["cpu"] == {"description": info.describe(), **info.to_dict()}
+    props = {p.key: p.value for p in onnx.load(out / "work" / "int8.onnx").metadata_props}
+    fmt = saved["int8_format"]
+    assert fmt["format"] == props.get(INT8_FORMAT_KEY, "unknown")  # the file's word, not the option's
+    assert fmt["requires"] == props.get(INT8_REQUIRES_KEY, "unknown") and fmt["requested"] == "portable"
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    lines = machine_lines(summary)
+    assert len(lines) == 2 and info.describe() in lines[0] and f"INT8 format: {fmt['format']}" in lines[1]
+    for line in lines:
+        assert line in md and html.escape(line) in page
+
+
+def test_int8_format_is_read_from_the_written_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The INT8 stage asks for the --cpu format and reports what the written file says."""
+    seen = {}
+
+    def fake_quantize(fp32, out, calib, zoo, config, calib_size):
+        seen["config"] = config
+        model = onnx.load(fp32)
+        helper.set_model_props(
+            model,
+            {
+                INT8_FORMAT_KEY: "vnni",
+                INT8_WEIGHTS_KEY: "s8",
+                INT8_ACTIVATIONS_KEY: "u8",
+                INT8_REQUIRES_KEY: "int32_dot",
+            },
+        )
+        onnx.save(model, out)
+        return SimpleNamespace(to_dict=lambda: {"quantized_ops": {}})
+
+    import modelkiln.quant.quantize
+
+    monkeypatch.setattr(modelkiln.quant.quantize, "quantize", fake_quantize)
+    monkeypatch.setattr(cpu, "cpu_info", lambda: CpuInfo("x86_64", "AMD EPYC 7B12", frozenset({"avx2"})))
+    opts = DeployOptions("m.onnx", tmp_path, cpu="vnni")
+    fp32, int8 = small_model(tmp_path / "fp32.onnx"), tmp_path / "int8.onnx"
+    deploy_run._int8(opts, fp32, int8, tmp_path, None)
+    assert seen["config"].cpu is Int8Cpu.VNNI
+    props = deploy_run.metadata_props(int8)
+    assert deploy_run.int8_format(props, "vnni") == {
+        "format": "vnni",
+        "weights": "s8",
+        "activations": "u8",
+        "requires": "int32_dot",
+        "requested": "vnni",
+    }
+    assert deploy_run.int8_format({})["format"] == "unknown"
+    summary = DeploySummary("m", None, None, int8_format=deploy_run.int8_format(props, "vnni"))
+    deploy_run._note_cpu_mismatch(summary, props)
+    assert summary.cpu["cpu_model"] == "AMD EPYC 7B12" and summary.cpu["int32_dot"] is False
+    assert len(summary.notes) == 1 and "kiln quantize --cpu portable" in summary.notes[0]
+    lines = machine_lines(summary)
+    assert lines[0] == "measured on: AMD EPYC 7B12 (x86_64: avx2)"
+    assert lines[1] == "INT8 format: vnni (weights s8, activations u8; needs int32_dot; asked --cpu vnni)"
+
+
 def test_a_failing_stage_is_named_and_keeps_earlier_work(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -128,3 +202,5 @@ def test_options_are_checked(tmp_path: Path) -> None:
         DeployOptions("m.onnx", tmp_path, precisions=("int8",))
     with pytest.raises(BadInput, match="--max-drop needs --eval"):
         DeployOptions("m.onnx", tmp_path, max_drop=0.01)
+    with pytest.raises(BadInput, match="--cpu must be one of portable, vnni, native"):
+        DeployOptions("m.onnx", tmp_path, cpu="avx2")

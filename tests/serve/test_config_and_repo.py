@@ -28,6 +28,7 @@ from modelkiln.serve.scheduler import CoreBudget
         ({"queue": {"max_queue_size": 0}}, "max_queue_size must be >= 1"),
         ({"inputs": [{"name": "x", "dtype": "float33", "dims": [4]}]}, "dtype must be one of"),
         ({"inputs": [{"name": "x", "dims": [4]}]}, "dtype"),
+        ({"allow_cpu_mismatch": "no"}, "allow_cpu_mismatch must be true or false"),
     ],
 )
 def test_bad_configs_are_refused_with_the_key(data: dict, message: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from modelkiln.errors import BadInput
 from modelkiln.runtime.backends.base import Backend, TensorMeta
+from modelkiln.runtime.cpu import cpu_info
 
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99}
 
@@ -62,14 +63,19 @@ class BenchResult:
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """The machine a figure was measured on, with its INT8 instruction sets (INT8 speed and
+    numerics depend on them: VNNI or not)."""
     import onnxruntime
 
+    info = cpu_info()
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "intra_op_threads": threads,
+        **info.to_dict(),
+        "cpu_description": info.describe(),
     }
 
 

@@ -68,6 +68,7 @@ def bench(
                 result = benchmark(runner, feed, b, c, loop)
             result.machine = machine
             results.append(result)
+    console.print(f"CPU: {machine['cpu_description']}", markup=False)
     _print(results)
     if json_out:
         json_out.write_text(json.dumps([r.to_dict() for r in results], indent=1))

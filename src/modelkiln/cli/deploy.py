@@ -26,6 +26,11 @@ def deploy_cmd(
     ),
     max_drop: float = typer.Option(None, "--max-drop", help="INT8 accuracy budget (needs --eval)."),
     target: str = typer.Option("cpu", "--target", help="cpu or trt (INT8 activation format)."),
+    cpu: str = typer.Option(
+        "portable",
+        "--cpu",
+        help="INT8 format: portable (exact on every CPU), vnni (needs VNNI/AMX or ARM64), native (this CPU's).",
+    ),
     bench_seconds: float = typer.Option(
         3.0, "--bench-seconds", help="Timed seconds per precision and batch."
     ),
@@ -46,6 +51,7 @@ def deploy_cmd(
         target,
         bench_seconds,
         eval_limit=eval_limit,
+        cpu=cpu,
         command="kiln deploy " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     )
     with err_console.status("deploying…") as status:
@@ -63,6 +69,10 @@ def deploy_cmd(
     for r in rows:
         table.add_row(*r)
     console.print(table)
+    from modelkiln.deploy.report import machine_lines
+
+    for line in machine_lines(summary):
+        console.print(line, markup=False)
     for note in summary.notes:
         console.print(note, style="yellow")
     console.print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}")

@@ -40,6 +40,11 @@ def add(
     continuous: bool = typer.Option(
         True, "--continuous-batching/--no-continuous-batching", help="Chat models: decode sequences together."
     ),
+    allow_cpu_mismatch: bool = typer.Option(
+        False,
+        "--allow-cpu-mismatch",
+        help="Serve it even on a CPU its INT8 format does not fit (config key allow_cpu_mismatch).",
+    ),
 ) -> None:
     """Copy MODEL into REPOSITORY/NAME/VERSION/model.onnx (a chat folder: into NAME/VERSION/) and
     write NAME/config.yaml."""
@@ -62,6 +67,7 @@ def add(
         priority=priority,
         backend="genai" if genai else "onnxruntime",
         genai=GenAIConfig(max_sequences, max_new_tokens, decoder, continuous, vision_int8) if genai else None,
+        allow_cpu_mismatch=allow_cpu_mismatch,
     )
     folder = repository / name
     existing = (

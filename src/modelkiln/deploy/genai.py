@@ -167,6 +167,8 @@ def _report(out: Path, summary: DeploySummary) -> Path:
             f"{ROUNDS} interleaved rounds, all cores."
         ),
         "",
+        f"Measured on: {summary.cpu.get('description', 'unknown')}.",
+        "",
         f"Serve it: `kiln serve {out / 'repository'}` then POST /v1/chat/completions.",
         *[f"- {n}" for n in summary.notes],
         "",

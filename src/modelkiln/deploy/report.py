@@ -106,12 +106,28 @@ def _kept_float(summary: Any) -> list[tuple[str, str]]:
     return sorted((summary.int8.get("kept_float") or {}).items())
 
 
+def machine_lines(summary: Any) -> list[str]:
+    """The CPU the figures were measured on and the INT8 format the file states (INT8 numerics and
+    speed depend on both)."""
+    lines = [f"measured on: {summary.cpu.get('description', 'unknown')}"]
+    fmt = summary.int8_format
+    if fmt:
+        needs = "runs on any CPU" if fmt["requires"] == "" else f"needs {fmt['requires']}"
+        asked = f"; asked --cpu {fmt['requested']}" if fmt.get("requested") else ""
+        lines.append(
+            f"INT8 format: {fmt['format']} (weights {fmt['weights']}, activations {fmt['activations']}; "
+            f"{needs}{asked})"
+        )
+    return lines
+
+
 def write_reports(summary: Any, out: Path) -> dict[str, str]:
     plots = _plots(summary, out)
     head, rows = table_rows(summary)
     md = [f"# Deployment report: {summary.model}", ""]
     md += [
         f"- zoo: {summary.zoo or '–'}, task: {summary.task or '–'}",
+        *[f"- {line}" for line in machine_lines(summary)],
         *[f"- {n}" for n in summary.notes],
         "",
     ]
@@ -149,6 +165,7 @@ def _html(summary: Any, head: list[str], rows: list[list[str]], plots: dict[str,
         ),
         f"<h1>Deployment report: {e(summary.model)}</h1>",
         f"<p>zoo: {e(summary.zoo or '–')}, task: {e(summary.task or '–')}</p>",
+        *[f"<p>{e(line)}</p>" for line in machine_lines(summary)],
         *[f"<p>{e(n)}</p>" for n in summary.notes],
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>",
         *["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows],

@@ -22,6 +22,7 @@ from modelkiln.zoo import ZooModel
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
+INT8_CPUS = ("portable", "vnni", "native")
 
 
 class DeployError(KilnError):
@@ -43,6 +44,7 @@ class DeployOptions:
     calib_size: int = 100
     eval_limit: int | None = None
     command: str = ""
+    cpu: str = "portable"  # INT8 format (quant.config.Int8Cpu): portable, vnni or native
 
     def __post_init__(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -52,6 +54,43 @@ class DeployOptions:
             raise BadInput("--max-drop needs --eval DIR: the data the accuracy drop is measured on")
         if self.target not in ("cpu", "trt"):
             raise BadInput(f"--target must be cpu or trt, got {self.target!r}")
+        if self.cpu not in INT8_CPUS:
+            raise BadInput(f"--cpu must be one of {', '.join(INT8_CPUS)}, got {self.cpu!r}")
+
+
+def measured_on() -> dict[str, Any]:
+    """This CPU and its INT8 instruction sets: every figure of a deployment was measured here."""
+    from modelkiln.runtime.cpu import cpu_info
+
+    info = cpu_info()
+    return {"description": info.describe(), **info.to_dict()}
+
+
+def metadata_props(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata_props (weights in external files are not read)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+
+
+def int8_format(props: dict[str, str], requested: str | None = None) -> dict[str, str]:
+    """The INT8 format as the written model's metadata states it (the truth of the file, whatever
+    was asked); "unknown" where a key is absent."""
+    from modelkiln.runtime.cpu import (
+        INT8_ACTIVATIONS_KEY,
+        INT8_FORMAT_KEY,
+        INT8_REQUIRES_KEY,
+        INT8_WEIGHTS_KEY,
+    )
+
+    keys = {
+        "format": INT8_FORMAT_KEY,
+        "weights": INT8_WEIGHTS_KEY,
+        "activations": INT8_ACTIVATIONS_KEY,
+        "requires": INT8_REQUIRES_KEY,
+    }
+    found = {name: props.get(key, "unknown") for name, key in keys.items()}
+    return {**found, "requested": requested} if requested else found
 
 
 @dataclass
@@ -67,6 +106,8 @@ class DeploySummary:
     notes: list[str] = field(default_factory=list)
     failed: str | None = None
     command: str = ""
+    cpu: dict[str, Any] = field(default_factory=measured_on)  # the CPU every figure comes from
+    int8_format: dict[str, str] = field(default_factory=dict)  # from the INT8 file's metadata
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -146,6 +187,9 @@ def deploy(opts: DeployOptions, status: Any = None) -> DeploySummary:
             models["int8"] = work / "int8.onnx"
             summary.int8 = _int8(opts, models["fp32"], models["int8"], calib, entry)
             summary.files["int8"] = str(models["int8"])
+            props = metadata_props(models["int8"])
+            summary.int8_format = int8_format(props, opts.cpu)
+            _note_cpu_mismatch(summary, props)
     compare_data = opts.eval_data or calib
     with stage("compare"):
         from modelkiln.deploy.measure import agreement
@@ -245,9 +289,9 @@ def _int8(opts: DeployOptions, fp32: Path, out: Path, calib: Path, entry: ZooMod
     import dataclasses
 
     from modelkiln.errors import QuantizationError
-    from modelkiln.quant.config import QuantConfig, Target
+    from modelkiln.quant.config import Int8Cpu, QuantConfig, Target
 
-    config = QuantConfig(target=Target(opts.target))
+    config = QuantConfig(target=Target(opts.target), cpu=Int8Cpu(opts.cpu))
     if opts.max_drop is None:
         from modelkiln.quant.quantize import quantize
 
@@ -290,6 +334,16 @@ def _within_budget(
         opts.calib_size,
     )
     return {**r.quantize.to_dict(), "budget": r.fallback.to_dict()}
+
+
+def _note_cpu_mismatch(summary: DeploySummary, props: dict[str, str]) -> None:
+    """Say so when this CPU cannot run the INT8 model as built (its figures are then not what a
+    fitting CPU gives, and kiln serve refuses it here)."""
+    from modelkiln.runtime.cpu import unmet_requirement
+
+    reason = unmet_requirement(props)
+    if reason is not None:
+        summary.notes.append(f"INT8 model on this CPU: {reason}.")
 
 
 def _zoo_name(entry: ZooModel | None) -> str | None:

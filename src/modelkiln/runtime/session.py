@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import onnx
 
 from modelkiln.errors import BackendError, BadInput, ModelNotFound
+from modelkiln.runtime import cpu
 
 _OPT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -17,6 +20,12 @@ _OPT_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+
+log = logging.getLogger(__name__)
+IN_MEMORY = "<in-memory model>"
+#: (model identity, reason) pairs already warned about: one warning per model, not per session.
+_WARNED: set[tuple[str, str]] = set()
+_WARNED_LOCK = threading.Lock()
 
 
 def ort_session(
@@ -42,11 +51,31 @@ def ort_session(
         options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = memory_arena
+    name = model if isinstance(model, str) else IN_MEMORY
     try:
-        return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:
-        name = model if isinstance(model, str) else "<in-memory model>"
         raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).splitlines()[0][:300]}") from exc
+    warn_cpu_mismatch(name, model_metadata(session))
+    return session
+
+
+def warn_cpu_mismatch(name: str, props: dict[str, str]) -> str | None:
+    """Log once per model when this CPU cannot run it as built (an INT8 format needing VNNI on a
+    CPU without it): every command loads through ort_session, so each says so without repeating
+    itself per session. ``name`` is the file or "<in-memory model>" (in-memory models are
+    candidates built from a file, e.g. in a budget search: one warning covers them all).
+    Returns the reason (None when the CPU fits)."""
+    reason = cpu.unmet_requirement(props)
+    if reason is None:
+        return None
+    identity = name if name == IN_MEMORY else os.path.realpath(name)
+    with _WARNED_LOCK:
+        first = (identity, reason) not in _WARNED
+        _WARNED.add((identity, reason))
+    if first:
+        log.warning("model %s: %s", name, reason)
+    return reason
 
 
 def run(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

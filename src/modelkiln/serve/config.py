@@ -11,6 +11,7 @@ on load, so a typo is an error naming the file and the key, never a silently ign
     priority: 1                   # 0 most urgent … 2
     queue: {max_queue_size: 64, default_timeout_us: 0}
     warmup: true                  # one random inference per instance before ready
+    allow_cpu_mismatch: false     # serve an INT8 model this CPU cannot run exactly (else refused)
     inputs: [{name: images, dtype: float32, dims: [3, 640, 640]}]   # optional: read from the model
     pipeline: {kind: detect_classify, steps: {detector: yolo, classifier: lite0}}   # instead of a file
 
@@ -115,6 +116,8 @@ class ModelConfig:
     outputs: tuple[TensorConfig, ...] = ()
     pipeline: PipelineConfig | None = None
     genai: GenAIConfig | None = None
+    #: Serve a model even when this CPU lacks what its INT8 format needs (it runs, less accurately).
+    allow_cpu_mismatch: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "pipeline", "genai"):
@@ -127,6 +130,10 @@ class ModelConfig:
             raise ConfigError(f"model '{self.name}': a genai section needs backend: genai")
         if self.max_batch_size < 0:
             raise ConfigError(f"model '{self.name}': max_batch_size must be >= 0, got {self.max_batch_size}")
+        if not isinstance(self.allow_cpu_mismatch, bool):  # YAML "no" in quotes would be truthy
+            raise ConfigError(
+                f"model '{self.name}': allow_cpu_mismatch must be true or false, got {self.allow_cpu_mismatch!r}"
+            )
         if self.instance_count < 1 or self.threads_per_instance < 1:
             raise ConfigError(f"model '{self.name}': instance_count and threads_per_instance must be >= 1")
         if not 0 <= self.priority < PRIORITY_LEVELS:

@@ -24,6 +24,7 @@ from modelkiln import __version__
 from modelkiln.errors import (
     BadInput,
     ConfigError,
+    CpuMismatch,
     DeadlineExceeded,
     KilnError,
     ModelNotFound,
@@ -44,6 +45,7 @@ STATUS = [
     (PayloadTooLarge, 413),
     (BadInput, 400),
     (ConfigError, 400),
+    (CpuMismatch, 400),  # a load refused by the model's config, not a server fault
     (ModelNotFound, 404),
     (QueueFull, 503),
     (ModelUnavailable, 503),
@@ -201,12 +203,13 @@ def serve(
     port: int = 8000,
     cores: int | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    allow_cpu_mismatch: bool = False,
 ) -> None:
     """Load every model in ``repository`` and serve until SIGTERM/SIGINT (in-flight requests are
-    answered first)."""
+    answered first); ``allow_cpu_mismatch`` serves INT8 models this CPU cannot run exactly."""
     import uvicorn
 
-    server = ModelServer(repository, cores)
+    server = ModelServer(repository, cores, allow_cpu_mismatch)
     server.load_all()
     if not server.loaded():
         log.warning(

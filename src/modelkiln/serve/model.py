@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from modelkiln.errors import BadInput, ConfigError
+from modelkiln.errors import BadInput, ConfigError, CpuMismatch
 from modelkiln.runtime.backends.base import Backend, TensorMeta
 from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
+from modelkiln.runtime.cpu import unmet_requirement
 from modelkiln.runtime.session import model_metadata
 from modelkiln.serve.config import ModelConfig, TensorConfig
 
@@ -90,11 +91,25 @@ class ServedModel:
         ]
 
     @classmethod
-    def load(cls, config: ModelConfig, version: int, path: Path) -> ServedModel:
+    def load(
+        cls, config: ModelConfig, version: int, path: Path, allow_cpu_mismatch: bool = False
+    ) -> ServedModel:
+        """Sessions for ``path``; a model this CPU cannot run as built is refused (a server must
+        not quietly serve worse answers) unless the config or ``allow_cpu_mismatch`` says so."""
         options = OrtOptions(intra_op_threads=config.threads_per_instance, inter_op_threads=1)
-        backends: list[Backend] = [OrtBackend.load(path, options) for _ in range(config.instance_count)]
+        first = OrtBackend.load(path, options)
+        properties = model_metadata(first.session)
+        reason = unmet_requirement(properties)
+        if reason is not None and not (allow_cpu_mismatch or config.allow_cpu_mismatch):
+            raise CpuMismatch(
+                f"model '{config.name}' v{version} ({path}) refused: {reason}; or serve it anyway with "
+                "allow_cpu_mismatch: true in its config.yaml, or kiln serve --allow-cpu-mismatch"
+            )
+        backends: list[Backend] = [first] + [
+            OrtBackend.load(path, options) for _ in range(config.instance_count - 1)
+        ]
         model = cls(config, version, backends)
-        model.properties = model_metadata(backends[0].session)
+        model.properties = properties
         if config.warmup:
             model.warm_up()
         return model

@@ -27,8 +27,10 @@ class Loaded:
 
 
 class ModelServer:
-    def __init__(self, repository: str, cores: int | None = None) -> None:
+    def __init__(self, repository: str, cores: int | None = None, allow_cpu_mismatch: bool = False) -> None:
         self.repository = Repository(repository)
+        #: Serve every model even where this CPU lacks what its INT8 format needs (kiln serve flag).
+        self.allow_cpu_mismatch = allow_cpu_mismatch
         self.scheduler = Scheduler(cores)
         self._models: dict[str, dict[int, Loaded]] = {}
         self._lock = threading.RLock()
@@ -83,7 +85,7 @@ class ModelServer:
 
                 for version, path in sorted(entry.versions.items()):
                     t = time.perf_counter()
-                    model = ServedModel.load(entry.config, version, path)
+                    model = ServedModel.load(entry.config, version, path, self.allow_cpu_mismatch)
                     loaded[version] = Loaded(model, self.scheduler.queue_for(model))
                     log.info(
                         "loaded %s v%d (%s; batch<=%d, %d instance(s) x %d thread(s), priority %d) in %.2fs",
@@ -129,7 +131,10 @@ class ModelServer:
             versions = self._models.get(name)
         if not versions:
             if name in self.repository.names():
-                raise ModelUnavailable(f"model '{name}' is in the repository but not loaded")
+                why = self._failed.get(name)
+                raise ModelUnavailable(
+                    f"model '{name}' is in the repository but not loaded" + (f": {why}" if why else "")
+                )
             raise ModelNotFound(f"unknown model '{name}'")
         if version in (None, ""):
             return versions[max(versions)]
