@@ -1,6 +1,7 @@
-"""INT8 formats per CPU: the default (portable) stores uint8 weights that no CPU's kernel can
-saturate, the VNNI format keeps int8 weights (saturating on AVX2-only CPUs), native picks by CPU,
-the format travels in the model's metadata, and large biases keep their sign."""
+"""INT8 formats per CPU: the default (portable) stores int8 weights no neighbouring pair of which can
+overflow the saturating u8 x s8 kernels, u8 stores uint8 weights (widening kernels), the VNNI format
+keeps plain int8 weights (saturating on AVX2-only CPUs), native picks by CPU, the format travels in
+the model's metadata, and large biases keep their sign."""
 
 from __future__ import annotations
 
@@ -16,10 +17,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from int8_kernels import (
+    dot_u8s8_pair_saturating,
+    dot_u8u8_widened,
+    exact_dot,
+    worst_case_activations,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 from modelkiln.quant import formats
 from modelkiln.quant.config import Int8Cpu, QuantConfig
+from modelkiln.quant.pairsafe import PAIR_LIMIT, quantize_pair_safe, violations
 from modelkiln.quant.quantize import quantize
 from modelkiln.runtime.cpu import (
     INT8_FORMAT_KEY,
@@ -29,13 +39,6 @@ from modelkiln.runtime.cpu import (
     CpuInfo,
 )
 from modelkiln.runtime.session import ort_session
-
-from int8_kernels import (
-    dot_u8s8_pair_saturating,
-    dot_u8u8_widened,
-    exact_dot,
-    worst_case_activations,
-)
 
 C_IN, C_MID, C_OUT = 64, 16, 8
 
@@ -56,7 +59,11 @@ def _conv_model(bias_scale: float = 0.1) -> onnx.ModelProto:
         "toy",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, C_IN, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, C_OUT, 4, 4])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b1, "b1")],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(b1, "b1"),
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -71,7 +78,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for i in range(8):
         np.save(calib / f"{i}.npy", rng.uniform(0, 1, (1, C_IN, 4, 4)).astype(np.float32))
     out = {"model": root / "toy.onnx", "calib": calib}
-    for cpu in (Int8Cpu.PORTABLE, Int8Cpu.VNNI):
+    for cpu in (Int8Cpu.PORTABLE, Int8Cpu.U8, Int8Cpu.VNNI):
         out[cpu.value] = root / f"toy.{cpu.value}.onnx"
         quantize(out["model"], out[cpu.value], calib, config=QuantConfig(cpu=cpu))
     return out
@@ -102,40 +109,83 @@ def test_numpy_kernel_model_saturates_like_vpmaddubsw() -> None:
     w = np.array([[127], [127], [-128], [1]], np.int8)
     assert exact_dot(a, w)[0, 0] == 255 * 127 * 2 + 255 * (-128 + 1)
     assert dot_u8s8_pair_saturating(a, w)[0, 0] == 32767 + 255 * (-127)  # first pair clipped to int16
-    assert dot_u8u8_widened(a, (w.astype(np.int16) + 128).astype(np.uint8))[0, 0] == exact_dot(
-        a, w.astype(np.int16) + 128
-    )[0, 0]
+    assert (
+        dot_u8u8_widened(a, (w.astype(np.int16) + 128).astype(np.uint8))[0, 0]
+        == exact_dot(a, w.astype(np.int16) + 128)[0, 0]
+    )
 
 
 def test_default_is_portable_and_no_layer_can_saturate(toy: dict[str, Path]) -> None:
-    portable, vnni = _integer_weights(toy["portable"]), _integer_weights(toy["vnni"])
-    assert set(portable) == set(vnni) == {"conv1"}  # conv2 feeds the float output: stays float
-    for name, (wq, zp) in portable.items():
-        assert wq.dtype == np.uint8 and np.all(zp == 128), name
-        w = wq.reshape(wq.shape[0], -1).T  # [K, N]
-        a = worst_case_activations(w.astype(np.int16) - 128)
-        # the u8 x u8 kernel is exact whatever the activations...
-        assert np.array_equal(dot_u8u8_widened(a, w), exact_dot(a, w))
-        # ...and the portable weights are exactly the VNNI format's int8 levels shifted by 128
-        assert np.array_equal(wq.astype(np.int16) - 128, vnni[name][0].astype(np.int16))
+    portable, u8, vnni = (_integer_weights(toy[f]) for f in ("portable", "u8", "vnni"))
+    assert set(portable) == set(u8) == set(vnni) == {"conv1"}  # conv2 feeds the float output: stays float
+    # default: int8 weights whose neighbouring pairs cannot overflow int16, whatever the activations
+    wq, zp = portable["conv1"]
+    assert wq.dtype == np.int8 and np.all(zp == 0) and violations(wq) == 0
+    w = wq.reshape(wq.shape[0], -1).T  # [K, N]
+    a = worst_case_activations(w)
+    assert np.array_equal(dot_u8s8_pair_saturating(a, w), exact_dot(a, w))
+    # u8: the VNNI format's int8 levels shifted by 128, run by the widening (exact) u8 x u8 kernels
+    wu, zu = u8["conv1"]
+    assert wu.dtype == np.uint8 and np.all(zu == 128)
+    assert np.array_equal(wu.astype(np.int16) - 128, vnni["conv1"][0].astype(np.int16))
+    wu2 = wu.reshape(wu.shape[0], -1).T
+    assert np.array_equal(dot_u8u8_widened(a, wu2), exact_dot(a, wu2))
     # the old (VNNI) format on a CPU without VNNI: the worst case overflows int16 pair sums
     w1 = vnni["conv1"][0].reshape(C_MID, -1).T
     a = worst_case_activations(w1)
     assert not np.array_equal(dot_u8s8_pair_saturating(a, w1), exact_dot(a, w1))
 
 
-def test_portable_integer_kernels_match_the_qdq_arithmetic(toy: dict[str, Path]) -> None:
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    k=st.integers(2, 70),
+    scale=st.floats(1e-3, 1e3),
+    skew=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_pair_safe_weights_never_overflow_and_stay_near_8_bits(
+    rows: int, k: int, scale: float, skew: float, seed: int
+) -> None:
+    """Any weight matrix: no neighbouring same-sign pair sums past 128, and the squared error is
+    never worse than 7-bit weights (half the scale), the blunt remedy, gives."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, rows)) * scale + skew * scale).astype(np.float32)  # MatMul [K, N]
+    q, s = quantize_pair_safe(w, 1)
+    assert q.dtype == np.int8 and violations(q.T) == 0
+    a = worst_case_activations(q)
+    assert np.array_equal(dot_u8s8_pair_saturating(a, q), exact_dot(a, q))
+    err = ((q * s - w) ** 2).sum()
+    seven = np.abs(w).max(axis=0) / 63.5
+    err7 = ((np.clip(np.rint(w / seven), -64, 64) * seven - w) ** 2).sum()
+    assert err <= err7 * (1 + 1e-5) + 1e-30
+
+
+def test_pair_safe_conv_holds_in_both_reduction_orders() -> None:
+    """A 3x3 conv is reduced with input channels fastest (ONNX Runtime's NHWC kernels) or kernel
+    width fastest (ONNX's layout): neighbours in both orders stay inside the limit."""
+    w = np.abs(np.random.default_rng(3).standard_normal((4, 8, 3, 3))).astype(np.float32)
+    q, _ = quantize_pair_safe(w, 0)
+    nhwc = q.transpose(0, 2, 3, 1).reshape(4, -1).astype(np.int32)
+    nchw = q.reshape(4, -1).astype(np.int32)
+    for flat in (nhwc, nchw):
+        assert (flat[:, :-1] + flat[:, 1:]).max() <= PAIR_LIMIT
+
+
+@pytest.mark.parametrize("fmt", ["portable", "u8"])
+def test_portable_integer_kernels_match_the_qdq_arithmetic(toy: dict[str, Path], fmt: str) -> None:
     """On whatever CPU runs this: ONNX Runtime's fused integer kernels give what the QDQ graph means
     (computed in float with its optimisations off)."""
-    fused = ort_session(toy["portable"]).run(None, _typical_input())[0]
-    reference = ort_session(toy["portable"], optimization="disable").run(None, _typical_input())[0]
+    fused = ort_session(toy[fmt]).run(None, _typical_input())[0]
+    reference = ort_session(toy[fmt], optimization="disable").run(None, _typical_input())[0]
     assert np.abs(fused - reference).max() <= 1e-3 * np.abs(reference).max()
 
 
-def test_portable_weights_fuse_into_integer_kernels(toy: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["portable", "u8"])
+def test_portable_weights_fuse_into_integer_kernels(toy: dict[str, Path], tmp_path: Path, fmt: str) -> None:
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "fused.onnx")
-    ort.InferenceSession(str(toy["portable"]), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(toy[fmt]), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] == 1 and ops["Conv"] == 1  # conv2 feeds the float graph output
 
@@ -145,7 +195,9 @@ def test_format_travels_in_metadata(toy: dict[str, Path]) -> None:
         return {m.key: m.value for m in onnx.load(p).metadata_props}
 
     assert props(toy["portable"])[INT8_FORMAT_KEY] == "portable"
-    assert props(toy["portable"])[INT8_WEIGHTS_KEY] == "u8"
+    assert props(toy["portable"])[INT8_WEIGHTS_KEY] == "s8-pairsafe"
+    assert props(toy["u8"])[INT8_WEIGHTS_KEY] == "u8"
+    assert props(toy["u8"])[INT8_REQUIRES_KEY] == ""
     assert props(toy["portable"])[INT8_REQUIRES_KEY] == ""
     assert props(toy["vnni"])[INT8_FORMAT_KEY] == "vnni"
     assert props(toy["vnni"])[INT8_REQUIRES_KEY] == INT32_DOT
@@ -181,7 +233,7 @@ def test_native_builds_for_the_cpu_it_runs_on(
     assert {m.key: m.value for m in onnx.load(out).metadata_props}[INT8_FORMAT_KEY] == "portable"
 
 
-def test_dynamic_portable_uses_uint8_weights(tmp_path: Path) -> None:
+def test_dynamic_formats_store_weights_as_their_kernels_need(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 16)).astype(np.float32)
     graph = helper.make_graph(
@@ -194,20 +246,27 @@ def test_dynamic_portable_uses_uint8_weights(tmp_path: Path) -> None:
     src = tmp_path / "mm.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     outs = {}
-    for cpu in (Int8Cpu.PORTABLE, Int8Cpu.VNNI):
+    for cpu in (Int8Cpu.PORTABLE, Int8Cpu.U8, Int8Cpu.VNNI):
         outs[cpu] = tmp_path / f"mm.{cpu.value}.onnx"
         quantize(src, outs[cpu], None, config=QuantConfig(dynamic=True, cpu=cpu))
-    model = onnx.load(outs[Int8Cpu.PORTABLE])
-    mm = next(n for n in model.graph.node if n.op_type == "MatMulInteger")
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert inits[mm.input[1]].dtype == np.uint8 and np.all(inits[mm.input[3]] == 128)
+
+    def weight(cpu: Int8Cpu) -> tuple[np.ndarray, np.ndarray]:
+        model = onnx.load(outs[cpu])
+        mm = next(n for n in model.graph.node if n.op_type == "MatMulInteger")
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return inits[mm.input[1]], inits[mm.input[3]]
+
+    wq, zp = weight(Int8Cpu.PORTABLE)
+    assert wq.dtype == np.int8 and np.all(zp == 0) and violations(wq.T) == 0
+    wq, zp = weight(Int8Cpu.U8)
+    assert wq.dtype == np.uint8 and np.all(zp == 128)
+    assert violations(weight(Int8Cpu.VNNI)[0].T) > 0  # plain int8: pairs that overflow exist
     x = {"x": np.abs(rng.standard_normal((4, 32))).astype(np.float32) * 3}
-    got = {cpu: ort_session(p).run(None, x)[0] for cpu, p in outs.items()}
     reference = x["x"] @ w
-    cos = float((got[Int8Cpu.PORTABLE] * reference).sum()) / (
-        np.linalg.norm(got[Int8Cpu.PORTABLE]) * np.linalg.norm(reference)
-    )
-    assert cos > 0.999
+    for cpu, path in outs.items():
+        got = ort_session(path).run(None, x)[0]
+        cos = float((got * reference).sum()) / (np.linalg.norm(got) * np.linalg.norm(reference))
+        assert cos > 0.999, cpu
 
 
 def test_bias_too_large_for_int32_keeps_its_sign(tmp_path: Path) -> None:
@@ -254,7 +313,7 @@ _RUN_BOTH = """
 import sys, numpy as np, onnxruntime as ort
 x = {"x": np.random.default_rng(7).uniform(0, 1, (1, %d, 4, 4)).astype(np.float32)}
 out = {}
-for name in ("portable", "vnni"):
+for name in ("portable", "u8", "vnni"):
     s = ort.InferenceSession(sys.argv[1] + "/toy." + name + ".onnx", providers=["CPUExecutionProvider"])
     out[name] = s.run(None, x)[0]
 np.savez(sys.argv[2], **out)
@@ -263,15 +322,18 @@ np.savez(sys.argv[2], **out)
 
 @pytest.mark.skipif(_qemu_avx2() is None, reason="qemu-x86_64 (Debian package qemu-user) not installed")
 def test_on_an_emulated_avx2_cpu_only_portable_keeps_its_values(toy: dict[str, Path], tmp_path: Path) -> None:
-    """The real ONNX Runtime kernels on an emulated AVX2-only CPU: the portable model computes what
-    its QDQ graph means; the VNNI-format model's int16 pair sums saturate."""
+    """The real ONNX Runtime kernels on an emulated AVX2-only CPU: the portable and u8 models compute
+    what their QDQ graphs mean; the VNNI-format model's int16 pair sums saturate."""
     script = tmp_path / "run_both.py"
     script.write_text(_RUN_BOTH % C_IN)
     npz = tmp_path / "avx2.npz"
     cmd = [*_qemu_avx2(), sys.executable, str(script), str(toy["model"].parent), str(npz)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     got = np.load(npz)
-    reference = ort_session(toy["portable"], optimization="disable").run(None, _typical_input())[0]
-    scale = np.abs(reference).max()
-    assert np.abs(got["portable"] - reference).max() <= 1e-3 * scale
-    assert np.abs(got["vnni"] - reference).max() > 0.05 * scale
+    for name in ("portable", "u8", "vnni"):
+        reference = ort_session(toy[name], optimization="disable").run(None, _typical_input())[0]
+        scale = np.abs(reference).max()
+        if name == "vnni":
+            assert np.abs(got[name] - reference).max() > 0.05 * scale
+        else:
+            assert np.abs(got[name] - reference).max() <= 1e-3 * scale, name

@@ -29,7 +29,8 @@ def deploy_cmd(
     cpu: str = typer.Option(
         "portable",
         "--cpu",
-        help="INT8 format: portable (exact on every CPU), vnni (needs VNNI/AMX or ARM64), native (this CPU's).",
+        help="INT8 format: portable (exact on every CPU), u8, vnni (needs VNNI/AMX or ARM64), "
+        "native (this CPU's); see kiln quantize --help.",
     ),
     bench_seconds: float = typer.Option(
         3.0, "--bench-seconds", help="Timed seconds per precision and batch."

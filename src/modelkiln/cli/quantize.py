@@ -63,8 +63,10 @@ def quantize_cmd(
     cpu: str = typer.Option(
         "portable",
         "--cpu",
-        help="INT8 format: portable (exact on every x86-64/ARM64 CPU), vnni (fastest, needs "
-        "AVX512-VNNI/AVX-VNNI/AMX or ARM64; saturates on AVX2-only CPUs) or native (best for this CPU).",
+        help="INT8 format: portable (int8 weights no kernel can overflow: exact and fast on every "
+        "x86-64/ARM64 CPU), u8 (uint8 weights: exact everywhere, full weight resolution, slower), "
+        "vnni (plain int8: needs AVX512-VNNI/AVX-VNNI/AMX or ARM64, saturates on AVX2-only CPUs) "
+        "or native (vnni where this CPU has it, else portable).",
     ),
     int8_silu: bool = typer.Option(
         False, "--int8-silu", help="Run SiLU (Sigmoid, Mul) in int8 too: faster, less exact."

@@ -22,7 +22,7 @@ from modelkiln.zoo import ZooModel
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
-INT8_CPUS = ("portable", "vnni", "native")
+INT8_CPUS = ("portable", "u8", "vnni", "native")
 
 
 class DeployError(KilnError):
@@ -44,7 +44,7 @@ class DeployOptions:
     calib_size: int = 100
     eval_limit: int | None = None
     command: str = ""
-    cpu: str = "portable"  # INT8 format (quant.config.Int8Cpu): portable, vnni or native
+    cpu: str = "portable"  # INT8 format (quant.config.Int8Cpu): portable, u8, vnni or native
 
     def __post_init__(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]

@@ -21,18 +21,20 @@ class Target(enum.Enum):
 
 
 class Int8Cpu(enum.Enum):
-    """Which CPUs an ONNX Runtime INT8 model is built for (the integer format it stores).
+    """Which CPUs an ONNX Runtime INT8 model is built for (how it stores its weights).
 
     x86 CPUs without an int32 dot product (AVX2, AVX-512BW without VNNI) multiply uint8 x int8 with
-    VPMADDUBSW, which adds pairs of products into a saturating int16: full-range int8 weights
-    overflow it. PORTABLE stores weights as uint8 (zero point 128, the same 255-level grid), so
-    ONNX Runtime takes its u8 x u8 kernels, which widen to int16 before multiplying and sum in
-    int32: exact on every x86-64 and ARM64 CPU. VNNI keeps int8 weights for the u8 x s8 kernels:
-    exact and fastest with AVX512-VNNI, AVX-VNNI, AMX-INT8 or on ARM64, saturating elsewhere.
-    NATIVE is resolved when the model is built: VNNI where this CPU has an int32 dot product,
-    else PORTABLE."""
+    VPMADDUBSW, which adds neighbouring products into a saturating int16: full-range int8 weights
+    overflow it. PORTABLE keeps int8 weights but pulls in the few neighbouring pairs that could
+    overflow (quant/pairsafe.py): exact on every x86-64 and ARM64 CPU, with the fast u8 x s8
+    kernels everywhere. U8 stores uint8 weights (zero point 128, all 255 levels), which ONNX Runtime
+    runs with u8 x u8 kernels that widen before multiplying: exact everywhere, full resolution,
+    slower. VNNI keeps plain int8 weights: exact and fastest with AVX512-VNNI, AVX-VNNI, AMX-INT8
+    or on ARM64, saturating elsewhere. NATIVE is resolved when the model is built: VNNI where this
+    CPU has an int32 dot product, else PORTABLE."""
 
     PORTABLE = "portable"
+    U8 = "u8"
     VNNI = "vnni"
     NATIVE = "native"
 

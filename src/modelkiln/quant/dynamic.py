@@ -17,8 +17,9 @@ import onnx_ir as ir
 
 from modelkiln.graph.ir_utils import const, new_initializer
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig
-from modelkiln.quant.formats import weight_dtype
-from modelkiln.quant.primitives import quantize, weight_qparams
+from modelkiln.quant.formats import WeightStorage, weight_storage
+from modelkiln.quant.pairsafe import quantize_pair_safe
+from modelkiln.quant.primitives import QParams, quantize, weight_qparams
 
 
 def dynamic_candidates(model: ir.Model, config: QuantConfig) -> list[ir.Node]:
@@ -41,8 +42,8 @@ def quantize_dynamic_matmuls(
     model: ir.Model, config: QuantConfig, only: str | set[str] | None = None, fmt: Int8Cpu = Int8Cpu.PORTABLE
 ) -> Counter:
     """Rewrite the candidates (or just those named in ``only``) in place, weights stored as ``fmt``
-    needs (uint8 for PORTABLE: the activations are full-range uint8 here, see quant/formats.py);
-    counts by op type."""
+    needs (quant/formats.py: DynamicQuantizeLinear gives full-range uint8 activations, so the
+    saturation rules are the static ones); counts by op type."""
     if isinstance(only, str):
         only = {only}
     graph = model.graph
@@ -60,7 +61,7 @@ def quantize_dynamic_matmuls(
             graph.insert_before(node, dq)
             shared[x.name] = tuple(dq.outputs)
         xq, xs, xz = shared[x.name]
-        _rewrite(graph, node, xq, xs, xz, per_channel, weight_dtype(config, fmt))
+        _rewrite(graph, node, xq, xs, xz, per_channel, weight_storage(config, fmt))
         count += 1
     graph.sort()
     return Counter({"MatMulInteger": count}) if count else Counter()
@@ -73,12 +74,17 @@ def _rewrite(
     xs: ir.Value,
     xz: ir.Value,
     per_channel: bool,
-    dtype: type = np.int8,
+    storage: WeightStorage,
 ) -> None:
     w = const(node.inputs[1])
-    qp = weight_qparams(w, 1 if per_channel else None, dtype)
+    if storage.pair_safe:
+        q, scale = quantize_pair_safe(w, 1)
+        qp = QParams(scale, np.zeros(scale.shape, np.int8), 1)
+    else:
+        qp = weight_qparams(w, 1 if per_channel else None, storage.dtype)
+        q = quantize(w, qp)
     hint = node.inputs[1].name
-    wq = new_initializer(graph, quantize(w, qp), f"{hint}_quantized")
+    wq = new_initializer(graph, q, f"{hint}_quantized")
     wz = new_initializer(graph, np.asarray(qp.zero_point), f"{hint}_zero_point")
     ws = new_initializer(graph, np.asarray(qp.scale, np.float32), f"{hint}_scale")
     name = node.name

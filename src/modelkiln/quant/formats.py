@@ -1,26 +1,28 @@
-"""INT8 formats per CPU: which integer types a model stores, and the metadata that travels with it.
+"""INT8 formats per CPU: how a model stores its weights, and the metadata that travels with it.
 
 ONNX Runtime picks its integer kernel from the types in the graph and the CPU it runs on:
 
-| weights | x86 AVX2 / AVX-512BW (no VNNI)  | x86 VNNI / AMX, ARM64          |
-| ------- | ------------------------------- | ------------------------------ |
-| int8    | VPMADDUBSW: pairs saturate int16 | VPDPBUSD / AMX / SDOT: exact   |
-| uint8   | widen to int16, VPMADDWD: exact  | widen, VPMADDWD / UDOT: exact  |
+| weights        | x86 AVX2 / AVX-512BW (no VNNI)     | x86 VNNI / AMX, ARM64          |
+| -------------- | ---------------------------------- | ------------------------------ |
+| int8           | VPMADDUBSW: pairs saturate in int16 | VPDPBUSD / AMX / SDOT: exact   |
+| int8 pair-safe | VPMADDUBSW: no pair can overflow    | exact, same kernels            |
+| uint8 (zp 128) | widen to int16, VPMADDWD: exact     | widen, VPMADDWD / UDOT: exact  |
 
-A uint8 weight with zero point 128 holds the same 255 levels as the symmetric int8 one (q + 128),
-so the PORTABLE format computes exactly what the VNNI format computes on a VNNI machine, on every
-CPU; it costs speed where the int8 kernels would have been exact (VNNI, AMX), which is what
-``--cpu native`` / ``vnni`` are for. Weight-only models (DequantizeLinear + float op, or
+PORTABLE (pair-safe int8, the default) and U8 compute the same on every CPU; VNNI-format models
+only on CPUs with an int32 dot product. Depthwise convolutions run on a kernel that widens to int32
+on every CPU and keep plain int8 weights. Weight-only models (DequantizeLinear + float op, or
 MatMulNBits at accuracy level 4, measured bit-identical under an emulated AVX2 CPU) keep int8
 weights in every format.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
-from modelkiln.quant.config import Int8Cpu, QuantConfig, Target
+from modelkiln.quant.config import Int8Cpu, PerTensor, QuantConfig, Target
 from modelkiln.runtime.cpu import (
     INT8_ACTIVATIONS_KEY,
     INT8_FORMAT_KEY,
@@ -39,11 +41,23 @@ def resolve(cpu: Int8Cpu, info: CpuInfo | None = None) -> Int8Cpu:
     return Int8Cpu.VNNI if (info or cpu_info()).int32_dot else Int8Cpu.PORTABLE
 
 
-def weight_dtype(config: QuantConfig, fmt: Int8Cpu) -> type:
-    """Storage type of Conv/Gemm/MatMul weights read by integer kernels."""
-    if config.target is Target.CPU and fmt is Int8Cpu.PORTABLE:
-        return np.uint8
-    return np.int8
+@dataclass(frozen=True)
+class WeightStorage:
+    """How Conv/Gemm/MatMul weights read by integer kernels are stored."""
+
+    dtype: type  # np.int8 or np.uint8
+    pair_safe: bool  # int8 with no neighbouring pair able to overflow int16 (pairsafe.py)
+    label: str  # the metadata value: "s8", "s8-pairsafe" or "u8"
+
+
+def weight_storage(config: QuantConfig, fmt: Int8Cpu) -> WeightStorage:
+    """The storage ``fmt`` needs. TensorRT and weight-only models keep plain int8; PORTABLE with
+    per-tensor weights stores uint8 (the pair search is per channel)."""
+    if config.target is Target.TRT or config.weight_only or fmt is Int8Cpu.VNNI:
+        return WeightStorage(np.int8, False, "s8")
+    if fmt is Int8Cpu.U8 or isinstance(config.weights, PerTensor):
+        return WeightStorage(np.uint8, False, "u8")
+    return WeightStorage(np.int8, True, "s8-pairsafe")
 
 
 def metadata(config: QuantConfig, fmt: Int8Cpu) -> dict[str, str]:
@@ -54,7 +68,7 @@ def metadata(config: QuantConfig, fmt: Int8Cpu) -> dict[str, str]:
     elif config.target is Target.TRT:
         weights, acts, need, name = "s8", "s8", "", "trt"
     else:
-        weights = "u8" if fmt is Int8Cpu.PORTABLE else "s8"
+        weights = weight_storage(config, fmt).label
         acts, name = "u8", fmt.value
         need = INT32_DOT if fmt is Int8Cpu.VNNI else ""
     return {

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from modelkiln.graph.ir_utils import const, new_initializer
+from modelkiln.graph.ir_utils import attr_int, const, new_initializer
 from modelkiln.quant.calibrators.base import Range
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig, Target
-from modelkiln.quant.formats import weight_dtype
+from modelkiln.quant.formats import weight_storage
+from modelkiln.quant.pairsafe import quantize_pair_safe
 from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams, quantize, weight_qparams
 from modelkiln.quant.rules import (
     ACTIVATIONS,
@@ -270,12 +271,14 @@ def emit(
     weight_qp: dict[int, QParams] = {}
     shared: dict[tuple[int, int | None], tuple[ir.Value, QParams]] = {}  # one DQ per shared weight
     floors = _bias_scale_floors(plan, act_qp, per_channel)
-    wdtype = weight_dtype(config, fmt)
+    storage = weight_storage(config, fmt)
     for node, idx, axis in plan.weights:
         axis = axis if per_channel else None
         key = (id(node.inputs[idx]), axis)
         if key not in shared:
-            shared[key] = quantize_weight(graph, node, idx, axis, wdtype, floors.get(id(node)))
+            shared[key] = quantize_weight(
+                graph, node, idx, axis, storage.dtype, floors.get(id(node)), storage.pair_safe
+            )
         dq_out, qp = shared[key]
         node.replace_input_with(idx, dq_out)
         weight_qp[id(node)] = qp
@@ -346,23 +349,36 @@ def quantize_weight(
     axis: int | None,
     dtype: type = np.int8,
     min_scale: np.ndarray | None = None,
+    pair_safe: bool = False,
 ) -> tuple[ir.Value, QParams]:
     """Replace constant input ``idx`` of ``node`` by int8/uint8 (symmetric, per channel along ``axis``)
-    -> DequantizeLinear. ``min_scale`` raises the scale of channels whose bias would not fit int32."""
+    -> DequantizeLinear. ``min_scale`` raises the scale of channels whose bias would not fit int32;
+    ``pair_safe`` keeps int8 weights that saturating u8 x s8 kernels cannot overflow (pairsafe.py)."""
     w = const(node.inputs[idx])
-    qp = weight_qparams(w, axis, dtype)
-    if min_scale is not None:
-        if min_scale.size != qp.scale.size:  # per-tensor weight, or channels the bias does not map to
-            min_scale = np.full(qp.scale.shape, min_scale.max(), np.float32)
-        raised = np.maximum(qp.scale, min_scale.reshape(qp.scale.shape)).astype(np.float32)
-        if np.any(raised > qp.scale):
-            log.info(
-                "%s: weight scale raised on %d channel(s) so the int32 bias keeps its value",
-                node.name,
-                int(np.sum(raised > qp.scale)),
-            )
-        qp = QParams(raised, qp.zero_point, qp.axis)
-    return _replace_with_dq(graph, node, idx, quantize(w, qp), qp, f"{node.inputs[idx].name}"), qp
+    if pair_safe and axis is not None and not _depthwise(node, w):
+        q, scale = quantize_pair_safe(w, axis, _floor(min_scale, w.shape[axis]))
+        qp = QParams(scale, np.zeros(scale.shape, np.int8), axis)
+    else:
+        qp = weight_qparams(w, axis, dtype)
+        floor = _floor(min_scale, qp.scale.size)
+        if floor is not None:
+            qp = QParams(np.maximum(qp.scale, floor.reshape(qp.scale.shape)), qp.zero_point, qp.axis)
+        q = quantize(w, qp)
+    return _replace_with_dq(graph, node, idx, q, qp, f"{node.inputs[idx].name}"), qp
+
+
+def _floor(min_scale: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """Per-channel lower bound on a weight scale (one value for all when the sizes differ)."""
+    if min_scale is None:
+        return None
+    if min_scale.size != channels:  # per-tensor weight, or channels the bias does not map to
+        return np.full(channels, min_scale.max(), np.float32)
+    return min_scale.reshape(-1).astype(np.float32)
+
+
+def _depthwise(node: ir.Node, w: np.ndarray) -> bool:
+    """A grouped Conv with one input channel per group: MLAS's depthwise kernel widens to int32."""
+    return node.op_type == "Conv" and attr_int(node, "group", 1) > 1 and w.ndim >= 3 and w.shape[1] == 1
 
 
 #: Largest int32 a bias may take, with room for the float32 rounding of its scale.
