@@ -97,7 +97,7 @@ def parse_proc_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
 
 def _mac() -> tuple[str, frozenset[str]]:
     def sysctl(name: str) -> str:
-        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["sysctl", "-n", name], check=False, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else ""
 
     flags = frozenset(flag for key, flag in _MAC_SYSCTL.items() if sysctl(key) == "1")
