@@ -96,6 +96,17 @@ def quantize_cmd(
     int8_attention: bool = typer.Option(
         False, "--int8-attention", help="Also quantize attention MatMuls (Q@K^T, P@V) in transformers."
     ),
+    int8_ffn_down: bool = typer.Option(
+        False,
+        "--int8-ffn-down",
+        help="Quantize every FFN down-projection in transformers (faster, less exact).",
+    ),
+    ffn_spread: float = typer.Option(
+        8.0,
+        "--ffn-spread",
+        help="Transformers: an FFN down-projection stays float when its input's largest channel "
+        "exceeds this multiple of the median one.",
+    ),
     sensitivity: bool = typer.Option(
         False, "--sensitivity", help="Rank layers by the output error each causes alone (table + --plot)."
     ),
@@ -128,6 +139,8 @@ def quantize_cmd(
         int8_silu=int8_silu,
         transformer=transformer,
         int8_attention=int8_attention,
+        int8_ffn_down=int8_ffn_down,
+        ffn_spread=ffn_spread,
         smoothquant=smoothquant,
         weight_only=weight_only,
         weight_kernel=_enum(WeightKernel, kernel, "--kernel"),

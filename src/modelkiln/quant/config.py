@@ -78,6 +78,11 @@ class QuantConfig:
     transformer: bool | None = None
     #: In a transformer, also quantize the attention MatMuls (Q @ K^T, P @ V).
     int8_attention: bool = False
+    #: In a transformer, quantize every FFN down-projection (linear reading a GELU output). By
+    #: default one stays float when its input's largest channel (max |x|) exceeds ``ffn_spread``
+    #: times the median channel: a per-tensor 8-bit scale then spends 3+ bits on a few channels.
+    int8_ffn_down: bool = False
+    ffn_spread: float = 8.0
     #: SmoothQuant migration strength alpha in [0, 1]; None disables it.
     smoothquant: float | None = None
     #: Only weights become int8 (per channel, DequantizeLinear before the float op): no calibration.
@@ -117,6 +122,8 @@ class QuantConfig:
             raise ConfigError(
                 f"block_size must be 0 (per channel) or a power of two >= 16, got {self.block_size}"
             )
+        if self.ffn_spread < 1:
+            raise ConfigError(f"ffn_spread must be >= 1, got {self.ffn_spread}")
         if self.max_range_ratio < 1:
             raise ConfigError(f"max_range_ratio must be >= 1, got {self.max_range_ratio}")
 

@@ -27,6 +27,7 @@ from modelkiln.quant.rules import (
     DATA_MOVEMENT,
     OpRule,
     is_attention_matmul,
+    is_ffn_down,
     is_transformer,
     rule_for,
 )
@@ -102,8 +103,14 @@ def _mismatched(values: list[ir.Value], ranges: dict[str, Range] | None, ratio: 
     return len(widths) > 1 and min(widths) > 0 and max(widths) / min(widths) > ratio
 
 
-def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None = None) -> Plan:
-    """Decide what to quantize; ``ranges=None`` gives the calibration candidates.
+def mark(
+    model: ir.Model,
+    config: QuantConfig,
+    ranges: dict[str, Range] | None = None,
+    spread: dict[str, float] | None = None,
+) -> Plan:
+    """Decide what to quantize; ``ranges=None`` gives the calibration candidates. ``spread`` is the
+    largest-to-median channel ratio of FFN down-projection inputs (transformers; see ffn_spread).
 
     An op runs in int8 only if its output is wanted in int8: some quantized consumer reads it
     (looking through data-movement ops, and for Conv/Gemm/MatMul through a float activation).
@@ -119,7 +126,7 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
         rule = rule_for(node, config.int8_silu)
         if rule is None or not all(_is_float(node.inputs[i]) for i in rule.activations):
             continue
-        reason = _transformer_float(node, rule, config) if transformer else None
+        reason = _transformer_float(node, rule, config, spread) if transformer else None
         if reason:
             plan.kept_float[node.name] = reason
             continue
@@ -147,12 +154,22 @@ def mark(model: ir.Model, config: QuantConfig, ranges: dict[str, Range] | None =
     return plan
 
 
-def _transformer_float(node: ir.Node, rule: OpRule, config: QuantConfig) -> str | None:
+def _transformer_float(
+    node: ir.Node, rule: OpRule, config: QuantConfig, spread: dict[str, float] | None = None
+) -> str | None:
     """Why a transformer keeps this op in float (None: quantize it)."""
     if node.op_type == "Add" and rule.weight is None:
         return "residual Add (transformer default: the residual stream stays float)"
     if is_attention_matmul(node) and not config.int8_attention:
         return "attention MatMul (transformer default; int8_attention quantizes it)"
+    if is_ffn_down(node) and not config.int8_ffn_down:
+        ratio = (spread or {}).get(node.inputs[0].name)
+        if ratio is None or ratio > config.ffn_spread:
+            seen = "not measured" if ratio is None else f"{ratio:.1f}x"
+            return (
+                f"FFN down-projection whose GELU input has outlier channels (largest / median channel "
+                f"{seen} > {config.ffn_spread:g}x; transformer default, int8_ffn_down quantizes it)"
+            )
     return None
 
 

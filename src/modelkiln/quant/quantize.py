@@ -28,7 +28,8 @@ from modelkiln.quant.data import batches, list_samples
 from modelkiln.quant.dynamic import dynamic_candidates, quantize_dynamic_matmuls
 from modelkiln.quant.formats import describe_format, metadata, resolve, stamp
 from modelkiln.quant.qdq import Plan, emit, isolate, layers, mark
-from modelkiln.quant.smoothquant import smooth_model
+from modelkiln.quant.rules import is_ffn_down, is_transformer
+from modelkiln.quant.smoothquant import channel_absmax, smooth_model
 from modelkiln.quant.weight_only import quantize_weights_only
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class Calibrated:
     smoothed: dict[str, str] = field(default_factory=dict)  # tensor -> how: layernorm | linear
     entry: zoo_registry.ZooModel | None = None
     files: list[Path] = field(default_factory=list)
+    #: largest / median channel max |x| of FFN down-projection inputs (transformers only)
+    spread: dict[str, float] = field(default_factory=dict)
 
 
 def make_calibrator(config: QuantConfig) -> Calibrator:
@@ -143,7 +146,29 @@ def prepare(
     optimized = ir.to_proto(model)
     ranges = calibrate(optimized, candidates.activations, feeds, config, batch_size, progress)
     ranges.update(bounded_ranges(model, ranges))
-    return Calibrated(str(source), optimized, ranges, len(files), proto.ByteSize(), smoothed, entry, files)
+    spread = ffn_spread(model, optimized, config, feeds, batch_size)
+    return Calibrated(
+        str(source), optimized, ranges, len(files), proto.ByteSize(), smoothed, entry, files, spread
+    )
+
+
+def ffn_spread(
+    model: ir.Model,
+    proto: onnx.ModelProto,
+    config: QuantConfig,
+    feeds: Callable[[], Iterable[dict[str, np.ndarray]]],
+    batch_size: int,
+) -> dict[str, float]:
+    """Largest / median per-channel max |x| of each FFN down-projection input (one pass over the
+    calibration data, transformers only): which of them a per-tensor int8 scale cannot serve."""
+    transformer = is_transformer(model) if config.transformer is None else config.transformer
+    if not transformer or config.int8_ffn_down:
+        return {}
+    names = sorted({n.inputs[0].name for n in model.graph if is_ffn_down(n)})
+    if not names:
+        return {}
+    absmax = channel_absmax(proto, names, feeds, batch_size)
+    return {k: float(v.max() / max(float(np.median(v)), 1e-12)) for k, v in absmax.items()}
 
 
 def build(
@@ -160,7 +185,7 @@ def build(
         counts = quantize_dynamic_matmuls(model, config, only, fmt)
         plan = Plan()
     else:
-        plan = mark(model, config, cal.ranges)
+        plan = mark(model, config, cal.ranges, cal.spread)
         ranges = cal.ranges
         if only is not None:
             plan, ranges = isolate(plan, only, ranges)
@@ -180,7 +205,7 @@ def quantized_layers(cal: Calibrated, config: QuantConfig) -> list[str]:
         return []
     if config.dynamic:
         return [n.name for n in dynamic_candidates(model, config)]
-    return layers(mark(model, config, cal.ranges))
+    return layers(mark(model, config, cal.ranges, cal.spread))
 
 
 def summarize(

@@ -138,6 +138,35 @@ def is_attention_matmul(node: ir.Node) -> bool:
     return node.op_type == "MatMul" and all(const(v) is None for v in node.inputs)
 
 
+#: GELU as one op, or the ops its erf/tanh formula ends in.
+_GELU_OPS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu"}
+
+
+def is_ffn_down(node: ir.Node) -> bool:
+    """A linear layer reading a GELU output (the FFN down-projection of a transformer block): the
+    GELU output is where trained transformers keep a few channels 10-20x larger than the rest, so
+    one per-tensor 8-bit scale for it wastes most of its levels (see docs/quantization.md)."""
+    if node.op_type not in ("MatMul", "Gemm") or node.inputs[0] is None:
+        return False
+    producer = node.inputs[0].producer()
+    while producer is not None and producer.op_type in DATA_MOVEMENT:
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    if producer is None:
+        return False
+    if producer.op_type in _GELU_OPS:
+        return True
+    if producer.op_type != "Mul":  # x * 0.5 * (1 + erf(x / sqrt 2)), or the tanh approximation
+        return False
+    seen, frontier = 0, [producer]
+    while frontier and seen < 8:
+        n = frontier.pop()
+        seen += 1
+        if n.op_type in ("Erf", "Tanh"):
+            return True
+        frontier += [v.producer() for v in n.inputs if v is not None and v.producer() is not None]
+    return False
+
+
 def rule_for(node: ir.Node, int8_silu: bool = False) -> OpRule | None:
     key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
     fn = RULES.get(key) or (SILU_RULES.get(key) if int8_silu else None)
