@@ -11,7 +11,8 @@ ONNX Runtime picks its integer kernel from the types in the graph and the CPU it
 PORTABLE (pair-safe int8, the default) and U8 compute the same on every CPU; VNNI-format models
 only on CPUs with an int32 dot product. Depthwise convolutions run on a kernel that widens to int32
 on every CPU and keep plain int8 weights. Weight-only models (DequantizeLinear + float op, or
-MatMulNBits at accuracy level 4, measured bit-identical under an emulated AVX2 CPU) keep int8
+MatMulNBits at accuracy level 4, which under an emulated AVX2 CPU gives this VNNI CPU's results
+up to float rounding) keep int8
 weights in every format.
 """
 
