@@ -202,5 +202,5 @@ def test_options_are_checked(tmp_path: Path) -> None:
         DeployOptions("m.onnx", tmp_path, precisions=("int8",))
     with pytest.raises(BadInput, match="--max-drop needs --eval"):
         DeployOptions("m.onnx", tmp_path, max_drop=0.01)
-    with pytest.raises(BadInput, match="--cpu must be one of portable, vnni, native"):
+    with pytest.raises(BadInput, match="--cpu must be one of portable, u8, vnni, native"):
         DeployOptions("m.onnx", tmp_path, cpu="avx2")
