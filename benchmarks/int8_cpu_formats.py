@@ -132,37 +132,14 @@ def ort_static(
 ) -> None:
     """ORT quantize_static as the anchor does it (QDQ, per-channel, MinMax, u8 activations, s8
     weights, the zoo's preprocessing at batch 1), with reduce_range and nodes_to_exclude."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from ort_anchor import ort_quantize_feeds
 
     from modelkiln.quant.data import batches
     from modelkiln.zoo import get
 
     entry = get(zoo)
     feeds = batches(files, [entry.parts[0].inputs[0].name], entry, 1)
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict | None:
-            return next(feeds, None)
-
-    with contextlib.redirect_stdout(sys.stderr):  # ORT prints progress to stdout
-        quantize_static(
-            str(src),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=exclude,
-        )
+    ort_quantize_feeds(src, out, feeds, "minmax", reduce_range, exclude)
 
 
 def build_vision(zoo: str, work: Path, weights: str | None, calib: Path, size: int) -> dict:

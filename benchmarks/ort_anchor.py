@@ -23,8 +23,16 @@ def ort_quantize_static(src: Path, out: Path, calib: Path, zoo: str, method: str
     return time.perf_counter() - t
 
 
-def ort_quantize_feeds(src: Path, out: Path, feeds: Iterable[dict], method: str) -> None:
-    """ORT's quantize_static (QDQ, per-channel weights) calibrated on ``feeds``."""
+def ort_quantize_feeds(
+    src: Path,
+    out: Path,
+    feeds: Iterable[dict],
+    method: str,
+    reduce_range: bool = False,
+    nodes_to_exclude: list[str] | None = None,
+) -> None:
+    """ORT's quantize_static (QDQ, per-channel weights, its defaults: u8 activations, s8 weights)
+    calibrated on ``feeds``; ``reduce_range`` is ORT's 7-bit-weight remedy for CPUs without VNNI."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -52,4 +60,6 @@ def ort_quantize_feeds(src: Path, out: Path, feeds: Iterable[dict], method: str)
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             calibrate_method=methods[method],
+            reduce_range=reduce_range,
+            nodes_to_exclude=nodes_to_exclude or [],
         )
