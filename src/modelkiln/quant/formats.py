@@ -51,11 +51,15 @@ class WeightStorage:
     label: str  # the metadata value: "s8", "s8-pairsafe" or "u8"
 
 
+#: Plain symmetric int8 (TensorRT, weight-only, the VNNI format).
+PLAIN_INT8 = WeightStorage(np.int8, False, "s8")
+
+
 def weight_storage(config: QuantConfig, fmt: Int8Cpu) -> WeightStorage:
     """The storage ``fmt`` needs. TensorRT and weight-only models keep plain int8; PORTABLE with
     per-tensor weights stores uint8 (the pair search is per channel)."""
     if config.target is Target.TRT or config.weight_only or fmt is Int8Cpu.VNNI:
-        return WeightStorage(np.int8, False, "s8")
+        return PLAIN_INT8
     if fmt is Int8Cpu.U8 or isinstance(config.weights, PerTensor):
         return WeightStorage(np.uint8, False, "u8")
     return WeightStorage(np.int8, True, "s8-pairsafe")

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from modelkiln.graph.ir_utils import attr_int, const, new_initializer
 from modelkiln.quant.calibrators.base import Range
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig, Target
-from modelkiln.quant.formats import weight_storage
+from modelkiln.quant.formats import PLAIN_INT8, WeightStorage, weight_storage
 from modelkiln.quant.pairsafe import quantize_pair_safe
 from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams, quantize, weight_qparams
 from modelkiln.quant.rules import (
@@ -293,9 +293,7 @@ def emit(
         axis = axis if per_channel else None
         key = (id(node.inputs[idx]), axis)
         if key not in shared:
-            shared[key] = quantize_weight(
-                graph, node, idx, axis, storage.dtype, floors.get(id(node)), storage.pair_safe
-            )
+            shared[key] = quantize_weight(graph, node, idx, axis, storage, floors.get(id(node)))
         dq_out, qp = shared[key]
         node.replace_input_with(idx, dq_out)
         weight_qp[id(node)] = qp
@@ -364,19 +362,18 @@ def quantize_weight(
     node: ir.Node,
     idx: int,
     axis: int | None,
-    dtype: type = np.int8,
+    storage: WeightStorage = PLAIN_INT8,
     min_scale: np.ndarray | None = None,
-    pair_safe: bool = False,
 ) -> tuple[ir.Value, QParams]:
-    """Replace constant input ``idx`` of ``node`` by int8/uint8 (symmetric, per channel along ``axis``)
-    -> DequantizeLinear. ``min_scale`` raises the scale of channels whose bias would not fit int32;
-    ``pair_safe`` keeps int8 weights that saturating u8 x s8 kernels cannot overflow (pairsafe.py)."""
+    """Replace constant input ``idx`` of ``node`` by its integer weight (symmetric, per channel along
+    ``axis``, stored as ``storage`` says: plain or pair-safe int8, or uint8) -> DequantizeLinear.
+    ``min_scale`` raises the scale of channels whose bias would not fit int32."""
     w = const(node.inputs[idx])
-    if pair_safe and axis is not None and not _depthwise(node, w):
+    if storage.pair_safe and axis is not None and not _depthwise(node, w):
         q, scale = quantize_pair_safe(w, axis, _floor(min_scale, w.shape[axis]))
         qp = QParams(scale, np.zeros(scale.shape, np.int8), axis)
     else:
-        qp = weight_qparams(w, axis, dtype)
+        qp = weight_qparams(w, axis, storage.dtype)
         floor = _floor(min_scale, qp.scale.size)
         if floor is not None:
             qp = QParams(np.maximum(qp.scale, floor.reshape(qp.scale.shape)), qp.zero_point, qp.axis)
