@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -57,18 +58,29 @@ def free_port() -> int:
 
 
 class Running:
-    def __init__(self, repo: Path, max_body: int = 1 << 20) -> None:
+    """A server on a free loopback port in a thread, configured as ``kiln serve`` configures one."""
+
+    def __init__(self, repo: Path, max_body: int = 1 << 20, limits: Any = None, security: Any = None) -> None:
         import uvicorn
 
+        from modelkiln.serve.connection import guarded_h11
+        from modelkiln.serve.guard import ServeLimits
         from modelkiln.serve.http import create_app
         from modelkiln.serve.server import ModelServer
 
+        limits = limits or ServeLimits(max_body_bytes=max_body)
         self.server = ModelServer(str(repo), cores=2)
         self.server.load_all()
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.app = create_app(self.server, None, limits, security, "127.0.0.1")
         config = uvicorn.Config(
-            create_app(self.server, max_body), host="127.0.0.1", port=self.port, log_level="error"
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="error",
+            timeout_keep_alive=limits.keep_alive_s,
+            http=guarded_h11(limits.header_timeout_s),
         )
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)

@@ -339,3 +339,84 @@ def test_a_client_leaving_a_plain_request_cancels_its_chat(chat_server, monkeypa
     while queue.depth() and time.time() < deadline:
         time.sleep(0.05)
     assert queue.depth() == 0 and rounds[0] < 40  # stopped well before its 63 decode rounds
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_it_is_embedded(chat_server, monkeypatch) -> None:
+    """Tokens are counted right after tokenising: the embeddings (memory sized by the token count)
+    are never made for a prompt the model could not take."""
+    running, _ = chat_server
+    chat = running.server.get("qwen").model.chat
+    embedded: list[int] = []
+    original = chat.embed
+    monkeypatch.setattr(chat, "embed", lambda ids: embedded.append(len(ids)) or original(ids))
+    status, body = post(running, "/v1/chat/completions", ask("Hello " * 3000, max_tokens=8))
+    assert status == 400 and "tokens exceeds the context of 2048" in body["error"]["message"]
+    assert embedded == []
+    status, body = post(running, "/v1/chat/completions", ask("Tell me about the harbour.", max_tokens=4))
+    assert status == 200 and embedded
+
+
+def test_the_openai_client_with_an_api_key(chat_server) -> None:
+    """A server with a key: the official client sends it as a bearer token and chats; without
+    it (or with a wrong one) it gets AuthenticationError."""
+    openai = pytest.importorskip("openai")
+    from modelkiln.serve.security import Security
+
+    key = "chat-key-0123456789"
+    root = chat_server[1].parent.parent
+    locked = Running(root, security=Security(api_key=key))
+    try:
+        url = f"http://{locked.url}/v1"
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        answer = client.chat.completions.create(
+            model="qwen", messages=[{"role": "user", "content": "Hello there."}], max_tokens=4, temperature=0
+        )
+        assert answer.choices[0].message.content and answer.usage.completion_tokens <= 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="not-the-key-123", max_retries=0).chat.completions.create(
+                model="qwen", messages=[{"role": "user", "content": "Hello there."}], max_tokens=4
+            )
+    finally:
+        locked.stop()
+
+
+def test_random_sampling_options_and_messages_never_fail_the_server(chat_server) -> None:
+    """Property test on the real chat model: odd temperatures, top_p, seeds, roles and texts
+    (NaN, subnormals, lone surrogates, huge ints) are answered 200 or 4xx, never 500."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    running, _ = chat_server
+    numbers = st.none() | st.floats() | st.integers(-(2**70), 2**70) | st.sampled_from([5e-324, 1e-320, 0, 2])
+    body = st.fixed_dictionaries(
+        {
+            "model": st.just("qwen"),
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "role": st.sampled_from(["user", "system", "assistant"]),
+                        "content": st.text(max_size=40),
+                    }
+                ),
+                min_size=1,
+                max_size=3,
+            ),
+            "max_tokens": st.integers(-1, 4),
+            "temperature": numbers,
+            "top_p": numbers,
+            "seed": numbers,
+        }
+    )
+
+    @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(request=body)
+    def check(request: dict) -> None:
+        data = json.dumps(request).encode("utf-8", "surrogatepass")
+        status, reply = post(running, "/v1/chat/completions", data)
+        assert status == 200 or 400 <= status < 500, (status, reply, request)
+
+    assert hypothesis
+    check()
+    status, _ = post(running, "/v1/chat/completions", ask("Tell me about the harbour.", max_tokens=4))
+    assert status == 200

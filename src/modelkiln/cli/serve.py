@@ -11,7 +11,7 @@ def serve_cmd(
     repository: Path = typer.Argument(
         ..., help="Model repository: <model>/config.yaml, <model>/<version>/model.onnx."
     ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     cores: int = typer.Option(None, "--cores", help="Cores the inference threads may use (default: all)."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (MB)."),
@@ -20,8 +20,87 @@ def serve_cmd(
         "--allow-cpu-mismatch",
         help="Serve INT8 models this CPU cannot run exactly (e.g. VNNI format without VNNI) instead of refusing them.",
     ),
+    api_key_file: Path = typer.Option(
+        None,
+        "--api-key-file",
+        help="File whose first line is the API key every route but health requires as "
+        "'Authorization: Bearer KEY' (default: the KILN_API_KEY environment variable, if set).",
+    ),
+    admin_key_file: Path = typer.Option(
+        None,
+        "--admin-key-file",
+        help="Key for model control (load, unload, repository index) instead of the API key "
+        "(default: KILN_ADMIN_KEY, if set).",
+    ),
+    no_model_control: bool = typer.Option(
+        False, "--no-model-control", help="Refuse load/unload/index over HTTP (403)."
+    ),
+    allowed_host: list[str] = typer.Option(
+        None, "--allowed-host", help="Host name clients may use besides the bound address (repeat; '*': any)."
+    ),
+    allowed_origin: list[str] = typer.Option(
+        None,
+        "--allowed-origin",
+        help="Browser origin (https://app.example.com) allowed to call the server (repeat; '*': any).",
+    ),
+    max_image_mpixels: float = typer.Option(40.0, "--max-image-mp", help="Largest image (megapixels)."),
+    max_request_mpixels: float = typer.Option(
+        80.0, "--max-request-mp", help="Most pixels of all images of one request (megapixels)."
+    ),
+    max_images: int = typer.Option(16, "--max-images", help="Most images in one chat request."),
+    max_prompt_kb: float = typer.Option(
+        1024.0, "--max-prompt-kb", help="Most text in one chat request (KiB)."
+    ),
+    max_output_mb: float = typer.Option(64.0, "--max-output-mb", help="Largest response body (MB)."),
+    max_json_depth: int = typer.Option(64, "--max-json-depth", help="Deepest JSON nesting accepted."),
+    body_timeout_s: float = typer.Option(
+        60.0, "--body-timeout-s", help="Seconds a client may take to send a request body."
+    ),
+    header_timeout_s: float = typer.Option(
+        10.0, "--header-timeout-s", help="Seconds a client may take to send a request's headers."
+    ),
+    keep_alive_s: float = typer.Option(5.0, "--keep-alive-s", help="Seconds an idle connection stays open."),
+    ssl_certfile: Path = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM): serve HTTPS."),
+    ssl_keyfile: Path = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM)."),
 ) -> None:
     """Serve many models in one process (dynamic batching, priorities, Prometheus /metrics)."""
+    from modelkiln.errors import KilnError
+    from modelkiln.serve.guard import ServeLimits
     from modelkiln.serve.http import serve
+    from modelkiln.serve.security import ADMIN_KEY_ENV, API_KEY_ENV, Security, read_key
 
-    serve(str(repository), host, port, cores, int(max_body_mb * (1 << 20)), allow_cpu_mismatch)
+    try:
+        limits = ServeLimits(
+            max_body_bytes=int(max_body_mb * (1 << 20)),
+            max_json_depth=max_json_depth,
+            max_image_pixels=int(max_image_mpixels * 1e6),
+            max_request_pixels=int(max_request_mpixels * 1e6),
+            max_images=max_images,
+            max_prompt_bytes=int(max_prompt_kb * 1024),
+            max_output_bytes=int(max_output_mb * (1 << 20)),
+            body_timeout_s=body_timeout_s,
+            header_timeout_s=header_timeout_s,
+            keep_alive_s=keep_alive_s,
+        )
+        security = Security(
+            api_key=read_key(api_key_file, API_KEY_ENV),
+            admin_key=read_key(admin_key_file, ADMIN_KEY_ENV),
+            model_control=not no_model_control,
+            allowed_hosts=tuple(allowed_host or ()),
+            allowed_origins=tuple(allowed_origin or ()),
+        )
+    except KilnError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise typer.BadParameter("--ssl-certfile and --ssl-keyfile go together")
+    serve(
+        str(repository),
+        host,
+        port,
+        cores,
+        allow_cpu_mismatch=allow_cpu_mismatch,
+        limits=limits,
+        security=security,
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+    )

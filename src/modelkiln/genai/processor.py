@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from modelkiln._deps import require
+from modelkiln.errors import BadInput
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -26,6 +27,9 @@ class QwenVLProcessor:
         self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
         self.patch_size = int(image_processor.patch_size)
         self.merge = int(image_processor.merge_size)
+        #: Most prompt tokens accepted (the model's context; None: no check). Checked right after
+        #: tokenising, before anything sized by the token count (embeddings) is allocated.
+        self.max_tokens: int | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> QwenVLProcessor:
@@ -58,6 +62,10 @@ class QwenVLProcessor:
                 IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:], strict=True)
             )
         out["input_ids"] = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+        if self.max_tokens is not None and len(out["input_ids"]) > self.max_tokens:
+            raise BadInput(
+                f"chat: prompt of {len(out['input_ids'])} tokens exceeds the context of {self.max_tokens} tokens"
+            )
         return out
 
 

@@ -77,6 +77,7 @@ class GenerativeModel:
             scheduler.memory,
             vision_int8=config.genai.vision_int8,
         )
+        chat.processor.max_tokens = chat.context  # refuse long prompts before embedding them
         model = cls(config, version, folder, chat)
         if config.warmup:
             chat.start(chat.prompt([{"role": "user", "content": "Hello"}]), 2).run()

@@ -1,16 +1,19 @@
 """KServe v2 over HTTP (Starlette + uvicorn), as Triton's ``tritonclient.http`` speaks it, and
 OpenAI-compatible chat completions for generative models (serve/openai.py).
 
-Every error is JSON ``{"error": message}`` with a status that says whose fault it was: 400 bad
-request, 404 unknown model, 413 body too large, 503 queue or memory pool full or model unavailable, 504 request
-timed out, 500 server fault. An accepted request is always answered; the server keeps serving.
+Every error is JSON ``{"error": message}`` with a status that says whose fault it was (see
+serve/context.py). An accepted request is always answered; the server keeps serving. Requests
+pass serve/security.py (Host, origin, API key) before any route, and the limits of
+serve/guard.py before any work; heavy parsing and encoding run on worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,66 +24,53 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from modelkiln import __version__
-from modelkiln.errors import (
-    BadInput,
-    ConfigError,
-    CpuMismatch,
-    DeadlineExceeded,
-    KilnError,
-    ModelNotFound,
-    ModelUnavailable,
-    PayloadTooLarge,
-    PoolClosed,
-    PoolExhausted,
-    QueueFull,
-)
 from modelkiln.serve import openai
+from modelkiln.serve.context import Context, status_of
+from modelkiln.serve.guard import ServeLimits
 from modelkiln.serve.metrics import ServerMetrics
-from modelkiln.serve.protocol import encode_response, parse_request
+from modelkiln.serve.protocol import encode_response, header_length, parse_request
+from modelkiln.serve.security import Security, SecurityMiddleware, cors
 from modelkiln.serve.server import ModelServer
 
+__all__ = ["create_app", "serve", "status_of"]
 log = logging.getLogger(__name__)
-DEFAULT_MAX_BODY = 64 << 20
-STATUS = [
-    (PayloadTooLarge, 413),
-    (BadInput, 400),
-    (ConfigError, 400),
-    (CpuMismatch, 400),  # a load refused by the model's config, not a server fault
-    (ModelNotFound, 404),
-    (QueueFull, 503),
-    (ModelUnavailable, 503),
-    (PoolClosed, 503),
-    (PoolExhausted, 503),  # memory pool full (e.g. KV caches of running chats): busy, try again
-    (DeadlineExceeded, 504),
-]
+DEFAULT_MAX_BODY = ServeLimits().max_body_bytes
+GIL_SWITCH_S = 0.001
 
 
-def status_of(exc: BaseException) -> int:
-    return next((code for cls, code in STATUS if isinstance(exc, cls)), 500)
+def create_app(
+    server: ModelServer,
+    max_body: int | None = None,
+    limits: ServeLimits | None = None,
+    security: Security | None = None,
+    bound: str = "127.0.0.1",
+) -> SecurityMiddleware:
+    """The ASGI app: routes behind the security middleware (``bound``: the address served, which
+    a request's Host must name unless ``security.allowed_hosts`` says otherwise)."""
+    limits = limits or ServeLimits()
+    if max_body is not None:
+        limits = dataclasses.replace(limits, max_body_bytes=max_body)
+    ctx = Context(server, limits, ServerMetrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any):
+        yield
+        await asyncio.to_thread(server.shutdown)  # queued requests are answered before exit
+
+    app = Starlette(routes=kserve_routes(ctx) + openai.routes(ctx), lifespan=lifespan)
+    app.state.metrics = ctx.metrics
+    app.state.server = server
+    app.state.context = ctx
+    security = security or Security()
+    return SecurityMiddleware(cors(app, security), security, bound)
 
 
-def error(exc: BaseException) -> JSONResponse:
-    code = status_of(exc)
-    message = str(exc) if isinstance(exc, KilnError) else f"internal error: {type(exc).__name__}: {exc}"
-    if code == 500:
-        log.error("request failed: %s", message, exc_info=not isinstance(exc, KilnError))
-    return JSONResponse({"error": message}, status_code=code)
+def kserve_routes(ctx: Context) -> list[Route]:
+    server = ctx.server
 
-
-def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlette:
-    metrics = ServerMetrics()
-
-    async def body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {max_body}-byte limit")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise PayloadTooLarge(f"request body exceeds the {max_body}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def error(exc: BaseException, name: str = "", route: str = "kserve") -> JSONResponse:
+        code, message = ctx.fail(exc, name, route)
+        return JSONResponse({"error": message}, status_code=code, headers=_closing(code))
 
     async def live(_: Request) -> Response:
         return Response(status_code=200)
@@ -89,20 +79,15 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
         return Response(status_code=200 if server.loaded() else 503)
 
     async def server_meta(_: Request) -> JSONResponse:
-        return JSONResponse(
-            {
-                "name": "modelkiln",
-                "version": __version__,
-                "extensions": ["binary_tensor_data", "model_repository"],
-            }
-        )
+        extensions = ["binary_tensor_data", "model_repository"]
+        return JSONResponse({"name": "modelkiln", "version": __version__, "extensions": extensions})
 
     async def model_meta(request: Request) -> Response:
         try:
             item = server.get(request.path_params["model"], request.path_params.get("version"))
             return JSONResponse(item.model.metadata())
         except Exception as exc:  # noqa: BLE001
-            return error(exc)
+            return error(exc, request.path_params["model"])
 
     async def model_config(request: Request) -> Response:
         try:
@@ -112,7 +97,7 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
                 {"name": cfg.name, "platform": "onnxruntime_onnx", "max_batch_size": cfg.max_batch_size}
             )
         except Exception as exc:  # noqa: BLE001
-            return error(exc)
+            return error(exc, request.path_params["model"])
 
     async def model_ready(request: Request) -> Response:
         ok = server.ready(request.path_params["model"], request.path_params.get("version"))
@@ -120,30 +105,16 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
 
     async def infer(request: Request) -> Response:
         name = request.path_params["model"]
-        version = request.path_params.get("version")
+        label = ctx.label(name)
         start = time.perf_counter()
-        label_version = version or ""
-        metrics.inflight.labels(name).inc()
+        ctx.metrics.inflight.labels(label).inc()
         try:
-            raw = await body(request)
-            header = request.headers.get("inference-header-content-length")
-            if header is not None and not header.isdigit():
-                raise BadInput(f"Inference-Header-Content-Length must be an integer, got {header!r}")
-            msg = parse_request(raw, int(header) if header is not None else None, name)
-            label_version = str(server.get(name, version).model.version)  # pin the version that runs
-            future = server.infer(name, msg.inputs, label_version, msg.timeout_s)
-            result = await asyncio.wrap_future(future)
-            payload, head_len = encode_response(name, label_version, msg, result.outputs)
+            version, result, payload, head_len = await _infer(ctx, request, name)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, none takes the server down
-            metrics.failure.labels(name, label_version, type(exc).__name__).inc()
-            return error(exc)
+            return error(exc, name, "infer")
         finally:
-            metrics.inflight.labels(name).dec()
-        metrics.success.labels(name, label_version).inc()
-        metrics.queue.labels(name, label_version).observe(result.queue_s)
-        metrics.compute.labels(name, label_version).observe(result.compute_s)
-        metrics.batch.labels(name, label_version).observe(result.batch_size)
-        metrics.request.labels(name, label_version).observe(time.perf_counter() - start)
+            ctx.metrics.inflight.labels(label).dec()
+        _observe(ctx.metrics, name, version, result, time.perf_counter() - start)
         if head_len is None:
             return Response(payload, media_type="application/json")
         return Response(
@@ -153,7 +124,11 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
         )
 
     async def repo_index(_: Request) -> JSONResponse:
-        return JSONResponse(server.index())
+        rows = server.index()
+        for row in rows:
+            if "reason" in row:
+                row["reason"] = ctx.redact(row["reason"])
+        return JSONResponse(rows)
 
     def repository_action(action: Callable[[str], Any]) -> Callable:
         async def handle(request: Request) -> Response:
@@ -161,19 +136,14 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
                 await asyncio.to_thread(action, request.path_params["model"])
                 return Response(status_code=200)
             except Exception as exc:  # noqa: BLE001
-                return error(exc)
+                return error(exc, request.path_params["model"], "repository")
 
         return handle
 
     async def prometheus(_: Request) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Any):
-        yield
-        await asyncio.to_thread(server.shutdown)  # queued requests are answered before exit
-
-    routes = [
+    return [
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_meta),
@@ -189,12 +159,36 @@ def create_app(server: ModelServer, max_body: int = DEFAULT_MAX_BODY) -> Starlet
         Route("/v2/repository/models/{model}/load", repository_action(server.load), methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_action(server.unload), methods=["POST"]),
         Route("/metrics", prometheus),
-        *openai.routes(server, body, status_of, metrics),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.metrics = metrics
-    app.state.server = server
-    return app
+
+
+async def _infer(ctx: Context, request: Request, name: str) -> tuple[str, Any, bytes, int | None]:
+    """Read, parse (off the loop when large), queue, await, encode (off the loop when large)."""
+    head = header_length(request.headers.get("inference-header-content-length"))
+    raw = await ctx.body(request)
+    msg = await ctx.offload(parse_request, raw, head, name, ctx.limits, size=len(raw))
+    item = ctx.server.get(name, request.path_params.get("version"))
+    version = str(item.model.version)  # pin the version that runs
+    result = await asyncio.wrap_future(ctx.server.infer(name, msg.inputs, version, msg.timeout_s))
+    size = sum(getattr(v, "nbytes", 0) for v in result.outputs.values())
+    payload, head_len = await ctx.offload(
+        encode_response, name, version, msg, result.outputs, ctx.limits.max_output_bytes, size=size
+    )
+    return version, result, payload, head_len
+
+
+def _observe(metrics: ServerMetrics, name: str, version: str, result: Any, total_s: float) -> None:
+    """A served request (its model is loaded: the name is a bounded label)."""
+    metrics.success.labels(name, version).inc()
+    metrics.queue.labels(name, version).observe(result.queue_s)
+    metrics.compute.labels(name, version).observe(result.compute_s)
+    metrics.batch.labels(name, version).observe(result.batch_size)
+    metrics.request.labels(name, version).observe(total_s)
+
+
+def _closing(code: int) -> dict[str, str]:
+    """Close the connection after refusing a body we did not read (its rest is still coming)."""
+    return {"Connection": "close"} if code in (408, 413) else {}
 
 
 def serve(
@@ -202,13 +196,24 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     cores: int | None = None,
-    max_body: int = DEFAULT_MAX_BODY,
+    max_body: int | None = None,
     allow_cpu_mismatch: bool = False,
+    limits: ServeLimits | None = None,
+    security: Security | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> None:
     """Load every model in ``repository`` and serve until SIGTERM/SIGINT (in-flight requests are
     answered first); ``allow_cpu_mismatch`` serves INT8 models this CPU cannot run exactly."""
     import uvicorn
 
+    from modelkiln.serve.connection import guarded_h11
+
+    limits = limits or ServeLimits()
+    security = security or Security()
+    # The event loop waits this long at most for the GIL behind a worker thread running Python
+    # (default 5 ms); shorter keeps health probes and small requests prompt under load.
+    sys.setswitchinterval(GIL_SWITCH_S)
     server = ModelServer(repository, cores, allow_cpu_mismatch)
     server.load_all()
     if not server.loaded():
@@ -216,12 +221,30 @@ def serve(
             "no model loaded from %s; the server starts anyway (load models with the repository API)",
             repository,
         )
+    _warn_if_exposed(host, security)
     config = uvicorn.Config(
-        create_app(server, max_body),
+        create_app(server, max_body, limits, security, host),
         host=host,
         port=port,
         log_level="warning",
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=limits.keep_alive_s,
+        http=guarded_h11(limits.header_timeout_s),
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
-    log.info("serving %d model(s) on http://%s:%d (KServe v2)", len(server.loaded()), host, port)
+    scheme = "https" if ssl_certfile else "http"
+    log.info("serving %d model(s) on %s://%s:%d (KServe v2)", len(server.loaded()), scheme, host, port)
     uvicorn.Server(config).run()
+
+
+def _warn_if_exposed(host: str, security: Security) -> None:
+    from modelkiln.serve.security import parse_ip
+
+    ip = parse_ip(host)
+    if security.api_key is None and not (ip is not None and ip.is_loopback) and host != "localhost":
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can run and unload models "
+            "(kiln serve --api-key-file FILE or KILN_API_KEY)",
+            host,
+        )

@@ -1,4 +1,7 @@
-"""Prometheus metrics of one server (its own registry, so two servers in a process do not mix)."""
+"""Prometheus metrics of one server (its own registry, so two servers in a process do not mix).
+
+Label values are only ever loaded models' names (or "unknown"): the HTTP layer maps every other
+name before it reaches here, so junk names cannot grow /metrics."""
 
 from __future__ import annotations
 
@@ -46,6 +49,12 @@ class ServerMetrics:
             "End-to-end request time in the server",
             labels,
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "kiln_client_disconnects",
+            "Requests whose client went away before the answer (not server failures)",
+            ["route"],
             registry=self.registry,
         )
         self.inflight = Gauge(

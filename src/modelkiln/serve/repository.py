@@ -10,10 +10,12 @@ from pathlib import Path
 
 from modelkiln.errors import ConfigError, ModelNotFound
 from modelkiln.serve.config import ModelConfig, load_config
+from modelkiln.serve.guard import shown
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 GENAI_FILE = "genai.json"  # a generative model's version is a folder from kiln export
+MAX_NAME_BYTES = 200  # a model name is one folder name; the OS refuses components over 255 bytes
 
 
 @dataclass(frozen=True)
@@ -36,18 +38,21 @@ class Repository:
             raise ModelNotFound(f"model repository not found: {self.root}")
 
     def names(self) -> list[str]:
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and ((p / "config.yaml").is_file() or _versions(p))
+        return sorted(p.name for p in self.root.iterdir() if self.has(p.name))
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is a model folder here (a name that cannot be one is never looked up)."""
+        folder = self.root / name
+        return (
+            valid_name(name)
+            and folder.is_dir()
+            and ((folder / "config.yaml").is_file() or bool(_versions(folder)))
         )
 
     def entry(self, name: str) -> RepoEntry:
+        if not self.has(name):  # the message names neither the repository path nor its models
+            raise ModelNotFound(f"model {shown(name)} is not in the repository")
         folder = self.root / name
-        if "/" in name or name.startswith(".") or not folder.is_dir():
-            raise ModelNotFound(
-                f"model '{name}' is not in the repository {self.root} (has: {', '.join(self.names())})"
-            )
         config = load_config(folder / "config.yaml", name)
         if config.name != name:
             raise ConfigError(
@@ -57,6 +62,16 @@ class Repository:
         if not versions and config.pipeline is None:
             raise ModelNotFound(f"model '{name}': no <version>/{MODEL_FILE} (or {GENAI_FILE}) under {folder}")
         return RepoEntry(name, config, versions)
+
+
+def valid_name(name: str) -> bool:
+    """A single path component the file system accepts: no separator, no leading dot, no NUL,
+    at most MAX_NAME_BYTES bytes (longer names make the OS raise instead of answer 'no')."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+    return 0 < size <= MAX_NAME_BYTES and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
 def _versions(folder: Path) -> dict[int, Path]:

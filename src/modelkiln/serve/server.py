@@ -14,6 +14,7 @@ import numpy as np
 
 from modelkiln.errors import BadInput, ModelNotFound, ModelUnavailable
 from modelkiln.serve.batcher import InferRequest, ModelQueue
+from modelkiln.serve.guard import shown
 from modelkiln.serve.repository import Repository
 from modelkiln.serve.scheduler import Scheduler
 
@@ -99,7 +100,8 @@ class ModelServer:
                         time.perf_counter() - t,
                     )
         except Exception as exc:
-            self._failed[name] = str(exc)
+            if self.repository.has(name):  # junk names must not grow this table
+                self._failed[name] = str(exc)
             raise
         with self._lock:
             old = self._models.get(name, {})
@@ -130,20 +132,23 @@ class ModelServer:
         with self._lock:
             versions = self._models.get(name)
         if not versions:
-            if name in self.repository.names():
+            if self.repository.has(name):
                 why = self._failed.get(name)
                 raise ModelUnavailable(
                     f"model '{name}' is in the repository but not loaded" + (f": {why}" if why else "")
                 )
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound(f"unknown model {shown(name)}")
         if version in (None, ""):
             return versions[max(versions)]
         try:
             return versions[int(version)]
         except (KeyError, ValueError):
-            raise ModelNotFound(
-                f"model '{name}' has no version {version!r} (has {sorted(versions)})"
-            ) from None
+            raise ModelNotFound(f"model '{name}' has no version {shown(version)}") from None
+
+    def has(self, name: str) -> bool:
+        """Whether a model of this name is loaded (cheap: for metric labels)."""
+        with self._lock:
+            return name in self._models
 
     def ready(self, name: str, version: str | None = None) -> bool:
         try:
