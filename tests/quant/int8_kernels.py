@@ -40,6 +40,6 @@ def exact_dot(a: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def worst_case_activations(w: np.ndarray) -> np.ndarray:
-    """uint8 activations [N, K] that push each output column's pair sums up: 255 where the weight is
-    positive, 0 elsewhere (what a saturated ReLU input looks like)."""
-    return np.where(w.T > 0, 255, 0).astype(np.uint8)
+    """uint8 activations [2N, K] that push each output column's pair sums to both int16 limits:
+    255 where the weight is positive (0 elsewhere), then 255 where it is negative."""
+    return np.concatenate([np.where(w.T > 0, 255, 0), np.where(w.T < 0, 255, 0)]).astype(np.uint8)
