@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +51,13 @@ def add_model(repo: Path, name: str, model: Path, config: ModelConfig, version: 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(model.read_bytes())
     (repo / name / "config.yaml").write_text(dump_config(config))
+
+
+def kiln(*args: str) -> subprocess.CompletedProcess:
+    """Run the ``kiln`` command line in a child process (output captured, exit status not checked)."""
+    return subprocess.run(
+        [sys.executable, "-m", "modelkiln", *args], capture_output=True, text=True, check=False
+    )
 
 
 def free_port() -> int:

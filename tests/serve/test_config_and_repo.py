@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import affine_model
+from conftest import affine_model, kiln
 from modelkiln.errors import ConfigError, ModelNotFound
 from modelkiln.serve.config import load_config, parse_config
 from modelkiln.serve.repository import Repository
@@ -48,28 +48,10 @@ def test_repo_add_then_repository_finds_versions(tmp_path: Path) -> None:
     model = affine_model(tmp_path / "a.onnx")
     repo = tmp_path / "repo"
     for _ in range(2):
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "modelkiln",
-                "repo",
-                "add",
-                str(repo),
-                str(model),
-                "--name",
-                "aff",
-                "--max-batch",
-                "8",
-                "--preferred-batch",
-                "4",
-                "--max-queue-delay-us",
-                "500",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        res = kiln(
+            "repo", "add", str(repo), str(model), "--name", "aff",
+            "--max-batch", "8", "--preferred-batch", "4", "--max-queue-delay-us", "500",
+        )  # fmt: skip
         assert res.returncode == 0, res.stderr
     entry = Repository(repo).entry("aff")
     assert sorted(entry.versions) == [1, 2] and entry.latest == 2

@@ -5,8 +5,6 @@ serving the other models. cpu_info is replaced by an AVX2-only CPU: the real CPU
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import Running, add_model, affine_model
+from conftest import Running, add_model, affine_model, kiln
 from modelkiln.errors import CpuMismatch
 from modelkiln.runtime import cpu
 from modelkiln.runtime.cpu import INT8_FORMAT_KEY, INT8_REQUIRES_KEY, INT32_DOT, CpuInfo
@@ -127,27 +125,10 @@ def test_served_model_load_raises_the_typed_error(avx2_only: None, tmp_path: Pat
 
 
 def test_serve_and_repo_add_have_the_flag(tmp_path: Path) -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "modelkiln", "serve", "--help"], capture_output=True, text=True, check=False
-    )
+    res = kiln("serve", "--help")
     assert res.returncode == 0 and "--allow-cpu-mismatch" in res.stdout
     repo = tmp_path / "repo"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modelkiln",
-            "repo",
-            "add",
-            str(repo),
-            str(affine_model(tmp_path / "a.onnx")),
-            "--name",
-            "aff",
-            "--allow-cpu-mismatch",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    model = str(affine_model(tmp_path / "a.onnx"))
+    res = kiln("repo", "add", str(repo), model, "--name", "aff", "--allow-cpu-mismatch")
     assert res.returncode == 0, res.stderr
     assert "allow_cpu_mismatch: true" in (repo / "aff" / "config.yaml").read_text()
