@@ -84,7 +84,7 @@ def _arch() -> str:
 def parse_proc_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
     """Model name and flags of the first processor in a /proc/cpuinfo text (x86 ``flags``,
     ARM ``Features``)."""
-    model, flags = "", frozenset()
+    model, flags = "", frozenset[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -108,7 +108,7 @@ def _mac() -> tuple[str, frozenset[str]]:
 def cpu_info() -> CpuInfo:
     """This machine's CpuInfo (read once per process)."""
     arch = _arch()
-    model, flags, known = platform.processor() or arch, frozenset(), False
+    model, flags, known = platform.processor() or arch, frozenset[str](), False
     try:
         cpuinfo = Path("/proc/cpuinfo")
         if cpuinfo.is_file():

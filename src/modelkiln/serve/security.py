@@ -124,12 +124,13 @@ class SecurityMiddleware:
     def __init__(self, app: Any, security: Security, bound: str) -> None:
         self.app, self.security, self.bound = app, security, bound
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        refusal = self.check(scope["path"], Headers(scope=scope), scope.get("method", ""))
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        refusal = None
+        if scope["type"] == "http":
+            refusal = self.check(scope["path"], Headers(scope=scope), scope.get("method", ""))
         if refusal is None:
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         status, message = refusal
         await _refuse(scope["path"], status, message)(scope, receive, send)
 
@@ -184,7 +185,7 @@ def _refuse(path: str, status: int, message: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if path.startswith("/v1/"):  # OpenAI's error shape for OpenAI's routes
         kind = "authentication_error" if status == 401 else "permission_error"
-        body: dict = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": None, "code": status}}
     else:
         body = {"error": message}
     return JSONResponse(body, status_code=status, headers=headers)
