@@ -76,20 +76,9 @@ def metadata_props(path: Path) -> dict[str, str]:
 def int8_format(props: dict[str, str], requested: str | None = None) -> dict[str, str]:
     """The INT8 format as the written model's metadata states it (the truth of the file, whatever
     was asked); "unknown" where a key is absent."""
-    from modelkiln.runtime.cpu import (
-        INT8_ACTIVATIONS_KEY,
-        INT8_FORMAT_KEY,
-        INT8_REQUIRES_KEY,
-        INT8_WEIGHTS_KEY,
-    )
+    from modelkiln.quant.formats import format_fields
 
-    keys = {
-        "format": INT8_FORMAT_KEY,
-        "weights": INT8_WEIGHTS_KEY,
-        "activations": INT8_ACTIVATIONS_KEY,
-        "requires": INT8_REQUIRES_KEY,
-    }
-    found = {name: props.get(key, "unknown") for name, key in keys.items()}
+    found = format_fields(props)
     return {**found, "requested": requested} if requested else found
 
 

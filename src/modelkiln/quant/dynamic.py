@@ -17,9 +17,7 @@ import onnx_ir as ir
 
 from modelkiln.graph.ir_utils import const, new_initializer
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig
-from modelkiln.quant.formats import WeightStorage, weight_storage
-from modelkiln.quant.pairsafe import quantize_pair_safe
-from modelkiln.quant.primitives import QParams, quantize, weight_qparams
+from modelkiln.quant.formats import WeightStorage, store_weight, weight_storage
 
 
 def dynamic_candidates(model: ir.Model, config: QuantConfig) -> list[ir.Node]:
@@ -77,12 +75,7 @@ def _rewrite(
     storage: WeightStorage,
 ) -> None:
     w = const(node.inputs[1])
-    if storage.pair_safe:
-        q, scale = quantize_pair_safe(w, 1)
-        qp = QParams(scale, np.zeros(scale.shape, np.int8), 1)
-    else:
-        qp = weight_qparams(w, 1 if per_channel else None, storage.dtype)
-        q = quantize(w, qp)
+    q, qp = store_weight(w, 1 if per_channel else None, storage)
     hint = node.inputs[1].name
     wq = new_initializer(graph, q, f"{hint}_quantized")
     wz = new_initializer(graph, np.asarray(qp.zero_point), f"{hint}_zero_point")

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 
 from modelkiln.quant.config import Int8Cpu, PerTensor, QuantConfig, Target
+from modelkiln.quant.pairsafe import quantize_pair_safe
+from modelkiln.quant.primitives import QParams, quantize, weight_qparams
 from modelkiln.runtime.cpu import (
     INT8_ACTIVATIONS_KEY,
     INT8_FORMAT_KEY,
@@ -65,6 +67,35 @@ def weight_storage(config: QuantConfig, fmt: Int8Cpu) -> WeightStorage:
     return WeightStorage(np.int8, True, "s8-pairsafe")
 
 
+def store_weight(
+    w: np.ndarray,
+    axis: int | None,
+    storage: WeightStorage,
+    min_scale: np.ndarray | None = None,
+    depthwise: bool = False,
+) -> tuple[np.ndarray, QParams]:
+    """Integer values and parameters of weight ``w`` (symmetric, per channel along ``axis``) as
+    ``storage`` says: pair-safe int8 (not for per-tensor or ``depthwise`` weights, whose kernels
+    cannot overflow), plain int8 or uint8. ``min_scale`` raises channel scales (int32 bias room)."""
+    if storage.pair_safe and axis is not None and not depthwise:
+        q, scale = quantize_pair_safe(w, axis, _floor(min_scale, w.shape[axis]))
+        return q, QParams(scale, np.zeros(scale.shape, np.int8), axis)
+    qp = weight_qparams(w, axis, storage.dtype)
+    floor = _floor(min_scale, qp.scale.size)
+    if floor is not None:
+        qp = QParams(np.maximum(qp.scale, floor.reshape(qp.scale.shape)), qp.zero_point, qp.axis)
+    return quantize(w, qp), qp
+
+
+def _floor(min_scale: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """Per-channel lower bound on a weight scale (one value for all when the sizes differ)."""
+    if min_scale is None:
+        return None
+    if min_scale.size != channels:  # per-tensor weight, or channels the bias does not map to
+        return np.full(channels, min_scale.max(), np.float32)
+    return min_scale.reshape(-1).astype(np.float32)
+
+
 def metadata(config: QuantConfig, fmt: Int8Cpu) -> dict[str, str]:
     """The metadata_props describing how the model computes (read back by every loader)."""
     if config.weight_only:
@@ -93,15 +124,24 @@ def stamp(model: onnx.ModelProto, props: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
+def format_fields(props: dict[str, str], missing: str = "unknown") -> dict[str, str]:
+    """format / weights / activations / requires as a model's metadata states them (``missing``
+    where a key is absent)."""
+    keys = {
+        "format": INT8_FORMAT_KEY,
+        "weights": INT8_WEIGHTS_KEY,
+        "activations": INT8_ACTIVATIONS_KEY,
+        "requires": INT8_REQUIRES_KEY,
+    }
+    return {name: props.get(key, missing) for name, key in keys.items()}
+
+
 def describe_format(props: dict[str, str]) -> str:
     """One line naming a model's INT8 format from its metadata ("" for a model without one)."""
-    name = props.get(INT8_FORMAT_KEY)
-    if not name:
+    if not props.get(INT8_FORMAT_KEY):
         return ""
+    f = format_fields(props, "?")
     need = props.get(INT8_REQUIRES_KEY) or "any CPU"
     if need == INT32_DOT:
         need = "CPUs with an int32 dot product (x86 AVX512-VNNI/AVX-VNNI/AMX, ARM64)"
-    return (
-        f"{name} (weights {props.get(INT8_WEIGHTS_KEY, '?')}, activations "
-        f"{props.get(INT8_ACTIVATIONS_KEY, '?')}; exact on {need})"
-    )
+    return f"{f['format']} (weights {f['weights']}, activations {f['activations']}; exact on {need})"

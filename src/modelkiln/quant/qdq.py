@@ -19,17 +19,16 @@ import onnx_ir as ir
 from modelkiln.graph.ir_utils import attr_int, const, new_initializer
 from modelkiln.quant.calibrators.base import Range
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig, Target
-from modelkiln.quant.formats import PLAIN_INT8, WeightStorage, weight_storage
-from modelkiln.quant.pairsafe import quantize_pair_safe
-from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams, quantize, weight_qparams
+from modelkiln.quant.formats import PLAIN_INT8, WeightStorage, store_weight, weight_storage
+from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams
 from modelkiln.quant.rules import (
     ACTIVATIONS,
     DATA_MOVEMENT,
     OpRule,
     is_attention_matmul,
     is_ffn_down,
-    is_transformer,
     rule_for,
+    transformer_defaults,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def mark(
     """
     plan = Plan()
     rules: dict[int, tuple[ir.Node, OpRule]] = {}
-    transformer = is_transformer(model) if config.transformer is None else config.transformer
+    transformer = transformer_defaults(model, config.transformer)
     for node in model.graph:
         if node.name in config.exclude:
             plan.kept_float[node.name] = "excluded by user"
@@ -369,25 +368,8 @@ def quantize_weight(
     ``axis``, stored as ``storage`` says: plain or pair-safe int8, or uint8) -> DequantizeLinear.
     ``min_scale`` raises the scale of channels whose bias would not fit int32."""
     w = const(node.inputs[idx])
-    if storage.pair_safe and axis is not None and not _depthwise(node, w):
-        q, scale = quantize_pair_safe(w, axis, _floor(min_scale, w.shape[axis]))
-        qp = QParams(scale, np.zeros(scale.shape, np.int8), axis)
-    else:
-        qp = weight_qparams(w, axis, storage.dtype)
-        floor = _floor(min_scale, qp.scale.size)
-        if floor is not None:
-            qp = QParams(np.maximum(qp.scale, floor.reshape(qp.scale.shape)), qp.zero_point, qp.axis)
-        q = quantize(w, qp)
+    q, qp = store_weight(w, axis, storage, min_scale, _depthwise(node, w))
     return _replace_with_dq(graph, node, idx, q, qp, f"{node.inputs[idx].name}"), qp
-
-
-def _floor(min_scale: np.ndarray | None, channels: int) -> np.ndarray | None:
-    """Per-channel lower bound on a weight scale (one value for all when the sizes differ)."""
-    if min_scale is None:
-        return None
-    if min_scale.size != channels:  # per-tensor weight, or channels the bias does not map to
-        return np.full(channels, min_scale.max(), np.float32)
-    return min_scale.reshape(-1).astype(np.float32)
 
 
 def _depthwise(node: ir.Node, w: np.ndarray) -> bool:

@@ -28,7 +28,7 @@ from modelkiln.quant.data import batches, list_samples
 from modelkiln.quant.dynamic import dynamic_candidates, quantize_dynamic_matmuls
 from modelkiln.quant.formats import describe_format, metadata, resolve, stamp
 from modelkiln.quant.qdq import Plan, emit, isolate, layers, mark
-from modelkiln.quant.rules import is_ffn_down, is_transformer
+from modelkiln.quant.rules import is_ffn_down, transformer_defaults
 from modelkiln.quant.smoothquant import channel_absmax, smooth_model
 from modelkiln.quant.weight_only import quantize_weights_only
 
@@ -161,7 +161,7 @@ def ffn_spread(
 ) -> dict[str, float]:
     """Largest / median per-channel max |x| of each FFN down-projection input (one pass over the
     calibration data, transformers only): which of them a per-tensor int8 scale cannot serve."""
-    transformer = is_transformer(model) if config.transformer is None else config.transformer
+    transformer = transformer_defaults(model, config.transformer)
     if not transformer or config.int8_ffn_down:
         return {}
     names = sorted({n.inputs[0].name for n in model.graph if is_ffn_down(n)})

@@ -133,6 +133,11 @@ def is_transformer(model: ir.Model) -> bool:
     return False
 
 
+def transformer_defaults(model: ir.Model, forced: bool | None) -> bool:
+    """Whether transformer defaults apply: as forced (QuantConfig.transformer), else detected."""
+    return is_transformer(model) if forced is None else forced
+
+
 def is_attention_matmul(node: ir.Node) -> bool:
     """MatMul of two activations (scores = Q @ K^T, context = P @ V)."""
     return node.op_type == "MatMul" and all(const(v) is None for v in node.inputs)
