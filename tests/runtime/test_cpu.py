@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from modelkiln.runtime import cpu, session
+from modelkiln.runtime import cpu
+from modelkiln.runtime.backends import onnxruntime as ort_backend
 from modelkiln.runtime.cpu import (
     INT8_FORMAT_KEY,
     INT8_REQUIRES_KEY,
@@ -21,7 +22,7 @@ from modelkiln.runtime.cpu import (
     parse_proc_cpuinfo,
     unmet_requirement,
 )
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions, cpu_backend
 
 EPYC_AVX2 = """\
 processor	: 0
@@ -140,16 +141,16 @@ def tagged_model(path: Path, props: dict[str, str]) -> Path:
 def warnings_seen(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> pytest.LogCaptureFixture:
-    """Records of modelkiln.runtime.session at WARNING (propagating even if the CLI configured logging)."""
+    """Records of modelkiln.runtime.backends.onnxruntime at WARNING (propagating even if the CLI configured logging)."""
     monkeypatch.setattr(logging.getLogger("modelkiln"), "propagate", True)
-    monkeypatch.setattr(session, "_WARNED", set())  # what earlier tests were warned about
-    caplog.set_level(logging.WARNING, logger="modelkiln.runtime.session")
+    monkeypatch.setattr(ort_backend, "_WARNED", set())  # what earlier tests were warned about
+    caplog.set_level(logging.WARNING, logger="modelkiln.runtime.backends.onnxruntime")
     return caplog
 
 
 def _mismatch_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
-        r for r in caplog.records if r.name == "modelkiln.runtime.session" and "int32 dot" in r.getMessage()
+        r for r in caplog.records if r.name == "modelkiln.runtime.backends.onnxruntime" and "int32 dot" in r.getMessage()
     ]
 
 
@@ -158,16 +159,16 @@ def test_a_mismatched_model_is_warned_about_once(
 ) -> None:
     monkeypatch.setattr(cpu, "cpu_info", lambda: AVX2_ONLY)
     path = tagged_model(tmp_path / "vnni.onnx", VNNI_MODEL)
-    ort_session(path)
-    ort_session(str(path), threads=1)
+    cpu_backend(path)
+    OrtBackend.load(str(path), OrtOptions(intra_op_threads=1))
     records = _mismatch_records(warnings_seen)
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     message = records[0].getMessage()
     assert str(path) in message and "portable" in message
     warnings_seen.clear()
     data = path.read_bytes()
-    ort_session(data)
-    ort_session(data)
+    cpu_backend(data)
+    cpu_backend(onnx.load_from_string(data))
     records = _mismatch_records(warnings_seen)
     assert len(records) == 1 and "<in-memory model>" in records[0].getMessage()
 
@@ -176,7 +177,7 @@ def test_fitting_cpu_or_portable_model_gives_no_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warnings_seen: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(cpu, "cpu_info", lambda: AVX2_ONLY)
-    ort_session(tagged_model(tmp_path / "portable.onnx", PORTABLE_MODEL))
+    cpu_backend(tagged_model(tmp_path / "portable.onnx", PORTABLE_MODEL))
     monkeypatch.setattr(cpu, "cpu_info", lambda: CpuInfo("x86_64", "Xeon", frozenset({"avx512_vnni"})))
-    ort_session(tagged_model(tmp_path / "vnni.onnx", VNNI_MODEL))
+    cpu_backend(tagged_model(tmp_path / "vnni.onnx", VNNI_MODEL))
     assert _mismatch_records(warnings_seen) == []

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from modelkiln.runtime.backends.base import Backend, TensorMeta, validate_feed
+from modelkiln.runtime.backends.base import Backend, BackendKind, ModelSource, TensorMeta, validate_feed
 
-__all__ = ["BACKENDS", "Backend", "TensorMeta", "load_backend", "validate_feed"]
+__all__ = ["BACKENDS", "Backend", "BackendKind", "ModelSource", "TensorMeta", "load_backend", "validate_feed"]
 
 #: name -> (module, class): imported on demand so the default path never imports torch/tensorrt.
-BACKENDS = {
-    "onnxruntime": ("modelkiln.runtime.backends.onnxruntime", "OrtBackend"),
-    "tensorrt": ("modelkiln.runtime.backends.tensorrt", "TensorRTBackend"),
-    "torch": ("modelkiln.runtime.backends.torch", "TorchBackend"),
+BACKENDS: dict[BackendKind, tuple[str, str]] = {
+    BackendKind.ONNXRUNTIME: ("modelkiln.runtime.backends.onnxruntime", "OrtBackend"),
+    BackendKind.TENSORRT: ("modelkiln.runtime.backends.tensorrt", "TensorRTBackend"),
+    BackendKind.TORCH: ("modelkiln.runtime.backends.torch", "TorchBackend"),
 }
 
 
-def load_backend(path: str | Path, backend: str = "onnxruntime", options: Any = None) -> Backend:
-    """Load ``path`` on the named backend ("onnxruntime", "tensorrt" or "torch")."""
+def load_backend(
+    model: ModelSource, backend: BackendKind | str = BackendKind.ONNXRUNTIME, options: Any = None
+) -> Backend:
+    """Load ``model`` on the named backend ("onnxruntime", "tensorrt" or "torch")."""
     import importlib
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
-    module, cls = BACKENDS[backend]
-    return getattr(importlib.import_module(module), cls).load(path, options)
+    try:
+        kind = BackendKind(backend)
+    except ValueError:
+        raise ValueError(f"unknown backend {backend!r}; choose from {[k.value for k in BackendKind]}") from None
+    module, cls = BACKENDS[kind]
+    loaded: Backend = getattr(importlib.import_module(module), cls).load(model, options)
+    return loaded

@@ -7,13 +7,35 @@ that names the model, the input, what was expected and what came; ``_infer`` run
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
+import onnx
 
 from modelkiln.errors import BadInput
+
+
+#: What a backend can load: a file, serialized bytes, or an in-memory model (a candidate being built).
+ModelSource: TypeAlias = "str | Path | bytes | onnx.ModelProto"
+
+
+class BackendKind(str, enum.Enum):
+    """The runtimes a model can be run on; the value is the name used on the command line."""
+
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+    TORCH = "torch"
+
+
+def source_name(model: ModelSource) -> str:
+    """How a model is named in messages: its file name, or a placeholder for in-memory models."""
+    return Path(model).name if isinstance(model, (str, Path)) else IN_MEMORY
+
+
+IN_MEMORY = "<in-memory model>"
 
 
 @dataclass(frozen=True)
@@ -76,14 +98,26 @@ class Backend(abc.ABC):
 
     name: str = "?"
 
-    def __init__(self, model_name: str, inputs: list[TensorMeta], outputs: list[TensorMeta]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        inputs: list[TensorMeta],
+        outputs: list[TensorMeta],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.model_name = model_name
         self._inputs, self._outputs = inputs, outputs
+        self._metadata = dict(metadata or {})
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, path: str | Path, options: Any = None) -> Backend:
-        """Load the model at ``path`` with backend-specific ``options``."""
+    def load(cls, model: ModelSource, options: Any = None) -> Backend:
+        """Load ``model`` (a file, bytes or an in-memory ModelProto) with backend-specific ``options``."""
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ONNX model's metadata_props (zoo family, class names, INT8 format); {} when none."""
+        return dict(self._metadata)
 
     @property
     def input_metadata(self) -> list[TensorMeta]:

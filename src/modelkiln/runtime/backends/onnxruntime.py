@@ -1,18 +1,31 @@
-"""ONNX Runtime backend (the default): provider choice, threads, optimisation level, I/O binding."""
+"""ONNX Runtime backend (the default): provider choice, threads, optimisation level, I/O binding.
+
+This is the only place an ONNX Runtime InferenceSession is created: every command reaches ONNX
+Runtime through ``OrtBackend.load``, which is also where the CPU-fit check of INT8 formats sits.
+"""
 
 from __future__ import annotations
 
 import enum
+import logging
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
-from modelkiln.errors import BackendError
-from modelkiln.runtime.backends.base import Backend, TensorMeta
+from modelkiln.errors import BackendError, ModelNotFound
+from modelkiln.runtime import cpu
+from modelkiln.runtime.backends.base import IN_MEMORY, Backend, ModelSource, TensorMeta, source_name
 from modelkiln.runtime.memory_pool import MemoryPool
-from modelkiln.runtime.session import ort_session
+
+log = logging.getLogger(__name__)
+#: (model identity, reason) pairs already warned about: one warning per model, not per session.
+_WARNED: set[tuple[str, str]] = set()
+_WARNED_LOCK = threading.Lock()
 
 #: Preference order when providers are chosen automatically.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -47,6 +60,10 @@ class OrtOptions:
     optimization: GraphOptimization = GraphOptimization.ALL
     io_binding: bool = False
     memory_pool: MemoryPool | None = None  # output buffers for io_binding; caller releases them
+    #: intermediate tensors to expose as the model's outputs (calibration, layer-wise comparison);
+    #: when given, these replace the graph's own outputs.
+    expose: tuple[str, ...] = ()
+    memory_arena: bool = True  # ORT's CPU arena; off for one-shot sessions over many tensors
 
     def __post_init__(self) -> None:
         for n in (self.intra_op_threads, self.inter_op_threads):
@@ -92,16 +109,13 @@ class OrtBackend(Backend):
         self._device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
 
     @classmethod
-    def load(cls, path: str | Path, options: OrtOptions | None = None) -> OrtBackend:
+    def load(cls, model: ModelSource, options: OrtOptions | None = None) -> OrtBackend:
         options = options or OrtOptions()
-        session = ort_session(
-            path,
-            threads=options.intra_op_threads,
-            optimization=options.optimization.value,
-            providers=choose_providers(options.providers),
-            inter_op_threads=options.inter_op_threads,
-        )
-        return cls(session, Path(path).name, options)
+        return cls(_session(model, options), source_name(model), options)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
 
     @property
     def providers(self) -> list[str]:
@@ -133,6 +147,100 @@ class OrtBackend(Backend):
             return pooled
         produced = dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))
         return {name: pooled.get(name, produced[name]) for name in self._output_names}
+
+
+def _session(model: ModelSource, options: OrtOptions) -> Any:
+    """An InferenceSession for ``model`` with ``options``; load errors become BackendError."""
+    import onnxruntime as ort
+
+    if isinstance(model, (str, Path)) and not Path(model).is_file():
+        raise ModelNotFound(f"model file not found: {model}")
+    source: str | bytes
+    if options.expose:
+        if isinstance(model, onnx.ModelProto):
+            proto = model
+        elif isinstance(model, bytes):
+            proto = onnx.load_from_string(model)
+        else:
+            proto = onnx.load(os.fspath(model))
+        source = _expose_outputs(proto, list(options.expose)).SerializeToString()
+    elif isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    elif isinstance(model, bytes):
+        source = model
+    else:
+        source = os.fspath(model)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[options.optimization])
+    if options.intra_op_threads:
+        so.intra_op_num_threads = options.intra_op_threads
+    if options.inter_op_threads:
+        so.inter_op_num_threads = options.inter_op_threads
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = options.memory_arena
+    name = os.fspath(model) if isinstance(model, (str, Path)) else IN_MEMORY
+    try:
+        session = ort.InferenceSession(source, so, providers=choose_providers(options.providers))
+    except Exception as exc:
+        raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).splitlines()[0][:300]}") from exc
+    warn_cpu_mismatch(name, dict(session.get_modelmeta().custom_metadata_map))
+    return session
+
+
+_ORT_LEVELS = {
+    GraphOptimization.DISABLE: "ORT_DISABLE_ALL",
+    GraphOptimization.BASIC: "ORT_ENABLE_BASIC",
+    GraphOptimization.EXTENDED: "ORT_ENABLE_EXTENDED",
+    GraphOptimization.ALL: "ORT_ENABLE_ALL",
+}
+
+
+def _expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are exactly ``names`` (intermediate tensors included)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return exposed
+
+
+def warn_cpu_mismatch(name: str, props: dict[str, str]) -> str | None:
+    """Log once per model when this CPU cannot run it as built (an INT8 format needing VNNI on a
+    CPU without it): every command loads through OrtBackend, so each says so without repeating
+    itself per session. ``name`` is the file or "<in-memory model>" (in-memory models are
+    candidates built from a file, e.g. in a budget search: one warning covers them all).
+    Returns the reason (None when the CPU fits)."""
+    reason = cpu.unmet_requirement(props)
+    if reason is None:
+        return None
+    identity = name if name == IN_MEMORY else os.path.realpath(name)
+    with _WARNED_LOCK:
+        first = (identity, reason) not in _WARNED
+        _WARNED.add((identity, reason))
+    if first:
+        log.warning("model %s: %s", name, reason)
+    return reason
+
+
+def cpu_backend(
+    model: ModelSource,
+    optimization: GraphOptimization = GraphOptimization.ALL,
+    threads: int | None = None,
+    expose: tuple[str, ...] = (),
+    memory_arena: bool = True,
+) -> OrtBackend:
+    """ONNX Runtime on the CPU provider only: the reference runs inside the pipeline (calibration,
+    parity checks, candidate scoring) stay on the CPU even where a GPU provider is installed."""
+    return OrtBackend.load(
+        model,
+        OrtOptions(
+            providers=("CPUExecutionProvider",),
+            intra_op_threads=threads,
+            optimization=optimization,
+            expose=expose,
+            memory_arena=memory_arena,
+        ),
+    )
 
 
 def _symbols(inputs: list[TensorMeta], feed: dict[str, np.ndarray]) -> dict[str, int]:
