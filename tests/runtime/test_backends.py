@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-from modelkiln.errors import BackendError, BadInput
+from modelkiln.errors import BackendError, BadInput, ModelNotFound
 from modelkiln.runtime.backends import load_backend
-from modelkiln.runtime.backends.onnxruntime import GraphOptimization, OrtOptions
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, OrtOptions, cpu_backend
 from modelkiln.runtime.backends.tensorrt import available as trt_available
 from modelkiln.runtime.memory_pool import MemoryPool
+from modelkiln.runtime.timing import interleaved_latency_ms
 
 
 def _feed(batch: int = 2) -> dict[str, np.ndarray]:
@@ -105,3 +107,55 @@ def test_torch_backend_matches_onnxruntime(tmp_path: Path) -> None:
 def test_tensorrt_matches_onnxruntime(tiny: Path) -> None:
     trt = load_backend(tiny, "tensorrt")
     np.testing.assert_allclose(trt.infer(_feed())["y"], load_backend(tiny).infer(_feed())["y"], rtol=1e-3)
+
+
+# -- one way into ONNX Runtime: files, bytes and in-memory models, exposed tensors, metadata ------
+
+
+def test_file_bytes_and_proto_load_alike_and_are_named(tiny: Path) -> None:
+    proto = onnx.load(tiny)
+    outputs = [cpu_backend(m).infer(_feed())["y"] for m in (tiny, tiny.read_bytes(), proto)]
+    for y in outputs[1:]:
+        np.testing.assert_array_equal(y, outputs[0])
+    assert cpu_backend(tiny).model_name == "tiny.onnx"
+    assert cpu_backend(proto).model_name == "<in-memory model>"
+
+
+def test_expose_makes_intermediate_tensors_the_outputs(tiny: Path) -> None:
+    backend = cpu_backend(tiny, optimization=GraphOptimization.DISABLE, expose=("m", "y"))
+    assert [m.name for m in backend.output_metadata] == ["m", "y"]
+    out = backend.infer(_feed())
+    np.testing.assert_allclose(out["m"], np.full((2, 3), [18, 22, 26], np.float32))
+    np.testing.assert_allclose(out["y"], out["m"] * 0.5)
+
+
+def test_metadata_props_are_read_from_the_model(tiny: Path, tmp_path: Path) -> None:
+    proto = onnx.load(tiny)
+    onnx.helper.set_model_props(proto, {"modelkiln.family": "toy", "classes": "a,b"})
+    assert load_backend(proto).metadata == {"modelkiln.family": "toy", "classes": "a,b"}
+    assert load_backend(tiny).metadata == {}
+
+
+def test_unknown_backend_kind_lists_the_known_ones(tiny: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown backend 'onnx'.*onnxruntime.*tensorrt.*torch"):
+        load_backend(tiny, "onnx")
+
+
+def test_missing_file_is_model_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="absent.onnx"):
+        load_backend(tmp_path / "absent.onnx")
+
+
+def test_interleaved_latency_times_every_backend(tiny: Path) -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.inner, self.calls = cpu_backend(tiny), 0
+
+        def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            self.calls += 1
+            return self.inner.infer(feed)
+
+    a, b = Counting(), Counting()
+    times = interleaved_latency_ms({"a": a, "b": b}, _feed(), rounds=2, iterations=3)  # type: ignore[dict-item]
+    assert set(times) == {"a", "b"} and a.calls == b.calls == 1 + 2 * 3
+    assert all(0 < t["min"] <= t["median"] for t in times.values())

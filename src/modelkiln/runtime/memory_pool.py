@@ -133,6 +133,7 @@ class MemoryPool:
             if entry is None:
                 raise BadRelease("array was not handed out by this memory pool (or is a view of one)")
             cls = entry[1]
+            assert block is not None  # a handed-out array always carries its block
             self._free.setdefault(cls, []).append(block)
             self._in_use -= cls
             self._cached += cls

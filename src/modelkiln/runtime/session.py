@@ -14,12 +14,11 @@ from modelkiln.errors import BadInput
 from modelkiln.runtime.backends.base import IN_MEMORY  # noqa: F401
 from modelkiln.runtime.backends.onnxruntime import (  # noqa: F401
     GraphOptimization,
+    OrtBackend,
     OrtOptions,
-    _expose_outputs as expose_outputs,
     _session,
     warn_cpu_mismatch,
 )
-from modelkiln.runtime.backends.onnxruntime import OrtBackend
 
 
 def ort_session(

@@ -32,7 +32,12 @@ class _Task:
     __slots__ = ("args", "deadline", "enqueued", "fn", "future", "kwargs")
 
     def __init__(
-        self, future: Future, fn: Callable, args: tuple, kwargs: dict, deadline: float | None
+        self,
+        future: Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
     ) -> None:
         self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
         self.deadline = deadline
@@ -71,8 +76,8 @@ class ThreadPool:
                 f"workers, capacity and levels must be >= 1, got {workers}, {capacity}, {levels}"
             )
         self.capacity, self.levels = capacity, levels
-        self._queues = [collections.deque() for _ in range(levels)]
-        self._tokens: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: list[collections.deque[_Task]] = [collections.deque() for _ in range(levels)]
+        self._tokens: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._room = threading.Condition()
         self._room_waiters = 0
         self._closed = False
@@ -95,7 +100,7 @@ class ThreadPool:
         deadline: float | None = None,
         timeout: float | None = None,
         **kwargs: Any,
-    ) -> Future:
+    ) -> Future[Any]:
         """Queue ``fn(*args, **kwargs)``; ``deadline`` is a ``time.monotonic()`` instant after which
         the task is failed with DeadlineExceeded instead of run."""
         if self._closed:
@@ -104,7 +109,7 @@ class ThreadPool:
             raise ValueError(f"priority must be in [0, {self.levels - 1}], got {priority}")
         if self.queued() >= self.capacity:
             self._wait_for_room(timeout)
-        future: Future = Future()
+        future: Future[Any] = Future()
         self._queues[priority].append(_Task(future, fn, args, kwargs, deadline))
         self._tokens.put(_TASK)
         return future
@@ -149,7 +154,7 @@ class ThreadPool:
                     self._room.notify()
             self._run(task, counters, waits)
 
-    def _run(self, task: _Task, counters: _WorkerCounters, waits: collections.deque) -> None:
+    def _run(self, task: _Task, counters: _WorkerCounters, waits: collections.deque[float]) -> None:
         future = task.future
         if not future.set_running_or_notify_cancel():
             counters.cancelled += 1

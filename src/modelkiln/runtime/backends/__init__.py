@@ -25,7 +25,9 @@ def load_backend(
     try:
         kind = BackendKind(backend)
     except ValueError:
-        raise ValueError(f"unknown backend {backend!r}; choose from {[k.value for k in BackendKind]}") from None
+        raise ValueError(
+            f"unknown backend {backend!r}; choose from {[k.value for k in BackendKind]}"
+        ) from None
     module, cls = BACKENDS[kind]
     loaded: Backend = getattr(importlib.import_module(module), cls).load(model, options)
     return loaded

@@ -17,7 +17,6 @@ import onnx
 
 from modelkiln.errors import BadInput
 
-
 #: What a backend can load: a file, serialized bytes, or an in-memory model (a candidate being built).
 ModelSource: TypeAlias = "str | Path | bytes | onnx.ModelProto"
 
@@ -36,6 +35,16 @@ def source_name(model: ModelSource) -> str:
 
 
 IN_MEMORY = "<in-memory model>"
+
+
+def serialized(model: ModelSource) -> bytes:
+    """The model as ONNX bytes (a file is read whole: external-data weights are not folded in)."""
+    if isinstance(model, onnx.ModelProto):
+        data: bytes = model.SerializeToString()
+        return data
+    if isinstance(model, bytes):
+        return model
+    return Path(model).read_bytes()
 
 
 @dataclass(frozen=True)

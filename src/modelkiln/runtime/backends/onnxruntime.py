@@ -119,7 +119,8 @@ class OrtBackend(Backend):
 
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        providers: list[str] = self.session.get_providers()
+        return providers
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.options.io_binding:
@@ -251,4 +252,5 @@ def _symbols(inputs: list[TensorMeta], feed: dict[str, np.ndarray]) -> dict[str,
 
 def _resolve(shape: tuple[int | str | None, ...], bound: dict[str, int]) -> tuple[int, ...] | None:
     dims = [d if isinstance(d, int) else bound.get(d) if isinstance(d, str) else None for d in shape]
-    return None if any(d is None for d in dims) else tuple(dims)  # type: ignore[misc]
+    known = [d for d in dims if d is not None]
+    return tuple(known) if len(known) == len(dims) else None

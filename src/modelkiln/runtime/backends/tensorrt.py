@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from modelkiln.errors import BackendError, MissingDependency
-from modelkiln.runtime.backends.base import Backend, TensorMeta
+from modelkiln.runtime.backends.base import Backend, ModelSource, TensorMeta, serialized, source_name
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def engine_key(model_bytes: bytes, options: TensorRTOptions, gpu: str, trt_versi
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, engine: Any, model_name: str, metadata: dict[str, str] | None = None) -> None:
         import tensorrt as trt
 
         self.engine, self.context = engine, engine.create_execution_context()
@@ -75,11 +76,14 @@ class TensorRTBackend(Backend):
             return TensorMeta(n, dtype, shape)
 
         super().__init__(
-            model_name, [meta(n) for n in names if is_input[n]], [meta(n) for n in names if not is_input[n]]
+            model_name,
+            [meta(n) for n in names if is_input[n]],
+            [meta(n) for n in names if not is_input[n]],
+            metadata,
         )
 
     @classmethod
-    def load(cls, path: str | Path, options: TensorRTOptions | None = None) -> TensorRTBackend:
+    def load(cls, model: ModelSource, options: TensorRTOptions | None = None) -> TensorRTBackend:
         try:
             import tensorrt as trt
             import torch
@@ -88,7 +92,8 @@ class TensorRTBackend(Backend):
         if not torch.cuda.is_available():
             raise BackendError("the TensorRT backend needs a CUDA GPU; none is visible")
         options = options or TensorRTOptions()
-        data = Path(path).read_bytes()
+        data = serialized(model)
+        path = source_name(model)
         key = engine_key(data, options, torch.cuda.get_device_name(), trt.__version__)
         cache = options.cache_dir / f"{key}.engine"
         logger = trt.Logger(trt.Logger.WARNING)
@@ -102,7 +107,9 @@ class TensorRTBackend(Backend):
         engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
         if engine is None:
             raise BackendError(f"TensorRT could not deserialize the engine for {path}")
-        return cls(engine, Path(path).name)
+        proto = onnx.load_from_string(data) if len(data) < 2**31 else None
+        metadata = {p.key: p.value for p in proto.metadata_props} if proto is not None else {}
+        return cls(engine, path, metadata)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
