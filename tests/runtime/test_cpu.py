@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from modelkiln.runtime import cpu
 from modelkiln.runtime.backends import onnxruntime as ort_backend
+from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions, cpu_backend
 from modelkiln.runtime.cpu import (
     INT8_FORMAT_KEY,
     INT8_REQUIRES_KEY,
@@ -22,7 +23,6 @@ from modelkiln.runtime.cpu import (
     parse_proc_cpuinfo,
     unmet_requirement,
 )
-from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions, cpu_backend
 
 EPYC_AVX2 = """\
 processor	: 0
@@ -150,7 +150,9 @@ def warnings_seen(
 
 def _mismatch_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
-        r for r in caplog.records if r.name == "modelkiln.runtime.backends.onnxruntime" and "int32 dot" in r.getMessage()
+        r
+        for r in caplog.records
+        if r.name == "modelkiln.runtime.backends.onnxruntime" and "int32 dot" in r.getMessage()
     ]
 
 
