@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from modelkiln.runtime.backends.base import Backend, BackendKind, ModelSource, TensorMeta, validate_feed
@@ -20,8 +21,6 @@ def load_backend(
     model: ModelSource, backend: BackendKind | str = BackendKind.ONNXRUNTIME, options: Any = None
 ) -> Backend:
     """Load ``model`` on the named backend ("onnxruntime", "tensorrt" or "torch")."""
-    import importlib
-
     try:
         kind = BackendKind(backend)
     except ValueError:
