@@ -20,11 +20,7 @@ class WeightsError(KilnError):
 
 
 class ExportError(KilnError):
-    """torch -> ONNX export failed or produced a model that disagrees with torch."""
-
-
-class ParityError(ExportError):
-    """The exported model's outputs differ from torch's beyond tolerance."""
+    """torch -> ONNX export failed (a model that disagrees with torch is ParityFailed)."""
 
 
 class BadInput(KilnError):
@@ -71,7 +67,8 @@ class PassError(KilnError):
 
 
 class ParityFailed(KilnError):
-    """An optimised or converted model's outputs differ from the original beyond tolerance."""
+    """A model's outputs differ from its reference beyond tolerance: an export from torch, an
+    optimised model from the original. Nothing is written when it is raised."""
 
 
 class ConfigError(KilnError, ValueError):

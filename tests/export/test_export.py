@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from modelkiln.errors import ExportError, ModelNotFound
+from modelkiln.errors import ExportError, ModelNotFound, ParityFailed
 from modelkiln.export import export
 from modelkiln.export.parity import Tolerance
-from modelkiln.runtime.session import model_metadata, ort_session, run
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
 from modelkiln.zoo import get
 
 FAMILIES = {  # name -> small image size for fast tests
@@ -42,18 +42,32 @@ def test_parity_with_torch(exported: dict, name: str) -> None:
         assert p.max_rel < 1e-4, p
 
 
+def test_parity_records_name_every_output_and_keep_report_keys(exported: dict) -> None:
+    """One record per (part, output, batch), judged against atol + rtol * max|torch| (>= atol);
+    the JSON keeps the keys it had before the records were unified."""
+    entry = get("clip-vit-b-32", image_size=FAMILIES["clip-vit-b-32"])
+    result = exported["clip-vit-b-32"]
+    want = {(part.name, spec.name, b) for part in entry.parts for spec in part.outputs for b in (1, 3)}
+    assert {(p.part, p.name, p.batch) for p in result.parity} == want
+    for p in result.parity:
+        assert p.limit is not None and p.limit >= 1e-4 and p.max_abs <= p.limit and p.passed
+    for d in result.to_dict()["parity"]:
+        old_keys = {"part", "output", "batch", "max_abs", "max_rel", "cosine", "limit_abs", "passed"}
+        assert old_keys <= set(d) and d["output"] == d["name"] and d["limit_abs"] == d["limit"]
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_exported_files_run_at_batch_1_and_3(exported: dict, name: str) -> None:
     entry = get(name, image_size=FAMILIES[name])
     for part, path in exported[name].files.items():
-        session = ort_session(path)
+        backend = cpu_backend(path)
         spec = entry.part(part)
-        assert [i.name for i in session.get_inputs()] == [s.name for s in spec.inputs]
-        assert session.get_inputs()[0].shape[0] == "batch"
+        assert [i.name for i in backend.input_metadata] == [s.name for s in spec.inputs]
+        assert backend.input_metadata[0].shape[0] == "batch"
         for batch in (1, 3):
-            out = run(session, entry.example_inputs(part, batch=batch))
+            out = backend.infer(entry.example_inputs(part, batch=batch))
             assert next(iter(out.values())).shape[0] == batch
-        meta = model_metadata(session)
+        meta = backend.metadata
         assert meta["modelkiln.zoo"] == entry.name and meta["modelkiln.part"] == part
 
 
@@ -74,17 +88,17 @@ def test_yolov5_layout_matches_official(exported: dict) -> None:
 def test_nms_export_gives_detection_rows(tmp_path: Path) -> None:
     path = tmp_path / "e2e.onnx"
     export("yolov5n", path, weights="random", image_size=64, nms=True)
-    session = ort_session(path)
-    assert [o.name for o in session.get_outputs()] == ["detections"]
+    backend = cpu_backend(path)
+    assert [o.name for o in backend.output_metadata] == ["detections"]
     images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
-    rows = run(session, {"images": images})["detections"]
+    rows = backend.infer({"images": images})["detections"]
     assert rows.ndim == 2 and rows.shape[1] == 7
     assert set(np.unique(rows[:, 0])) <= {0.0, 1.0}
 
 
 def test_parity_failure_raises_and_writes_nothing(tmp_path: Path) -> None:
     impossible = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)
-    with pytest.raises(ExportError, match="differs from torch"):
+    with pytest.raises(ParityFailed, match="differs from torch"):
         export(
             "efficientnet_lite0", tmp_path / "x.onnx", weights="random", image_size=32, tolerance=impossible
         )

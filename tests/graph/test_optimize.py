@@ -9,15 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from graph_helpers import ops, parse
 
 from modelkiln.errors import BadInput, ModelNotFound, ParityFailed
+from modelkiln.export import export
 from modelkiln.graph import optimize
 from modelkiln.graph.manager import PassManager
 from modelkiln.graph.memory_plan import TensorLife, pack, plan_memory
+from modelkiln.graph.optimize import check_parity
+from modelkiln.graph.passes import fuse_conv_affine
 from modelkiln.graph.pipeline import build_pipeline, pass_names
-from modelkiln.runtime.session import ort_session, run
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
@@ -57,14 +61,12 @@ def test_subgraph_inputs_survive_dead_code_and_folding(rng: np.random.Generator)
     proto_before = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
     PassManager(build_pipeline()).run(model)
     assert ops(model) == ["If"]  # the Mul was folded into a constant the branches still read
-    import onnx_ir as ir
-
     after = ir.to_proto(model)
     x = np.array([1, 1], np.float32)
     for cond in (True, False):
         feed = {"cond": np.array(cond), "x": x}
-        want = run(ort_session(proto_before.SerializeToString(), optimization="disable"), feed)["y"]
-        got = run(ort_session(after.SerializeToString(), optimization="disable"), feed)["y"]
+        want = cpu_backend(proto_before, optimization=GraphOptimization.DISABLE).infer(feed)["y"]
+        got = cpu_backend(after, optimization=GraphOptimization.DISABLE).infer(feed)["y"]
         np.testing.assert_array_equal(got, want)
 
 
@@ -82,7 +84,7 @@ def test_external_data_model(tmp_path: Path, rng: np.random.Generator) -> None:
     result = optimize(src, tmp_path / "out.onnx")
     assert result.passed and result.after.nodes == 2
     x = rng.standard_normal((3, 64)).astype(np.float32)
-    got = run(ort_session(tmp_path / "out.onnx"), {"x": x})["y"]
+    got = cpu_backend(tmp_path / "out.onnx").infer({"x": x})["y"]
     np.testing.assert_allclose(got, np.maximum(x @ w, 0), rtol=1e-5, atol=1e-5)
 
 
@@ -101,8 +103,6 @@ def test_corrupt_input_gives_clear_error_and_no_file(tmp_path: Path) -> None:
 
 def test_parity_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pass that breaks numerics must fail the command (here: a planted wrong fold)."""
-    from modelkiln.graph.passes import fuse_conv_affine
-
     src = tmp_path / "m.onnx"
     onnx.save(
         onnx.parser.parse_model(f"""{HEADER}
@@ -116,6 +116,46 @@ def test_parity_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(ParityFailed, match="differs"):
         optimize(src, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_parity_records_limit_and_report_keys(tmp_path: Path) -> None:
+    """Parity is judged on max abs error against 1e-4 * max(1, max |original output|); the JSON
+    keeps the keys it had (output, max_abs, limit, passed)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(
+        onnx.parser.parse_model(f"""{HEADER}
+    g (float[2, 3] x) => (float[2, 3] y, float[2, 3] z)
+    <float[1] big = {{1000.0}}, float[1] one = {{1.0}}>
+    {{ i = Identity (x)
+       y = Mul (i, big)
+       z = Mul (i, one) }}"""),
+        src,
+    )
+    result = optimize(src, tmp_path / "out.onnx", shapes={"x": (2, 3)})
+    by_name = {c.name: c for c in result.parity}
+    assert set(by_name) == {"y", "z"} and result.passed
+    original = cpu_backend(src, optimization=GraphOptimization.DISABLE)
+    feed_max = {n: float(np.abs(v).max()) for n, v in original.infer(_feed()).items()}
+    assert by_name["z"].limit == pytest.approx(1e-4)  # |z| < 1: the floor of 1 applies
+    assert by_name["y"].limit == pytest.approx(1e-4 * feed_max["y"], rel=0.5)  # scales with |y|
+    assert by_name["y"].limit > 1e-3
+    entry = result.to_dict()["parity"][0]
+    assert {"output", "max_abs", "limit", "passed"} <= set(entry) and entry["output"] == entry["name"]
+
+
+def _feed() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+
+
+def test_check_parity_fails_a_missing_output() -> None:
+    original = onnx.parser.parse_model(f"""{HEADER}
+    g (float[2] x) => (float[2] y) {{ y = Relu (x) }}""")
+    renamed = onnx.parser.parse_model(f"""{HEADER}
+    g (float[2] x) => (float[2] out) {{ out = Relu (x) }}""")
+    (check,) = check_parity(original, renamed, {})
+    assert check.name == "y" and not check.passed and check.max_abs == float("inf")
+    (same,) = check_parity(original, original, {})
+    assert same.passed and same.max_abs == 0.0 and same.limit == pytest.approx(1e-4)
 
 
 def test_pipeline_selection() -> None:
@@ -158,8 +198,6 @@ def test_memory_plan_of_a_chain_reuses_buffers() -> None:
 
 
 def test_kiln_optimize_on_an_export(tmp_path: Path) -> None:
-    from modelkiln.export import export
-
     src = tmp_path / "lite.onnx"
     export("efficientnet_lite0", src, weights="random", image_size=64)
     out = tmp_path / "lite.opt.onnx"

@@ -1,34 +1,37 @@
-"""``compare``: two models on the same inputs, per output and (optionally) per layer.
+"""``compare``: two backends on the same inputs, per output and (optionally) per layer.
 
-Per layer, tensors are matched by name; in a QDQ model the value its consumers see is the
-dequantized one (``<name>_dq``), so that is what is compared. The first layer in execution order
-whose SNR falls below ``collapse_db`` is named: that is usually where to look.
+Either side may be any runtime (ONNX Runtime, TensorRT): ``compare`` takes loaded ``Backend``s.
+Per layer, intermediate tensors are exposed as extra outputs (``cpu_backend(model, expose=...)``)
+and matched by name; in a QDQ model the value its consumers see is the dequantized one
+(``<name>_dq``), so that is what is compared. The first layer in execution order whose SNR falls
+below ``collapse_db`` is named: that is usually where to look. ``compare_models`` is the
+convenience for callers holding model files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 
-from modelkiln.accuracy.metrics import cosine, max_abs_error, snr_db
-from modelkiln.runtime.session import expose_outputs, ort_session
+from modelkiln._deps import require
+from modelkiln.errors import BadInput, ConfigError, ModelNotFound
+from modelkiln.numerics import DiffAccumulator, TensorDiff, Tolerance, cosine, max_abs_error, snr_db
+from modelkiln.runtime.backends import load_backend
+from modelkiln.runtime.backends.base import Backend, BackendKind, ModelSource, source_name
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 
 COLLAPSE_DB = 15.0
+MIN_COSINE = 0.99  # an output passes when its cosine to the reference is at least this
+TOPK = (1, 5)
 
-
-@dataclass
-class TensorDiff:
-    name: str
-    max_abs: float
-    mean_abs: float
-    cosine: float
-    snr_db: float
-    topk_agreement: dict[str, float] | None = None
+Feed = dict[str, npt.NDArray[Any]]
 
 
 @dataclass
@@ -39,11 +42,12 @@ class CompareResult:
     outputs: list[TensorDiff]
     layers: list[TensorDiff] = field(default_factory=list)  # execution order
     first_collapse: str | None = None
-    min_cosine: float = 0.99
+    min_cosine: float = MIN_COSINE
 
     @property
     def passed(self) -> bool:
-        return all(o.cosine >= self.min_cosine for o in self.outputs)
+        """Every output's cosine to the reference is at least ``min_cosine`` (its ``passed``)."""
+        return all(o.passed for o in self.outputs)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -54,47 +58,31 @@ class CompareResult:
         return d
 
 
-class _Accumulator:
-    """Streaming error statistics of one tensor over batches (bounded memory)."""
+@dataclass(frozen=True)
+class LoadedPair:
+    """Reference and candidate loaded for ``compare``, with the layer pairs they expose."""
 
-    def __init__(self, name: str) -> None:
-        self.name, self.max_abs, self.abs_sum, self.n = name, 0.0, 0.0, 0
-        self.dot = self.ref_sq = self.cand_sq = self.noise_sq = 0.0
-        self.topk: dict[int, list[float]] = {1: [], 5: []}
+    reference: Backend
+    candidate: Backend
+    layers: tuple[tuple[str, str], ...] = ()
 
-    def add(self, ref: np.ndarray, cand: np.ndarray, classifier: bool) -> None:
-        r, c = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
-        diff = c - r
-        self.max_abs = max(self.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
-        self.abs_sum += float(np.abs(diff).sum())
-        self.n += diff.size
-        self.dot += float((r * c).sum())
-        self.ref_sq += float((r * r).sum())
-        self.cand_sq += float((c * c).sum())
-        self.noise_sq += float((diff * diff).sum())
-        if classifier and r.ndim == 2:
-            for k in self.topk:
-                top_r = np.argsort(-r, 1)[:, :k]
-                top_c = np.argsort(-c, 1)[:, :k]
-                self.topk[k].extend(len(set(a) & set(b)) / k for a, b in zip(top_r, top_c, strict=True))
 
-    def result(self, classifier: bool) -> TensorDiff:
-        cos = (
-            self.dot / np.sqrt(self.ref_sq * self.cand_sq)
-            if self.ref_sq and self.cand_sq
-            else float(self.ref_sq == self.cand_sq)
-        )
-        snr = (
-            float("inf")
-            if self.noise_sq == 0
-            else 10 * np.log10(self.ref_sq / self.noise_sq)
-            if self.ref_sq
-            else -np.inf
-        )
-        topk = {f"top{k}": float(np.mean(v)) for k, v in self.topk.items() if v} if classifier else None
-        return TensorDiff(
-            self.name, self.max_abs, self.abs_sum / max(self.n, 1), float(cos), float(snr), topk or None
-        )
+class _TopK:
+    """Per-sample top-k agreement of a classifier output (rows of the batch axis)."""
+
+    def __init__(self) -> None:
+        self.agree: dict[int, list[float]] = {k: [] for k in TOPK}
+
+    def add(self, reference: npt.NDArray[Any], candidate: npt.NDArray[Any]) -> None:
+        if reference.ndim != 2:
+            return
+        for k, found in self.agree.items():
+            top_r = np.argsort(-reference, 1)[:, :k]
+            top_c = np.argsort(-candidate, 1)[:, :k]
+            found.extend(len(set(a) & set(b)) / k for a, b in zip(top_r, top_c, strict=True))
+
+    def result(self) -> dict[str, float] | None:
+        return {f"top{k}": float(np.mean(v)) for k, v in self.agree.items() if v} or None
 
 
 def layer_pairs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[tuple[str, str]]:
@@ -116,45 +104,155 @@ def layer_pairs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[
     return pairs
 
 
+def _graph(model: ModelSource) -> onnx.ModelProto:
+    """The model's graph for matching tensor names; weights in external files are not read."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, Path)) and not Path(model).is_file():
+        raise ModelNotFound(f"model file not found: {model}")
+    try:
+        if isinstance(model, bytes):
+            return onnx.load_from_string(model)
+        return onnx.load(str(model), load_external_data=False)
+    except Exception as exc:
+        raise BadInput(f"{source_name(model)} is not an ONNX model: {type(exc).__name__}") from exc
+
+
+def load_pair(
+    reference: ModelSource,
+    candidate: ModelSource,
+    per_layer: bool = False,
+    reference_backend: BackendKind | str = BackendKind.ONNXRUNTIME,
+    candidate_backend: BackendKind | str = BackendKind.ONNXRUNTIME,
+) -> LoadedPair:
+    """Load both models for ``compare``. ONNX Runtime runs on the CPU with basic graph
+    optimisations (fusions would hide the tensors compared per layer); ``per_layer`` exposes
+    every tensor the two graphs share by name, and needs ONNX Runtime on both sides."""
+    kinds = BackendKind(reference_backend), BackendKind(candidate_backend)
+    if not per_layer:
+        return LoadedPair(_load(reference, kinds[0], ()), _load(candidate, kinds[1], ()))
+    if kinds != (BackendKind.ONNXRUNTIME, BackendKind.ONNXRUNTIME):
+        raise ConfigError(
+            f"per-layer comparison exposes intermediate tensors, which needs onnxruntime on both "
+            f"sides; got {kinds[0].value} and {kinds[1].value}"
+        )
+    ref_graph, cand_graph = _graph(reference), _graph(candidate)
+    outputs = [o.name for o in ref_graph.graph.output]
+    layers = tuple(p for p in layer_pairs(ref_graph, cand_graph) if p[0] not in outputs)
+    return LoadedPair(
+        _load(reference, kinds[0], (*outputs, *(a for a, _ in layers))),
+        _load(candidate, kinds[1], (*outputs, *(b for _, b in layers))),
+        layers,
+    )
+
+
+def _load(model: ModelSource, kind: BackendKind, expose: tuple[str, ...]) -> Backend:
+    if kind is BackendKind.ONNXRUNTIME:
+        return cpu_backend(model, optimization=GraphOptimization.BASIC, expose=expose)
+    if kind is BackendKind.TORCH:
+        raise ConfigError("compare runs ONNX models: choose onnxruntime or tensorrt")
+    return load_backend(model, kind)
+
+
 def compare(
-    reference: str | Path,
-    candidate: str | Path,
-    feeds: Iterable[dict[str, np.ndarray]],
+    reference: Backend | str | Path,
+    candidate: Backend | str | Path,
+    feeds: Iterable[Feed],
+    *,
+    layers: Sequence[tuple[str, str]] = (),
+    classifier: bool = False,
+    collapse_db: float = COLLAPSE_DB,
+    min_cosine: float = MIN_COSINE,
+    names: tuple[str, str] | None = None,
+    per_layer: bool = False,
+) -> CompareResult:
+    """Run both backends on every feed; accumulate per-output and per-layer error statistics.
+
+    Outputs are the reference's outputs other than the reference names in ``layers`` (pairs of
+    (reference tensor, candidate tensor) that both backends expose, see ``load_pair``).
+    ``names`` label the two sides in the result (default: the backends' model names).
+    Paths in place of backends, with ``per_layer``, are the old form (deprecated: use
+    ``compare_models``)."""
+    if not isinstance(reference, Backend) or not isinstance(candidate, Backend):
+        warnings.warn(
+            "compare() takes backends; for model files use compare_models()", DeprecationWarning, stacklevel=2
+        )
+        if isinstance(reference, Backend) or isinstance(candidate, Backend):
+            raise ConfigError("compare() takes two backends or (deprecated) two model files, not a mix")
+        return compare_models(
+            reference,
+            candidate,
+            feeds,
+            per_layer=per_layer,
+            classifier=classifier,
+            collapse_db=collapse_db,
+            min_cosine=min_cosine,
+        )
+    if per_layer and not layers:
+        raise ConfigError("per_layer needs the models: use load_pair(..., per_layer=True) or compare_models")
+    layer_names = {a for a, _ in layers}
+    out_names = [m.name for m in reference.output_metadata if m.name not in layer_names]
+    pairs = [(n, n) for n in out_names] + list(layers)
+    acc = {a: DiffAccumulator(a) for a, _ in pairs}
+    topk = {n: _TopK() for n in out_names} if classifier else {}
+    samples = 0
+    for feed in feeds:
+        ref, cand = reference.infer(feed), candidate.infer(feed)
+        for a, b in pairs:
+            if a not in ref:
+                raise BadInput(f"{reference.model_name} does not expose tensor {a!r} (see load_pair)")
+            if b not in cand:
+                raise BadInput(f"{candidate.model_name} has no tensor {b!r} to compare with {a!r}")
+            r, c = ref[a], cand[b]
+            if r.shape == c.shape and np.issubdtype(r.dtype, np.floating):
+                acc[a].add(c, r)
+                if a in topk:
+                    topk[a].add(np.asarray(r, np.float64), np.asarray(c, np.float64))
+        samples += next(iter(feed.values())).shape[0]
+    judge = Tolerance(atol=None, rtol=0.0, min_cosine=min_cosine)
+    outputs = [
+        acc[n].result(judge, topk_agreement=topk[n].result() if n in topk else None) for n in out_names
+    ]
+    layer_diffs = [acc[a].result() for a, _ in layers if acc[a].count]
+    collapse = next((d.name for d in layer_diffs if d.snr_db < collapse_db), None)
+    ref_name, cand_name = names or (reference.model_name, candidate.model_name)
+    return CompareResult(ref_name, cand_name, samples, outputs, layer_diffs, collapse, min_cosine)
+
+
+def compare_models(
+    reference: ModelSource,
+    candidate: ModelSource,
+    feeds: Iterable[Feed],
+    *,
     per_layer: bool = False,
     classifier: bool = False,
     collapse_db: float = COLLAPSE_DB,
+    min_cosine: float = MIN_COSINE,
+    reference_backend: BackendKind | str = BackendKind.ONNXRUNTIME,
+    candidate_backend: BackendKind | str = BackendKind.ONNXRUNTIME,
 ) -> CompareResult:
-    """Run both models on every feed; accumulate per-output (and per-layer) error statistics."""
-    ref_model, cand_model = onnx.load(reference), onnx.load(candidate)
-    out_names = [o.name for o in ref_model.graph.output]
-    pairs = [(n, n) for n in out_names]
-    if per_layer:
-        pairs += [p for p in layer_pairs(ref_model, cand_model) if p[0] not in out_names]
-    ref_sess = ort_session(
-        expose_outputs(ref_model, [a for a, _ in pairs]).SerializeToString(), optimization="basic"
+    """``compare`` for callers holding models (files, bytes, protos): loads them (``load_pair``)
+    and names them by their paths in the result."""
+    pair = load_pair(reference, candidate, per_layer, reference_backend, candidate_backend)
+    return compare(
+        pair.reference,
+        pair.candidate,
+        feeds,
+        layers=pair.layers,
+        classifier=classifier,
+        collapse_db=collapse_db,
+        min_cosine=min_cosine,
+        names=(label(reference), label(candidate)),
     )
-    cand_sess = ort_session(
-        expose_outputs(cand_model, [b for _, b in pairs]).SerializeToString(), optimization="basic"
-    )
-    acc = {a: _Accumulator(a) for a, _ in pairs}
-    samples = 0
-    for feed in feeds:
-        ref = dict(zip([a for a, _ in pairs], ref_sess.run(None, feed), strict=True))
-        cand = dict(zip([a for a, _ in pairs], cand_sess.run(None, feed), strict=True))
-        for a, _ in pairs:
-            if ref[a].shape == cand[a].shape and np.issubdtype(ref[a].dtype, np.floating):
-                acc[a].add(ref[a], cand[a], classifier and a in out_names)
-        samples += next(iter(feed.values())).shape[0]
-    outputs = [acc[n].result(classifier) for n in out_names]
-    layers = [acc[a].result(False) for a, _ in pairs[len(out_names) :] if acc[a].n]
-    collapse = next((layer.name for layer in layers if layer.snr_db < collapse_db), None)
-    return CompareResult(str(reference), str(candidate), samples, outputs, layers, collapse)
+
+
+def label(model: ModelSource) -> str:
+    """How a result names a model: its path as given, or a placeholder for in-memory models."""
+    return str(model) if isinstance(model, (str, Path)) else source_name(model)
 
 
 def plot_layers(result: CompareResult, path: str | Path) -> Path:
     """SNR per layer in execution order (PNG), the collapse threshold as a line."""
-    from modelkiln._deps import require
-
     mpl = require("matplotlib", "compare plots")
     mpl.use("Agg")
     plt = require("matplotlib.pyplot", "compare plots")
@@ -174,30 +272,34 @@ def plot_layers(result: CompareResult, path: str | Path) -> Path:
     return path
 
 
+def sample_cosines(
+    reference: Backend, candidate: Backend, feeds: Iterable[Feed], output: int = 0
+) -> npt.NDArray[np.float64]:
+    """Cosine of candidate to reference per sample of one output (embeddings: the figure users
+    rank by), over every feed; samples are rows of the batch axis."""
+    name = reference.output_metadata[output].name
+    cos: list[float] = []
+    for feed in feeds:
+        ref = reference.infer(feed)[name]
+        cand = candidate.infer(feed)[name]
+        cos.extend(cosine(c, r) for r, c in zip(ref, cand, strict=True))
+    return np.asarray(cos, np.float64)
+
+
 # keep the pure metrics importable from here for callers comparing single arrays
 __all__ = [
+    "COLLAPSE_DB",
     "CompareResult",
+    "LoadedPair",
     "TensorDiff",
     "compare",
+    "compare_models",
     "cosine",
+    "label",
     "layer_pairs",
+    "load_pair",
     "max_abs_error",
     "plot_layers",
     "sample_cosines",
     "snr_db",
 ]
-
-
-def sample_cosines(
-    reference: str | Path, candidate: str | Path, feeds: Iterable[dict[str, np.ndarray]], output: int = 0
-) -> np.ndarray:
-    """Cosine of candidate to reference per sample of one output (embeddings: the figure users
-    rank by), over every feed; samples are rows of the batch axis."""
-    ref_sess, cand_sess = ort_session(str(reference)), ort_session(str(candidate))
-    name = ref_sess.get_outputs()[output].name
-    cos: list[float] = []
-    for feed in feeds:
-        ref = ref_sess.run([name], feed)[0]
-        cand = cand_sess.run([name], feed)[0]
-        cos.extend(cosine(c, r) for r, c in zip(ref, cand, strict=True))
-    return np.asarray(cos)

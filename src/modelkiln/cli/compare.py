@@ -1,4 +1,5 @@
-"""``kiln compare``: two models, same inputs: per output, and per layer with --per-layer."""
+"""``kiln compare``: two models, same inputs: per output, and per layer with --per-layer; either
+side may run on another runtime (--backend / --reference-backend)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,21 @@ import typer
 from rich.table import Table
 
 from modelkiln import zoo as zoo_registry
-from modelkiln.accuracy.compare import CompareResult, compare, plot_layers
+from modelkiln.accuracy.compare import COLLAPSE_DB, CompareResult, compare, label, load_pair, plot_layers
+from modelkiln.data.feeds import batches, list_samples
+from modelkiln.errors import ConfigError
 from modelkiln.log import console, err_console
-from modelkiln.onnx_io import load_model
-from modelkiln.quant.data import batches, list_samples
-from modelkiln.quant.quantize import input_names
-from modelkiln.runtime.session import model_metadata, ort_session
+from modelkiln.runtime.backends.base import BackendKind
+from modelkiln.zoo.base import Task
+
+#: runtimes an ONNX file can be compared on (torch runs zoo modules, not files)
+BACKENDS = (BackendKind.ONNXRUNTIME, BackendKind.TENSORRT)
+
+
+def _kind(value: str, option: str) -> BackendKind:
+    if value not in [k.value for k in BACKENDS]:
+        raise ConfigError(f"{option} must be one of {[k.value for k in BACKENDS]}, got {value!r}")
+    return BackendKind(value)
 
 
 def compare_cmd(
@@ -28,35 +38,44 @@ def compare_cmd(
     ),
     limit: int = typer.Option(32, "--limit", help="At most this many samples."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Compare every intermediate tensor by name."),
+    backend: str = typer.Option(
+        "onnxruntime", "--backend", help="Runtime of the candidate: onnxruntime or tensorrt."
+    ),
+    reference_backend: str = typer.Option(
+        "onnxruntime", "--reference-backend", help="Runtime of the reference: onnxruntime or tensorrt."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Write the result as JSON."),
     plot: Path = typer.Option(None, "--plot", help="PNG of SNR per layer (with --per-layer)."),
 ) -> None:
     """Max/mean abs error, cosine, SNR and top-k agreement per output; worst layers with --per-layer."""
-    proto = load_model(reference)
-    meta = model_metadata(ort_session(reference))
+    kinds = _kind(reference_backend, "--reference-backend"), _kind(backend, "--backend")
+    pair = load_pair(reference, candidate, per_layer, *kinds)
+    meta = pair.reference.metadata
     name = zoo_name or meta.get("modelkiln.zoo")
     entry = zoo_registry.get(name) if name else None
     if entry is not None:
         entry.configure(meta)
-    inputs = input_names(proto)
+    inputs = [m.name for m in pair.reference.input_metadata]
     files = list_samples(data, limit)
     with err_console.status("comparing…"):
         result = compare(
-            reference,
-            candidate,
+            pair.reference,
+            pair.candidate,
             batches(files, inputs, entry, 8),
-            per_layer,
-            classifier=entry is not None and entry.task == "classification",
+            layers=pair.layers,
+            classifier=entry is not None and entry.task == Task.CLASSIFICATION,
+            names=(label(reference), label(candidate)),
         )
-    _print(result)
+    _print(result, kinds)
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=1))
     if plot and per_layer:
         console.print(f"wrote {plot_layers(result, plot)}")
 
 
-def _print(r: CompareResult) -> None:
-    table = Table(title=f"{Path(r.candidate).name} vs {Path(r.reference).name} ({r.samples} samples)")
+def _print(r: CompareResult, kinds: tuple[BackendKind, BackendKind]) -> None:
+    on = f", {kinds[1].value} vs {kinds[0].value}" if kinds[0] != kinds[1] else ""
+    table = Table(title=f"{Path(r.candidate).name} vs {Path(r.reference).name} ({r.samples} samples{on})")
     for col in ("output", "max abs", "mean abs", "cosine", "SNR dB", "top-k agree"):
         table.add_column(col, justify="left" if col == "output" else "right")
     for o in r.outputs:
@@ -73,4 +92,4 @@ def _print(r: CompareResult) -> None:
         for layer in worst:
             lt.add_row(layer.name, f"{layer.snr_db:.1f}", f"{layer.cosine:.4f}", f"{layer.max_abs:.3g}")
         console.print(lt)
-        console.print(f"first layer below {15:g} dB: {r.first_collapse or 'none'}")
+        console.print(f"first layer below {COLLAPSE_DB:g} dB: {r.first_collapse or 'none'}")

@@ -36,8 +36,8 @@ def export(
         table.add_column(col, justify="right" if col not in ("part", "output") else "left")
     for p in result.parity:
         table.add_row(
-            p.part,
-            p.output,
+            p.part or "",
+            p.name,
             str(p.batch),
             f"{p.max_abs:.2e}",
             f"{p.max_rel:.2e}",

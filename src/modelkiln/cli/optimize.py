@@ -71,7 +71,7 @@ def _print(r: OptimizeResult, report: bool) -> None:
     console.print(f"parameters: {r.before.param_bytes / 1e6:.2f} MB -> {r.after.param_bytes / 1e6:.2f} MB")
     for c in r.parity:
         console.print(
-            f"parity {c.output}: max abs {c.max_abs:.2e} (limit {c.limit:.2e}) "
+            f"parity {c.name}: max abs {c.max_abs:.2e} (limit {c.limit or 0.0:.2e}) "
             + ("[green]ok[/]" if c.passed else "[red]FAILED[/]")
         )
     if r.memory:

@@ -6,7 +6,10 @@ The appended graph uses standard ONNX ops only (portable to TensorRT and other r
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -21,7 +24,7 @@ def append_nms(
     graph = model.graph
     out = graph.output[0].name
     xyxy = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]], np.float32)
-    consts = {
+    consts: dict[str, npt.NDArray[Any]] = {
         "nms_xyxy": xyxy,
         "nms_starts0": np.array([0], np.int64),
         "nms_ends4": np.array([4], np.int64),

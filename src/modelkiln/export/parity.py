@@ -1,49 +1,42 @@
-"""Parity of an exported model with torch: same inputs, both runtimes, per output error figures."""
+"""Parity of an exported model with torch: the same inputs through torch and through the ONNX file
+on ONNX Runtime (its optimisations off: we test the file, not ORT's rewrites), one ``TensorDiff``
+per output and batch size."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import Any
 
-import numpy as np
+from modelkiln.numerics import TensorDiff, Tolerance, tensor_diff
+from modelkiln.runtime.backends.base import ModelSource
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
+from modelkiln.zoo.base import Part, ZooModel
 
-from modelkiln.accuracy.metrics import cosine, max_abs_error, max_rel_error
+#: batch 3 proves the batch axis is really dynamic
+PARITY_BATCHES = (1, 3)
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """An output passes when max_abs <= atol + rtol * max|reference| and cosine >= min_cosine."""
-
-    atol: float = 1e-4
-    rtol: float = 1e-4
-    min_cosine: float = 0.99999
-
-    def __post_init__(self) -> None:
-        if self.atol < 0 or self.rtol < 0 or not 0 <= self.min_cosine <= 1:
-            raise ValueError(f"invalid tolerance {self}")
+__all__ = ["PARITY_BATCHES", "Tolerance", "check_parity"]
 
 
-@dataclass(frozen=True)
-class OutputParity:
-    part: str
-    output: str
-    batch: int
-    max_abs: float
-    max_rel: float
-    cosine: float
-    limit_abs: float
-    passed: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def compare_output(
-    part: str, name: str, batch: int, onnx_out: np.ndarray, torch_out: np.ndarray, tol: Tolerance
-) -> OutputParity:
-    """Error figures of one output and whether they are within ``tol``."""
-    if onnx_out.shape != torch_out.shape:
-        return OutputParity(part, name, batch, float("inf"), float("inf"), 0.0, 0.0, False)
-    limit = tol.atol + tol.rtol * float(np.max(np.abs(torch_out))) if torch_out.size else tol.atol
-    mae, cos = max_abs_error(onnx_out, torch_out), cosine(onnx_out, torch_out)
-    passed = bool(mae <= limit and cos >= tol.min_cosine)
-    return OutputParity(part, name, batch, mae, max_rel_error(onnx_out, torch_out), cos, limit, passed)
+def check_parity(
+    torch: Any,
+    entry: ZooModel,
+    part: Part,
+    module: Any,
+    exported: ModelSource,
+    tolerance: Tolerance,
+    batches: tuple[int, ...] = PARITY_BATCHES,
+) -> list[TensorDiff]:
+    """Every output of ``part`` at every batch size in ``batches``, judged under ``tolerance``."""
+    backend = cpu_backend(exported, optimization=GraphOptimization.DISABLE)
+    checks = []
+    for batch in batches:
+        feed = entry.example_inputs(part.name, batch=batch, seed=batch)
+        with torch.no_grad():
+            ref = module(*(torch.from_numpy(feed[s.name]) for s in part.inputs))
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        got = backend.infer(feed)
+        for spec, r in zip(part.outputs, refs, strict=True):
+            checks.append(
+                tensor_diff(spec.name, got.get(spec.name), r.numpy(), tolerance, part=part.name, batch=batch)
+            )
+    return checks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import TypeGuard, overload
 
 import numpy as np
 import onnx_ir as ir
@@ -75,8 +76,9 @@ def bypass(node: ir.Node, keep: ir.Value) -> bool:
     """Remove ``node`` by routing its (single) output's uses to ``keep``."""
     if not replace_value(node.outputs[0], keep):
         return False
-    if all(not o.uses() and not o.is_graph_output() for o in node.outputs):
-        node.graph.remove(node, safe=True)
+    graph = node.graph
+    if graph is not None and all(not o.uses() and not o.is_graph_output() for o in node.outputs):
+        graph.remove(node, safe=True)
     return True
 
 
@@ -98,12 +100,36 @@ def attr_float(node: ir.Node, name: str, default: float) -> float:
     return attr.as_float() if attr is not None else default
 
 
+@overload
+def attr_ints(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]: ...
+@overload
+def attr_ints(node: ir.Node, name: str, default: None = None) -> tuple[int, ...] | None: ...
 def attr_ints(node: ir.Node, name: str, default: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
     attr = node.attributes.get(name)
     return tuple(attr.as_ints()) if attr is not None else default
 
 
-def is_op(node: ir.Node | None, op_type: str) -> bool:
+def copy_type(src: ir.Value, dst: ir.Value) -> None:
+    """Give a new node's output the shape and dtype of the value it replaces (a dtype only when
+    known: setting None would make a typeless TensorType)."""
+    dst.shape = src.shape
+    if src.dtype is not None:
+        dst.dtype = src.dtype
+
+
+def producer(value: ir.Value | None) -> ir.Node | None:
+    """The node computing ``value``; None for graph inputs, initializers and absent optional inputs."""
+    return value.producer() if value is not None else None
+
+
+def remove(node: ir.Node) -> None:
+    """Take ``node`` out of the graph it is in (a no-op for a node already detached)."""
+    if node.graph is not None:
+        node.graph.remove(node, safe=True)
+
+
+def is_op(node: ir.Node | None, op_type: str) -> TypeGuard[ir.Node]:
+    """``node`` exists and is the standard-domain ``op_type`` (narrows away None for callers)."""
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 

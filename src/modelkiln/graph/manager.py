@@ -12,6 +12,11 @@ import onnx_ir as ir
 from modelkiln.errors import PassError
 from modelkiln.graph.base import GraphPass
 
+try:  # a private helper of onnx-ir: checks without serialising large initializers
+    from onnx_ir.passes.common._c_api_utils import call_onnx_api
+except ImportError:  # moved: verify() checks the whole model instead
+    call_onnx_api = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 
@@ -63,9 +68,7 @@ def verify(model: ir.Model, after: str) -> None:
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
 
     try:
-        try:
-            from onnx_ir.passes.common._c_api_utils import call_onnx_api
-        except ImportError:  # private helper moved: check the whole model instead
+        if call_onnx_api is None:
             check(ir.to_proto(model))
         else:
             call_onnx_api(check, model)

@@ -9,6 +9,7 @@ bytes), and the five steps with the largest live sets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -46,7 +47,7 @@ class MemoryPlan:
     def saving(self) -> float:
         return 1 - self.planned_bytes / self.naive_bytes if self.naive_bytes else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "naive_bytes": self.naive_bytes,
             "planned_bytes": self.planned_bytes,

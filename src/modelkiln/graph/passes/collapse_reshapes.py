@@ -11,7 +11,15 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import attr_int, bypass, const, new_initializer, single_consumer
+from modelkiln.graph.ir_utils import (
+    attr_int,
+    bypass,
+    const,
+    copy_type,
+    new_initializer,
+    remove,
+    single_consumer,
+)
 
 _SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
@@ -51,11 +59,11 @@ class CollapseReshapes(GraphPass):
                 "", "Reshape", [first.inputs[0], shape_value], num_outputs=1, name=f"{node.name}_collapsed"
             )
             out = node.outputs[0]
-            reshape.outputs[0].shape, reshape.outputs[0].dtype = out.shape, out.dtype
+            copy_type(out, reshape.outputs[0])
             node.graph.insert_before(node, reshape)
             if bypass(node, reshape.outputs[0]):
                 if not first.outputs[0].uses():
-                    first.graph.remove(first, safe=True)
+                    remove(first)
                 count += 1
             else:
                 node.graph.remove(reshape, safe=True)

@@ -20,7 +20,7 @@ class CommonSubexpressions(GraphPass):
         return self._dedupe_constants(model.graph) + self._dedupe_nodes(model.graph)
 
     def _dedupe_constants(self, graph: ir.Graph) -> int:
-        seen: dict[tuple, ir.Value] = {}
+        seen: dict[tuple[str, tuple[int, ...], str], ir.Value] = {}
         count = 0
         inputs = {id(v) for v in graph.inputs}
         for name, value in list(graph.initializers.items()):
@@ -43,7 +43,7 @@ class CommonSubexpressions(GraphPass):
         return count
 
     def _dedupe_nodes(self, graph: ir.Graph) -> int:
-        seen: dict[tuple, ir.Node] = {}
+        seen: dict[tuple[object, ...], ir.Node] = {}
         count = 0
         for node in list(graph):
             if node.op_type in NONDETERMINISTIC or has_subgraph(node):

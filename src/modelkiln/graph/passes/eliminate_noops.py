@@ -7,7 +7,16 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import attr_ints, bypass, const, is_op, single_consumer, static_shape
+from modelkiln.graph.ir_utils import (
+    attr_ints,
+    bypass,
+    const,
+    is_op,
+    producer,
+    remove,
+    single_consumer,
+    static_shape,
+)
 
 _NEUTRAL = {"Mul": (1, 1), "Div": (1, None), "Add": (0, 0), "Sub": (0, None)}  # (rhs neutral, lhs neutral)
 
@@ -57,7 +66,7 @@ class EliminateNoOps(GraphPass):
         a, b = node.inputs
         for x, c, neutral in ((a, b, rhs_neutral), (b, a, lhs_neutral)):
             value = const(c)
-            if neutral is None or value is None or not np.all(value == neutral):
+            if x is None or neutral is None or value is None or not np.all(value == neutral):
                 continue
             x_shape, out_shape = x.shape, node.outputs[0].shape
             if x_shape is None or out_shape is None or tuple(x_shape) != tuple(out_shape):
@@ -69,14 +78,15 @@ class EliminateNoOps(GraphPass):
 
     def _cancel_pair(self, node: ir.Node) -> bool:
         """Transpose(Transpose(x, p), q) with p∘q the identity -> x."""
-        first = node.inputs[0].producer()
+        first = producer(node.inputs[0])
         if not is_op(first, "Transpose") or single_consumer(first.outputs[0]) is not node:
             return False
         p, q = attr_ints(first, "perm"), attr_ints(node, "perm")
         if p is None or q is None or [p[i] for i in q] != list(range(len(p))):
             return False
-        if not bypass(node, first.inputs[0]):
+        source = first.inputs[0]
+        if source is None or not bypass(node, source):
             return False
         if not first.outputs[0].uses():
-            first.graph.remove(first, safe=True)
+            remove(first)
         return True

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper
+from onnx.reference import ReferenceEvaluator
 
 from modelkiln.graph.base import GraphPass
 from modelkiln.graph.ir_utils import (
@@ -96,7 +97,7 @@ def _shape_fold(node: ir.Node) -> np.ndarray | None:
             idx = const(node.inputs[1])
             if idx is None or attr_int(node, "axis", 0) != 0:
                 return None
-            picked = shape[idx]
+            selected = shape[idx]
         else:
             args = [const(v) if v is not None else None for v in node.inputs[1:]]
             if (
@@ -107,8 +108,11 @@ def _shape_fold(node: ir.Node) -> np.ndarray | None:
             step = int(args[3][0]) if len(args) > 3 and args[3] is not None else 1
             if len(args) > 2 and args[2] is not None and int(args[2][0]) != 0:
                 return None
-            picked = shape[int(args[0][0]) : int(args[1][0]) : step]
-        return picked.astype(np.int64) if (np.asarray(picked) >= 0).all() else None
+            starts, ends = args[0], args[1]
+            if starts is None or ends is None:
+                return None
+            selected = shape[int(starts[0]) : int(ends[0]) : step]
+        return selected.astype(np.int64) if (np.asarray(selected) >= 0).all() else None
     return None
 
 
@@ -121,8 +125,6 @@ def _dims(value: ir.Value | None) -> list[int] | None:
 
 def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
     """Run one node with onnx's reference evaluator, at the model's opset."""
-    from onnx.reference import ReferenceEvaluator
-
     proto = ir.serde.serialize_node(node)
     names = [f"i{k}" if a is not None else "" for k, a in enumerate(arrays)]
     outs = [f"o{k}" for k in range(len(node.outputs))]

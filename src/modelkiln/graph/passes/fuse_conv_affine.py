@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, is_op, single_consumer
+from modelkiln.graph.ir_utils import bypass, const, is_op, producer, single_consumer
 from modelkiln.graph.passes.fuse_conv_bn import conv_params, set_conv_params
 
 
@@ -29,7 +29,7 @@ class FuseConvAffine(GraphPass):
             if node.graph is None or not (is_op(node, "Mul") or is_op(node, "Add")):
                 continue
             for i, j in ((0, 1), (1, 0)):
-                conv = node.inputs[i].producer()
+                conv = producer(node.inputs[i])
                 c = const(node.inputs[j])
                 if not is_op(conv, "Conv") or c is None or single_consumer(conv.outputs[0]) is not node:
                     continue

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, is_op, new_initializer, single_consumer
+from modelkiln.graph.ir_utils import bypass, const, is_op, new_initializer, producer, single_consumer
 
 
 def conv_params(conv: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
@@ -23,7 +23,10 @@ def conv_params(conv: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def set_conv_params(graph: ir.Graph, conv: ir.Node, w: np.ndarray, b: np.ndarray) -> None:
-    conv.replace_input_with(1, new_initializer(graph, w, conv.inputs[1].name or "w"))
+    weight = conv.inputs[1]
+    conv.replace_input_with(
+        1, new_initializer(graph, w, (weight.name if weight is not None else None) or "w")
+    )
     bias = new_initializer(graph, b, f"{conv.name or 'conv'}_bias")
     if len(conv.inputs) > 2:
         conv.replace_input_with(2, bias)
@@ -45,15 +48,15 @@ class FuseConvBatchNorm(GraphPass):
                 and any(o.uses() for o in bn.outputs[1:])
             ):
                 continue
-            conv = bn.inputs[0].producer()
+            conv = producer(bn.inputs[0])
             if not is_op(conv, "Conv") or single_consumer(conv.outputs[0]) is not bn:
                 continue
             params = conv_params(conv)
-            stats = [const(v) for v in bn.inputs[1:5]]
-            if params is None or any(s is None for s in stats):
+            gamma, beta, mean, var = (const(v) for v in bn.inputs[1:5])
+            if params is None or gamma is None or beta is None or mean is None or var is None:
                 self.skip(bn, "non-constant conv weight or batch-norm statistics")
                 continue
-            (w, b), (gamma, beta, mean, var) = params, stats
+            w, b = params
             eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
             scale = (gamma / np.sqrt(var.astype(np.float64) + eps)).astype(w.dtype)
             w2 = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, is_op, single_consumer
+from modelkiln.graph.ir_utils import bypass, const, copy_type, is_op, single_consumer
 
 
 def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
@@ -36,20 +36,21 @@ class FuseGeluOrt(GraphPass):
         count = 0
         for div in list(model.graph):
             matched = self._match(div)
-            if matched is None:
+            graph = div.graph
+            if matched is None or graph is None:
                 continue
             x, last = matched
             gelu = ir.Node(
                 "" if standard else "com.microsoft", "Gelu", [x], num_outputs=1, name=f"{div.name}_gelu"
             )
-            gelu.outputs[0].shape, gelu.outputs[0].dtype = last.outputs[0].shape, last.outputs[0].dtype
-            div.graph.insert_before(div, gelu)
+            copy_type(last.outputs[0], gelu.outputs[0])
+            graph.insert_before(div, gelu)
             if bypass(last, gelu.outputs[0]):
                 count += 1
                 if not standard:
                     model.opset_imports.setdefault("com.microsoft", 1)
             else:
-                div.graph.remove(gelu, safe=True)
+                graph.remove(gelu, safe=True)
         return count
 
     def _match(self, div: ir.Node) -> tuple[ir.Value, ir.Node] | None:
@@ -58,7 +59,9 @@ class FuseGeluOrt(GraphPass):
             return None
         x = div.inputs[0]
         erf = single_consumer(div.outputs[0])
-        add = single_consumer(erf.outputs[0]) if is_op(erf, "Erf") else None
+        if x is None or not is_op(erf, "Erf"):
+            return None
+        add = single_consumer(erf.outputs[0])
         if not is_op(add, "Add") or not _is_const(_other(add, erf.outputs[0]), 1.0):
             return None
         mul1 = single_consumer(add.outputs[0])
@@ -67,8 +70,9 @@ class FuseGeluOrt(GraphPass):
         other = _other(mul1, add.outputs[0])
         if other is x:  # x * (1 + erf) then * 0.5
             mul2 = single_consumer(mul1.outputs[0])
-            ok = is_op(mul2, "Mul") and _is_const(_other(mul2, mul1.outputs[0]), 0.5)
-            return (x, mul2) if ok else None
+            if is_op(mul2, "Mul") and _is_const(_other(mul2, mul1.outputs[0]), 0.5):
+                return x, mul2
+            return None
         half = other.producer() if other is not None else None  # (x * 0.5) * (1 + erf)
         if is_op(half, "Mul") and x in half.inputs and _is_const(_other(half, x), 0.5):
             return x, mul1

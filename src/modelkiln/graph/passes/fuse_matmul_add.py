@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, is_op, single_consumer
+from modelkiln.graph.ir_utils import bypass, const, copy_type, is_op, single_consumer
 
 
 class FuseMatMulAdd(GraphPass):
@@ -23,13 +23,20 @@ class FuseMatMulAdd(GraphPass):
             weight = const(b)
             bias_value = add.inputs[1] if add.inputs[0] is mm.outputs[0] else add.inputs[0]
             bias = const(bias_value)
-            if weight is None or bias is None or weight.ndim != 2 or a.shape is None or len(a.shape) != 2:
+            if (
+                a is None
+                or weight is None
+                or bias is None
+                or weight.ndim != 2
+                or a.shape is None
+                or len(a.shape) != 2
+            ):
                 continue
             if bias.ndim > 1 or (bias.size not in (1, weight.shape[1])) or bias.dtype != weight.dtype:
                 self.skip(add, "bias does not broadcast to [N]")
                 continue
             gemm = ir.Node("", "Gemm", [a, b, bias_value], num_outputs=1, name=f"{mm.name}_gemm")
-            gemm.outputs[0].shape, gemm.outputs[0].dtype = add.outputs[0].shape, add.outputs[0].dtype
+            copy_type(add.outputs[0], gemm.outputs[0])
             mm.graph.insert_before(mm, gemm)
             if bypass(add, gemm.outputs[0]):
                 mm.graph.remove(mm, safe=True)

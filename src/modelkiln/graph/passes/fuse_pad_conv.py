@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import attr_ints, const, is_op, single_consumer
+from modelkiln.graph.ir_utils import attr_ints, const, is_op, remove, single_consumer
 
 
 class FusePadConv(GraphPass):
@@ -31,7 +31,7 @@ class FusePadConv(GraphPass):
             merged = [a + b for a, b in zip(current, extra, strict=True)]
             conv.attributes["pads"] = ir.Attr("pads", ir.AttributeType.INTS, merged)
             conv.replace_input_with(0, pad.inputs[0])
-            pad.graph.remove(pad, safe=True)
+            remove(pad)
             count += 1
         return count
 
@@ -42,15 +42,17 @@ class FusePadConv(GraphPass):
             return None
         if len(pad.inputs) > 3 and pad.inputs[3] is not None:
             return None  # explicit axes: keep it simple
-        pads = attr_ints(pad, "pads") if "pads" in pad.attributes else None  # opset < 11: attribute
-        if pads is None:
-            pads = const(pad.inputs[1]) if len(pad.inputs) > 1 else None
-        if pads is None:
+        found: tuple[int, ...] | np.ndarray | None = (
+            attr_ints(pad, "pads") if "pads" in pad.attributes else None  # opset < 11: attribute
+        )
+        if found is None:
+            found = const(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        if found is None:
             return None
         value = const(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else np.zeros(1)
         if value is None or np.any(value != 0):
             return None
-        pads = [int(p) for p in pads]
+        pads = [int(p) for p in found]
         rank = len(pads) // 2
         begin, end = pads[:rank], pads[rank:]
         if rank < 3 or any(begin[:2]) or any(end[:2]) or min(pads) < 0:

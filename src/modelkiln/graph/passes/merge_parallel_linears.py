@@ -13,10 +13,13 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import const, is_op, new_initializer, single_consumer
+from modelkiln.graph.ir_utils import const, copy_type, is_op, new_initializer, single_consumer
+
+#: (weight, bias Add, bias) of one linear; the last two are both None without a bias
+Linear = tuple[np.ndarray, ir.Node | None, np.ndarray | None]
 
 
-def _linear(node: ir.Node) -> tuple[np.ndarray, ir.Node | None, np.ndarray | None] | None:
+def _linear(node: ir.Node) -> Linear | None:
     """(weight, bias Add, bias) of a MatMul with a constant 2-D float weight."""
     w = const(node.inputs[1])
     if w is None or w.ndim != 2 or w.dtype.kind != "f" or node.outputs[0].is_graph_output():
@@ -38,8 +41,8 @@ class MergeParallelLinears(GraphPass):
         count = 0
         for value in [v for n in list(model.graph) for v in n.outputs] + list(model.graph.inputs):
             siblings = [u.node for u in value.uses() if is_op(u.node, "MatMul") and u.idx == 0]
-            found = [(n, _linear(n)) for n in dict.fromkeys(siblings)]
-            found = [(n, f) for n, f in found if f is not None]
+            linears = [(n, _linear(n)) for n in dict.fromkeys(siblings)]
+            found = [(n, f) for n, f in linears if f is not None]
             if len(found) < 2 or len({f[0].shape[0] for _, f in found}) != 1:
                 continue
             if len({f[0].dtype for _, f in found}) != 1:
@@ -50,7 +53,7 @@ class MergeParallelLinears(GraphPass):
         return count
 
     @staticmethod
-    def _merge(graph: ir.Graph, x: ir.Value, found: list, with_bias: bool) -> None:
+    def _merge(graph: ir.Graph, x: ir.Value, found: list[tuple[ir.Node, Linear]], with_bias: bool) -> None:
         nodes = [n for n, _ in found]
         widths = [f[0].shape[1] for _, f in found]
         w = new_initializer(
@@ -60,7 +63,8 @@ class MergeParallelLinears(GraphPass):
         new = [mm]
         out = mm.outputs[0]
         if with_bias:
-            b = new_initializer(graph, np.concatenate([f[2] for _, f in found]), f"{nodes[0].name}_merged_b")
+            biases = [f[2] for _, f in found if f[2] is not None]  # all of them: with_bias
+            b = new_initializer(graph, np.concatenate(biases), f"{nodes[0].name}_merged_b")
             add = ir.Node("", "Add", [out, b], num_outputs=1, name=f"{nodes[0].name}_merged_bias")
             new.append(add)
             out = add.outputs[0]
@@ -75,11 +79,11 @@ class MergeParallelLinears(GraphPass):
         )
         new.append(split)
         graph.insert_before(nodes[0], new)
-        for i, (node, f) in enumerate(found):
-            old = f[1].outputs[0] if with_bias else node.outputs[0]
-            split.outputs[i].shape, split.outputs[i].dtype = old.shape, old.dtype
+        for i, (node, (_, bias_add, _)) in enumerate(found):
+            old = bias_add.outputs[0] if with_bias and bias_add is not None else node.outputs[0]
+            copy_type(old, split.outputs[i])
             ir.convenience.replace_all_uses_with(old, split.outputs[i])
-            if with_bias:
-                graph.remove(f[1], safe=True)
+            if with_bias and bias_add is not None:
+                graph.remove(bias_add, safe=True)
             graph.remove(node, safe=True)
         graph.sort()

@@ -45,7 +45,7 @@ class SimplifyShapes(GraphPass):
             if not is_op(node, "Reshape") or node.graph is None or const(node.inputs[1]) is not None:
                 continue
             shape = target_shape(node.outputs[0])
-            if shape is None and not attr_int(node, "allowzero", 0):
+            if shape is None and not attr_int(node, "allowzero", 0) and node.inputs[0] is not None:
                 shape = copy_dims_shape(node.inputs[0], node.outputs[0])
             if shape is None:
                 self.skip(node, "output shape has more than one unknown dim")
