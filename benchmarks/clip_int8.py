@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from modelkiln.accuracy.compare import compare, sample_cosines
+from modelkiln.accuracy.compare import compare_models, sample_cosines
 from modelkiln.bench.runner import machine_info
+from modelkiln.data.feeds import model_feeds
 from modelkiln.export import export
 from modelkiln.quant.config import QuantConfig
-from modelkiln.quant.data import batches, list_samples
 from modelkiln.quant.quantize import quantize
-from modelkiln.runtime.session import interleaved_latency_ms
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.runtime.timing import interleaved_latency_ms
 from modelkiln.zoo import get
 
 HERE = Path(__file__).resolve().parent
@@ -82,8 +83,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for tower, (calib, evald, zoo) in data.items():
         fp32 = tmp / "fp32" / f"{tower}.onnx"
-        inputs = [s.name for s in entry.part(tower).inputs]
-        feed_list = list(batches(list_samples(evald, args.limit), inputs, entry if zoo else None, 8))
+        feed_list = list(model_feeds(fp32, evald, entry if zoo else None, 8, args.limit))
 
         def feeds(fl: list = feed_list) -> list:
             return fl
@@ -93,8 +93,8 @@ def main() -> None:
             out = tmp / f"{tower}_{name}.onnx"
             result = quantize(fp32, out, calib, zoo, config, calib_size=64)
             paths[name] = out
-            cos = sample_cosines(fp32, out, feeds())
-            layers = compare(fp32, out, feeds(), per_layer=True).layers
+            cos = sample_cosines(cpu_backend(fp32), cpu_backend(out), feeds())
+            layers = compare_models(fp32, out, feeds(), per_layer=True).layers
             snr = np.asarray([min(layer.snr_db, 80.0) for layer in layers])
             snr = snr[np.isfinite(snr)]  # masked attention scores (-inf) have no SNR
             row = {
@@ -122,7 +122,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
         feed = next(iter(feeds()))
         lat = interleaved_latency_ms(
-            {k: str(v) for k, v in paths.items()}, feed, rounds=3, iterations=3, threads=2
+            {k: cpu_backend(v, threads=2) for k, v in paths.items()}, feed, rounds=3, iterations=3
         )
         row = {
             "bench": "clip_int8",

@@ -30,10 +30,11 @@ Subcommands (work folder default /tmp/kiln-int8-formats)::
     .venv/bin/python benchmarks/int8_cpu_formats.py speed
     .venv/bin/python benchmarks/int8_cpu_formats.py report                   # table of the last rows
 
-Every model runs in a child process (``score``, hidden): under emulation the whole Python process
-has to run under qemu. Emulation is ~40-130x slower, so emulated image scoring covers the first
+Every model runs in a child process (benchmarks/int8_score.py, which imports only ONNX Runtime and
+feed reading): under emulation the whole Python process has to run under qemu. Emulation is ~40-130x slower, so emulated image scoring covers the first
 ``--emu-images-*`` evaluation images (said in each row as "images"); native scoring always covers
-all of them (evaluate()), and also scores the same subset the emulated way ("subset"). Under qemu
+all of them (evaluate(), in this process after the native child's run), and also scores the same
+subset the emulated way ("subset"). Under qemu
 only ONNX Runtime runs: the inputs are prepared natively (the variant's own zoo preprocessing, in
 evaluate()'s batches of 8) and the raw outputs are scored natively with the zoo's postprocessing
 and the same metric code as evaluate(), because qemu 7.2 miscomputes numpy's AVX2 float64 argsort
@@ -53,12 +54,28 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
+from int8_score import MINILM, THREADS
+from minilm_int8 import ort_dynamic, per_sentence_latency
+from ort_anchor import ort_quantize_feeds
+
+from modelkiln.accuracy.evaluate import classification_labels, evaluate
+from modelkiln.accuracy.tasks.coco import coco_map, load_image_ids, to_coco_results
+from modelkiln.bench.runner import machine_info
+from modelkiln.data.feeds import list_samples, model_feeds, write_text_feeds
+from modelkiln.export import export
+from modelkiln.graph import optimize
+from modelkiln.predict import BATCH, Predictor
+from modelkiln.quant.config import Int8Cpu, QuantConfig
+from modelkiln.quant.quantize import quantize
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.runtime.timing import interleaved_latency_ms
+from modelkiln.zoo import get
+from modelkiln.zoo.images import list_images, read_image
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parents[1] / "shared" / "assets"
@@ -70,22 +87,9 @@ WORK = Path("/tmp/kiln-int8-formats")
 QEMU = ["qemu-x86_64", "-cpu", "EPYC-Rome"]
 NATIVE = "native"
 EMULATED = "emulated-avx2 (qemu EPYC-Rome)"
-THREADS = 2
-MINILM = "all-minilm-l6-v2"
-TEXT_INPUTS = ["input_ids", "attention_mask"]
 VISION = ("efficientnet_lite0", "yolov5n", "resnet50")
 SCORED = ("efficientnet_lite0", "yolov5n", MINILM)
-#: Integer ops whose weight input (index) decides u8 x s8 vs u8 x u8 kernels.
-WEIGHT_INPUT = {
-    "QLinearConv": 3,
-    "QLinearMatMul": 3,
-    "QGemm": 3,
-    "MatMulInteger": 1,
-    "ConvInteger": 1,
-    "DynamicQuantizeMatMul": 1,
-    "MatMulIntegerToFloat": 1,
-    "QAttention": 1,
-}
+SCORE_CHILD = HERE / "int8_score.py"
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -93,8 +97,6 @@ WEIGHT_INPUT = {
 
 def lite0_split() -> tuple[list[Path], list[Path]]:
     """The first 100 sorted imagenet-sample images calibrate; the other 400 are scored."""
-    from modelkiln.quant.data import list_samples
-
     files = list_samples(IMAGENET)
     return files[:100], files[100:]
 
@@ -112,8 +114,6 @@ def write_eval_labels(path: Path, names: set[str]) -> None:
 def decode_tail(model_path: Path) -> list[str]:
     """Names of the nodes between the graph outputs and the last Convs before them (YOLOv5's
     Detect decode: Reshape/Transpose/Sigmoid/Split/Mul/Add/Pow/Concat)."""
-    import onnx
-
     model = onnx.load(str(model_path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     tail: dict[str, None] = {}
@@ -132,23 +132,11 @@ def ort_static(
 ) -> None:
     """ORT quantize_static as the anchor does it (QDQ, per-channel, MinMax, u8 activations, s8
     weights, the zoo's preprocessing at batch 1), with reduce_range and nodes_to_exclude."""
-    from ort_anchor import ort_quantize_feeds
-
-    from modelkiln.quant.data import batches
-    from modelkiln.zoo import get
-
-    entry = get(zoo)
-    feeds = batches(files, [entry.parts[0].inputs[0].name], entry, 1)
+    feeds = model_feeds(src, files, get(zoo), 1)
     ort_quantize_feeds(src, out, feeds, "minmax", reduce_range, exclude)
 
 
 def build_vision(zoo: str, work: Path, weights: str | None, calib: Path, size: int) -> dict:
-    from modelkiln.export import export
-    from modelkiln.graph import optimize
-    from modelkiln.quant.config import Int8Cpu, QuantConfig
-    from modelkiln.quant.data import list_samples
-    from modelkiln.quant.quantize import quantize
-
     raw, fp32 = work / f"{zoo}.raw.onnx", work / f"{zoo}.fp32.onnx"
     export(zoo, raw, weights=weights)
     optimize(raw, fp32)
@@ -187,14 +175,6 @@ def sentences(name: str) -> list[str]:
 
 
 def build_minilm(work: Path) -> dict:
-    from minilm_int8 import ort_dynamic
-
-    from modelkiln.export import export
-    from modelkiln.quant.config import Int8Cpu, QuantConfig
-    from modelkiln.quant.data import write_text_feeds
-    from modelkiln.quant.quantize import quantize
-    from modelkiln.zoo import get
-
     entry = get(MINILM)
     calib, evald = work / "minilm_calib", work / "minilm_eval"
     write_text_feeds(entry, sentences("sentences_calib.txt"), calib)
@@ -268,8 +248,6 @@ def cmd_build(a: argparse.Namespace) -> None:
 
 def two_threads() -> None:
     """evaluate() opens its Predictor without a thread count: pin it to THREADS intra-op threads."""
-    from modelkiln.predict import Predictor
-
     opener = Predictor.open.__func__
 
     def open_(cls, model, zoo_name=None, weights=None, threads=THREADS):
@@ -278,52 +256,8 @@ def two_threads() -> None:
     Predictor.open = classmethod(open_)
 
 
-def ort_graph(path: str) -> dict:
-    """What ONNX Runtime's optimizer made of the model on this CPU: op counts and, per integer op,
-    whether its weights ended up s8 (u8 x s8 kernels) or u8 (u8 x u8 kernels)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = THREADS
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        model = onnx.load(so.optimized_model_filepath)
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    ops = Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in model.graph.node
-    )
-    weights: Counter = Counter()
-    names = {onnx.TensorProto.INT8: "s8", onnx.TensorProto.UINT8: "u8"}
-    for n in model.graph.node:
-        i = WEIGHT_INPUT.get(n.op_type)
-        if i is not None and len(n.input) > i:
-            weights[f"{n.op_type}:{names.get(inits.get(n.input[i], -1), 'runtime')}"] += 1
-    interesting = {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "Conv",
-        "MatMul",
-        "Gemm",
-        "com.microsoft:FusedConv",
-        "com.microsoft:FusedMatMul",
-        "com.microsoft.nchwc:Conv",
-    }
-    return {
-        "integer_ops": dict(weights),
-        "ops": {k: v for k, v in sorted(ops.items()) if k in interesting or k.split(":")[-1].startswith("Q")},
-    }
-
-
 def image_inputs(zoo: str, n: int) -> dict:
     """The first ``n`` evaluation images through the zoo's preprocessing (one feed)."""
-    from modelkiln.zoo import get
-    from modelkiln.zoo.images import list_images, read_image
-
     if zoo == "yolov5n":
         files = list_images(COCO / "val2017")
     else:  # Lite0's evaluation images; ResNet-50 (speed only) takes the same ones
@@ -331,43 +265,20 @@ def image_inputs(zoo: str, n: int) -> dict:
     return get(zoo).preprocess([read_image(f) for f in files[:n]]).feed
 
 
-def cmd_score(a: argparse.Namespace) -> None:
-    """Run one model (hidden; natively or under qemu) and print one JSON line. Under qemu this runs
-    ONNX Runtime only: inputs were prepared natively (--feeds) and the outputs are scored natively
-    by the parent (qemu 7.2 gets numpy's AVX2 float64 argsort wrong, which would corrupt top-k
-    and NMS if postprocessing ran there). Natively (--evaluate) it also runs evaluate() itself."""
-    from modelkiln.runtime.session import ort_session
-
-    manifest = json.loads((a.work / "manifest.json").read_text())
-    path = manifest[a.model]["variants"][a.variant]
+def evaluate_natively(work: Path, zoo: str, path: str, images_run: int) -> dict:
+    """The library's own evaluate() of a variant (native only): all evaluation images, and the
+    subset the child ran."""
+    two_threads()
+    data, labels = eval_data(work, zoo)
     t = time.perf_counter()
-    row: dict = {"model": a.model, "variant": a.variant}
-    session = ort_session(path, threads=THREADS)
-    if a.model == MINILM:
-        from modelkiln.quant.data import batches, list_samples
-
-        feeds = list(batches(list_samples(a.work / "minilm_eval"), TEXT_INPUTS, None, 1))
-        np.save(a.dump, np.stack([session.run(None, f)[0][0] for f in feeds]))
-        row["sentences"] = len(feeds)
-    else:
-        name = session.get_inputs()[0].name
-        with np.load(a.feeds) as feeds:
-            outs = [session.run(None, {name: feeds[k]}) for k in sorted(feeds.files)]
-        names = [o.name for o in session.get_outputs()]
-        np.savez(a.dump, **{n: np.concatenate([o[i] for o in outs]) for i, n in enumerate(names)})
-        row["images_run"] = sum(len(o[0]) for o in outs)
-        if a.evaluate:  # native only: the library's own evaluate(), all images and the subset
-            from modelkiln.accuracy.evaluate import evaluate
-
-            two_threads()
-            data, labels = eval_data(a.work, a.model)
-            r = evaluate(path, a.model, data, labels)
-            row["images"], row["metrics"] = r.images, r.metrics
-            s = evaluate(path, a.model, data, labels, limit=row["images_run"])
-            row["subset_evaluate"] = {"images": s.images, "metrics": s.metrics}
-    row["seconds"] = time.perf_counter() - t
-    row["ort_graph"] = ort_graph(path)
-    print(json.dumps(row), flush=True)
+    r = evaluate(path, zoo, data, labels)
+    s = evaluate(path, zoo, data, labels, limit=images_run)
+    return {
+        "images": r.images,
+        "metrics": r.metrics,
+        "subset_evaluate": {"images": s.images, "metrics": s.metrics},
+        "evaluate_s": time.perf_counter() - t,
+    }
 
 
 # ------------------------------------------------------------------------------------- accuracy
@@ -385,11 +296,6 @@ class Scorer:
     batches, and the task metric from the raw outputs, all natively."""
 
     def __init__(self, work: Path, zoo: str, path: str, n: int) -> None:
-        from modelkiln.accuracy.evaluate import classification_labels
-        from modelkiln.accuracy.tasks.coco import load_image_ids
-        from modelkiln.predict import BATCH, Predictor
-        from modelkiln.zoo.images import list_images, read_image
-
         self.zoo = zoo
         self.data, self.labels = eval_data(work, zoo)
         self.entry = Predictor.open(path, zoo_name=zoo, threads=THREADS).entry
@@ -409,8 +315,6 @@ class Scorer:
         np.savez(path, **{f"b{i:04d}": next(iter(p.feed.values())) for i, p in enumerate(self.prepared)})
 
     def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
-        from modelkiln.accuracy.tasks.coco import coco_map, to_coco_results
-
         results, start = [], 0
         for p in self.prepared:
             n = len(next(iter(p.feed.values())))
@@ -463,8 +367,6 @@ def load_outputs(path: Path) -> dict[str, np.ndarray]:
 
 
 def cmd_accuracy(a: argparse.Namespace) -> None:
-    from modelkiln.bench.runner import machine_info
-
     manifest = json.loads((a.work / "manifest.json").read_text())
     numerics = EMULATED if a.emulate_avx2 else NATIVE
     tag = "emulated" if a.emulate_avx2 else "native"
@@ -483,14 +385,14 @@ def cmd_accuracy(a: argparse.Namespace) -> None:
                 continue
             suffix = "npy" if model == MINILM else "npz"
             dump = dumps / f"{model}.{variant}.{tag}.{suffix}"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "score", "--work", str(a.work)]
+            cmd = [sys.executable, str(SCORE_CHILD), "--work", str(a.work)]
             cmd += ["--model", model, "--variant", variant, "--dump", str(dump)]
             scorer = None
             if model != MINILM:  # inputs prepared here (natively), the subset emulation covers
                 scorer = Scorer(a.work, model, path, limits[model])
                 feeds = dumps / f"{model}.{variant}.feeds.npz"
                 scorer.write_feeds(feeds)
-                cmd += ["--feeds", str(feeds)] + ([] if a.emulate_avx2 else ["--evaluate"])
+                cmd += ["--feeds", str(feeds)]
             if a.emulate_avx2:
                 cmd = [*QEMU, *cmd]
             t = time.perf_counter()
@@ -510,6 +412,8 @@ def cmd_accuracy(a: argparse.Namespace) -> None:
                 )
                 continue
             row = json.loads(p.stdout.strip().splitlines()[-1])
+            if scorer is not None and not a.emulate_avx2:
+                row.update(evaluate_natively(a.work, model, path, row["images_run"]))
             row["wall_s"] = time.perf_counter() - t
             outputs = load_outputs(dump)
             got = next(iter(outputs.values()))
@@ -572,9 +476,6 @@ def print_accuracy(rows: list[dict]) -> None:
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
-    from modelkiln.bench.runner import machine_info
-    from modelkiln.runtime.session import interleaved_latency_ms
-
     manifest = json.loads((a.work / "manifest.json").read_text())
     machine = machine_info(THREADS)
     iters = {"efficientnet_lite0": (20, 5), "yolov5n": (10, 3), "resnet50": (10, 3)}
@@ -587,7 +488,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
         for batch, n in zip((1, 8), iters[model], strict=True):
             feed = {k: v[:batch] for k, v in feed8.items()}
             t = time.perf_counter()
-            lat = interleaved_latency_ms(variants, feed, rounds=a.rounds, iterations=n, threads=THREADS)
+            lat = interleaved_latency_ms(_backends(variants), feed, rounds=a.rounds, iterations=n)
             emit(
                 {
                     "kind": "speed",
@@ -611,14 +512,12 @@ def ratios(lat: dict) -> dict:
     }
 
 
+def _backends(variants: dict[str, str]) -> dict:
+    return {k: cpu_backend(p, threads=THREADS) for k, p in variants.items()}
+
+
 def speed_minilm(a: argparse.Namespace, variants: dict, machine: dict) -> None:
-    from minilm_int8 import per_sentence_latency
-
-    from modelkiln.quant.data import batches, list_samples
-    from modelkiln.runtime.session import interleaved_latency_ms
-    from modelkiln.zoo import get
-
-    feeds = list(batches(list_samples(a.work / "minilm_eval"), TEXT_INPUTS, None, 1))
+    feeds = list(model_feeds(variants["fp32"], a.work / "minilm_eval", None, 1))
     t = time.perf_counter()
     lat1 = per_sentence_latency({k: Path(v) for k, v in variants.items()}, feeds, rounds=a.rounds)
     emit(
@@ -638,7 +537,7 @@ def speed_minilm(a: argparse.Namespace, variants: dict, machine: dict) -> None:
     )
     batch8 = get(MINILM).tokenize(sentences("sentences_eval.txt")[:8])
     t = time.perf_counter()
-    lat8 = interleaved_latency_ms(variants, batch8, rounds=a.rounds, iterations=5, threads=THREADS)
+    lat8 = interleaved_latency_ms(_backends(variants), batch8, rounds=a.rounds, iterations=5)
     emit(
         {
             "kind": "speed",
@@ -690,7 +589,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "accuracy", "speed", "report", "score"):
+    for name in ("build", "accuracy", "speed", "report"):
         p = sub.add_parser(name)
         p.add_argument("--work", type=Path, default=WORK)
         p.add_argument(
@@ -712,19 +611,12 @@ def main() -> None:
             p.add_argument("--variants", default="", help="only these variants (and fp32); default all")
         if name == "speed":
             p.add_argument("--rounds", type=int, default=7)
-        if name == "score":
-            p.add_argument("--model", required=True)
-            p.add_argument("--variant", required=True)
-            p.add_argument("--dump", type=Path, required=True)
-            p.add_argument("--feeds", type=Path, help="npz of prepared input batches (image models)")
-            p.add_argument("--evaluate", action="store_true", help="also run evaluate() (native)")
     a = ap.parse_args()
     {
         "build": cmd_build,
         "accuracy": cmd_accuracy,
         "speed": cmd_speed,
         "report": cmd_report,
-        "score": cmd_score,
     }[a.cmd](a)
 
 

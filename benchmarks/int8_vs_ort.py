@@ -27,7 +27,7 @@ from modelkiln.accuracy.evaluate import evaluate
 from modelkiln.bench.runner import machine_info
 from modelkiln.export import export
 from modelkiln.graph import optimize
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
 from modelkiln.zoo import get
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -79,14 +79,14 @@ def latency(paths: dict[str, Path], zoo: str, rounds: int, iters: int) -> dict:
         samples: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(rounds):
             for k, p in paths.items():
-                session = ort_session(p, threads=2)
+                backend = cpu_backend(p, threads=2)
                 for _ in range(3):
-                    session.run(None, {spec.name: x})
+                    backend.infer({spec.name: x})
                 for _ in range(iters):
                     t = time.perf_counter()
-                    session.run(None, {spec.name: x})
+                    backend.infer({spec.name: x})
                     samples[k].append((time.perf_counter() - t) * 1e3)
-                del session
+                del backend
                 time.sleep(0.05)
         out[f"batch{batch}"] = {
             k: {"median_ms": statistics.median(v), "min_ms": min(v)} for k, v in samples.items()

@@ -20,17 +20,18 @@ from pathlib import Path
 import numpy as np
 from ort_anchor import ort_quantize_feeds
 
-from modelkiln.accuracy.budget import quantize_within_budget
+from modelkiln.accuracy.budget import AccuracyBudget, within_budget
 from modelkiln.bench.runner import machine_info
+from modelkiln.data.feeds import model_feeds, write_text_feeds
 from modelkiln.export import export
-from modelkiln.quant.config import QuantConfig
-from modelkiln.quant.data import batches, list_samples, write_text_feeds
+from modelkiln.quant.config import CalibrationData, QuantConfig
 from modelkiln.quant.quantize import quantize
-from modelkiln.runtime.session import interleaved_latency_ms, ort_session
+from modelkiln.quant.quantizer import Quantizer
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.runtime.timing import interleaved_latency_ms
 from modelkiln.zoo import get
 
 DATA = Path(__file__).resolve().parent / "data"
-INPUTS = ["input_ids", "attention_mask"]
 
 
 def sentences(name: str) -> list[str]:
@@ -38,7 +39,7 @@ def sentences(name: str) -> list[str]:
 
 
 def ort_static(src: Path, out: Path, calib: Path, method: str) -> None:
-    feeds = list(batches(list_samples(calib), INPUTS, None, 1))
+    feeds = list(model_feeds(src, calib, None, 1))
     if method != "minmax":  # ORT's histogram calibrators stack all batches: one length for all
         width = max(f["input_ids"].shape[1] for f in feeds)
         feeds = [{k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in f.items()} for f in feeds]
@@ -52,25 +53,25 @@ def ort_dynamic(src: Path, out: Path, per_channel: bool) -> None:
 
 
 def cosines(ref: Path, cand: Path, feeds: list[dict]) -> np.ndarray:
-    a, b = ort_session(ref, threads=2), ort_session(cand, threads=2)
+    a, b = cpu_backend(ref, threads=2), cpu_backend(cand, threads=2)
     out = []
     for f in feeds:
-        x, y = a.run(None, f)[0][0], b.run(None, f)[0][0]
+        x, y = next(iter(a.infer(f).values()))[0], next(iter(b.infer(f).values()))[0]
         out.append(float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)))
     return np.asarray(out)
 
 
 def per_sentence_latency(models: dict[str, Path], feeds: list[dict], rounds: int = 7) -> dict[str, dict]:
-    sessions = {k: ort_session(p, threads=2) for k, p in models.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
+    backends = {k: cpu_backend(p, threads=2) for k, p in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in backends}
+    for b in backends.values():
         for f in feeds[:20]:
-            s.run(None, f)
+            b.infer(f)
     for _ in range(rounds):
-        for k, s in sessions.items():
+        for k, b in backends.items():
             t = time.perf_counter()
             for f in feeds:
-                s.run(None, f)
+                b.infer(f)
             times[k].append((time.perf_counter() - t) / len(feeds) * 1e3)
     return {k: {"median": float(np.median(v)), "min": float(np.min(v))} for k, v in times.items()}
 
@@ -115,7 +116,9 @@ def main() -> None:
 
     def budget(name: str, config: QuantConfig):  # tuned on the calibration sentences only, never on eval
         def run(o: Path) -> None:
-            r = quantize_within_budget(fp32, o, calib, calib, args.budget, "cosine", config=config)
+            r = within_budget(
+                Quantizer(fp32, config, CalibrationData(calib)), AccuracyBudget(calib, args.budget), o
+            )
             extra[name] = {
                 "kept_float": r.fallback.kept_float,
                 "int8_fraction": r.fallback.int8_fraction,
@@ -128,11 +131,11 @@ def main() -> None:
     timed("ours_dynamic", lambda o: quantize(fp32, o, None, config=QuantConfig(dynamic=True)))
     timed("ours_dynamic_budget", budget("ours_dynamic_budget", QuantConfig(dynamic=True)))
     timed("ours_weight_only", lambda o: quantize(fp32, o, None, config=QuantConfig(weight_only=True)))
-    feeds = list(batches(list_samples(evald), INPUTS, None, 1))
+    feeds = list(model_feeds(fp32, evald, None, 1))
     lat1 = per_sentence_latency(models, feeds)
     batch8 = entry.tokenize(sentences("sentences_eval.txt")[:8])
     lat8 = interleaved_latency_ms(
-        {k: str(p) for k, p in models.items()}, batch8, rounds=5, iterations=5, threads=2
+        {k: cpu_backend(p, threads=2) for k, p in models.items()}, batch8, rounds=5, iterations=5
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:

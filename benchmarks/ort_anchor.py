@@ -9,15 +9,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from modelkiln.quant.data import batches, list_samples
+from modelkiln.data.feeds import model_feeds
 from modelkiln.zoo import get
 
 
 def ort_quantize_static(src: Path, out: Path, calib: Path, zoo: str, method: str, size: int) -> float:
     """Quantize ``src`` into ``out`` with ORT on images through the zoo's preprocessing; returns
     the seconds it took."""
-    entry = get(zoo)
-    feeds = batches(list_samples(calib, size), [entry.parts[0].inputs[0].name], entry, 1)
+    feeds = model_feeds(src, calib, get(zoo), 1, size)
     t = time.perf_counter()
     ort_quantize_feeds(src, out, feeds, method)
     return time.perf_counter() - t

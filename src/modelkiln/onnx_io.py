@@ -25,6 +25,13 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def input_names(model: onnx.ModelProto) -> list[str]:
+    """The inputs a caller feeds: graph inputs that are not initializers (older exporters list
+    weights as inputs too)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
 def model_bytes(path: Path) -> int:
     """Size of a saved model with the ``<name>.data`` weight file ``save_model`` writes beside it."""
     data = path.parent / f"{path.name}.data"

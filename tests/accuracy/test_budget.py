@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
-from modelkiln.accuracy.budget import cosine_scorer
+from modelkiln.accuracy.budget import AccuracyBudget, cosine_scorer, quantize_within_budget
+from modelkiln.errors import BadInput, QuantizationError
 
 
 def _scale_model(weights: list[float]) -> onnx.ModelProto:
@@ -45,3 +49,74 @@ def test_cosine_scorer_is_the_mean_per_sample_cosine() -> None:
     score = cosine_scorer(reference, feeds)
     assert abs(score(candidate) - float(np.mean(cosines))) <= 1e-6
     assert abs(score(reference) - 1.0) <= 1e-6
+
+
+WIDTH = 16
+
+
+def _chain(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """x [N, 16] -> 3 x (MatMul -> Relu) -> MatMul -> y, with .npy calibration and eval samples."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(4):
+        w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) * 0.4
+        if i == 1:
+            w[:, 0] *= 60  # an outlier channel into fc2's reader: fc2 costs the most in int8
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, w.shape, w.ravel().tolist()))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"fc{i}"))
+        x = f"m{i}"
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", WIDTH])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, path)
+    folders = []
+    for name, seed in (("calib", 1), ("eval", 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rng = np.random.default_rng(seed)
+        for i in range(8):
+            np.save(folder / f"{i}.npy", rng.standard_normal((1, WIDTH)).astype(np.float32))
+        folders.append(folder)
+    return path, folders[0], folders[1]
+
+
+def test_budget_reports_the_layers_it_returned_to_float(tmp_path: Path) -> None:
+    src, calib, evald = _chain(tmp_path)
+    full = quantize_within_budget(src, tmp_path / "full.onnx", calib, evald, 1.0)
+    assert full.fallback.kept_float == [] and full.sensitivity == []  # full INT8 met it: no ranking
+    assert set(full.latency_ms) == {"fp32", "int8", "chosen"} and full.latency_batch == 8
+    full_drop = full.fallback.drop
+    assert full_drop > 0
+    budget = full_drop / 4
+    result = quantize_within_budget(src, tmp_path / "q.onnx", calib, evald, budget, "cosine", batch_size=4)
+    kept = result.fallback.kept_float
+    assert kept and result.fallback.drop <= budget
+    assert [s.name for s in result.sensitivity][: len(kept)] == kept  # the most sensitive first
+    for name in kept:
+        assert result.quantize.kept_float[name].startswith("accuracy budget: sensitive layer returned")
+    assert result.latency_batch == 4
+    written = onnx.load(tmp_path / "q.onnx")
+    assert cosine_scorer(onnx.load(src), [{"x": np.ones((2, WIDTH), np.float32)}])(written) > 0.9
+
+
+def test_budget_arguments_are_checked_before_calibration(tmp_path: Path) -> None:
+    src, calib, evald = _chain(tmp_path)
+    with pytest.raises(BadInput, match="--metric must be one of"):
+        AccuracyBudget(evald, 0.01, "top5")
+    with pytest.raises(BadInput, match="--max-drop must be >= 0"):
+        AccuracyBudget(evald, -0.01)
+    with pytest.raises(BadInput, match="give --zoo"):
+        quantize_within_budget(src, tmp_path / "q.onnx", tmp_path / "nowhere", evald, 0.01, "top1")
+    with pytest.raises(QuantizationError, match="accuracy budget not met"):
+        quantize_within_budget(src, tmp_path / "q.onnx", calib, evald, 0.0)
+    assert not (tmp_path / "q.onnx").exists()

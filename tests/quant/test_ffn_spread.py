@@ -12,9 +12,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from modelkiln.quant.config import QuantConfig
+from modelkiln.quant.config import CalibrationData, QuantConfig
 from modelkiln.quant.qdq import mark
-from modelkiln.quant.quantize import build, prepare
+from modelkiln.quant.quantizer import Quantizer
 from modelkiln.quant.rules import is_ffn_down
 
 H, F = 16, 64
@@ -82,11 +82,11 @@ def test_ffn_down_stays_float_only_with_outlier_channels(
 ) -> None:
     src = tmp_path / "ffn.onnx"
     onnx.save(_ffn(outlier), src)
-    cal = prepare(src, _calib(tmp_path / "calib"), config=config)
+    quantizer = Quantizer(src, config, CalibrationData(_calib(tmp_path / "calib")))
     if config.transformer and not config.int8_ffn_down:
-        (ratio,) = cal.spread.values()
+        (ratio,) = quantizer.calibrated.spread.values()
         assert (ratio > 10) == (outlier > 1)
-    _, plan, _ = build(cal, config)
+    plan = quantizer.make().plan
     quantized = {n.name for n in plan.nodes}
     assert ("fc2" not in quantized) == fc2_float
     assert ("fc2" in plan.kept_float and "outlier channels" in plan.kept_float["fc2"]) == fc2_float

@@ -28,9 +28,10 @@ from int8_kernels import (
 from onnx import TensorProto, helper, numpy_helper
 
 from modelkiln.quant import formats
-from modelkiln.quant.config import Int8Cpu, QuantConfig
+from modelkiln.quant.config import Int8Cpu, QuantConfig, WeightKernel
 from modelkiln.quant.pairsafe import PAIR_LIMIT, quantize_pair_safe, violations
 from modelkiln.quant.quantize import quantize
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 from modelkiln.runtime.cpu import (
     INT8_FORMAT_KEY,
     INT8_REQUIRES_KEY,
@@ -38,9 +39,15 @@ from modelkiln.runtime.cpu import (
     INT32_DOT,
     CpuInfo,
 )
-from modelkiln.runtime.session import ort_session
 
 C_IN, C_MID, C_OUT = 64, 16, 8
+
+
+def _first_output(
+    model: Path, feed: dict[str, np.ndarray], optimization: GraphOptimization = GraphOptimization.ALL
+) -> np.ndarray:
+    """The first output of ``model`` on ``feed`` (ONNX Runtime, CPU provider)."""
+    return next(iter(cpu_backend(model, optimization=optimization).infer(feed).values()))
 
 
 def _conv_model(bias_scale: float = 0.1) -> onnx.ModelProto:
@@ -176,8 +183,8 @@ def test_pair_safe_conv_holds_in_both_reduction_orders() -> None:
 def test_portable_integer_kernels_match_the_qdq_arithmetic(toy: dict[str, Path], fmt: str) -> None:
     """On whatever CPU runs this: ONNX Runtime's fused integer kernels give what the QDQ graph means
     (computed in float with its optimisations off)."""
-    fused = ort_session(toy[fmt]).run(None, _typical_input())[0]
-    reference = ort_session(toy[fmt], optimization="disable").run(None, _typical_input())[0]
+    fused = _first_output(toy[fmt], _typical_input())
+    reference = _first_output(toy[fmt], _typical_input(), GraphOptimization.DISABLE)
     assert np.abs(fused - reference).max() <= 1e-3 * np.abs(reference).max()
 
 
@@ -264,7 +271,7 @@ def test_dynamic_formats_store_weights_as_their_kernels_need(tmp_path: Path) -> 
     x = {"x": np.abs(rng.standard_normal((4, 32))).astype(np.float32) * 3}
     reference = x["x"] @ w
     for cpu, path in outs.items():
-        got = ort_session(path).run(None, x)[0]
+        got = _first_output(path, x)
         cos = float((got * reference).sum()) / (np.linalg.norm(got) * np.linalg.norm(reference))
         assert cos > 0.999, cpu
 
@@ -296,8 +303,8 @@ def test_bias_too_large_for_int32_keeps_its_sign(tmp_path: Path) -> None:
     bias = next(v for k, v in inits.items() if v.dtype == np.int32 and v.size == C_MID)
     assert bias[3] > 0 and bias[3] < 2**31 - 1
     x = {"x": rng.uniform(0, 1, (1, C_IN, 4, 4)).astype(np.float32)}
-    want = ort_session(src, optimization="disable").run(None, x)[0]
-    got = ort_session(out).run(None, x)[0]
+    want = _first_output(src, x, GraphOptimization.DISABLE)
+    got = _first_output(out, x)
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
 
@@ -331,7 +338,7 @@ def test_on_an_emulated_avx2_cpu_only_portable_keeps_its_values(toy: dict[str, P
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     got = np.load(npz)
     for name in ("portable", "u8", "vnni"):
-        reference = ort_session(toy[name], optimization="disable").run(None, _typical_input())[0]
+        reference = _first_output(toy[name], _typical_input(), GraphOptimization.DISABLE)
         scale = np.abs(reference).max()
         if name == "vnni":
             assert np.abs(got[name] - reference).max() > 0.05 * scale
@@ -364,8 +371,6 @@ def test_matmul_nbits_level_4_gives_the_same_numbers_on_avx2(tmp_path: Path) -> 
     )
     src, out = tmp_path / "mm.onnx", tmp_path / "mm.w8.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
-    from modelkiln.quant.config import WeightKernel
-
     quantize(src, out, None, config=QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS))
     assert any(n.op_type == "MatMulNBits" for n in onnx.load(out).graph.node)
     script = tmp_path / "run.py"
@@ -383,7 +388,7 @@ def test_matmul_nbits_level_4_gives_the_same_numbers_on_avx2(tmp_path: Path) -> 
             str(tmp_path / "y.npy"),
         ]
         subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        native = ort_session(out).run(None, {"x": x})[0]
+        native = _first_output(out, {"x": x})
         emulated = np.load(tmp_path / "y.npy")
         assert np.abs(emulated - native).max() <= 1e-5 * np.abs(native).max(), rows
         cos = float((native * (x @ w)).sum() / (np.linalg.norm(native) * np.linalg.norm(x @ w)))

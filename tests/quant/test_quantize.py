@@ -11,12 +11,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from modelkiln.accuracy.compare import compare
+from modelkiln.accuracy.compare import compare_models
+from modelkiln.data.feeds import model_feeds
 from modelkiln.errors import BadInput, CalibrationError, ModelNotFound, QuantizationError
 from modelkiln.export import export
 from modelkiln.quant.config import Method, QuantConfig, Target
 from modelkiln.quant.quantize import quantize
-from modelkiln.runtime.session import ort_session, run
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.zoo import get
 
 
 def ort_ops(path: Path, tmp: Path) -> Counter:
@@ -56,11 +58,8 @@ def test_cnn_quantizes_into_integer_kernels(lite: Path, calib_images: Path, tmp_
     ops = ort_ops(out, tmp_path)
     assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 9
     assert ops["Conv"] == 0 and ops["Clip"] == 0  # Clip absorbed by the quantize to its range
-    from modelkiln.quant.data import batches, list_samples
-    from modelkiln.zoo import get
-
-    x = next(batches(list_samples(calib_images), ["input"], get("efficientnet_lite0", 64), 4))["input"]
-    ref, got = run(ort_session(lite), {"input": x})["logits"], run(ort_session(out), {"input": x})["logits"]
+    x = next(model_feeds(lite, calib_images, get("efficientnet_lite0", 64), 4))["input"]
+    ref, got = cpu_backend(lite).infer({"input": x})["logits"], cpu_backend(out).infer({"input": x})["logits"]
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cos > 0.95
     assert result.size_after < result.size_before / 3
@@ -82,8 +81,8 @@ def test_mixed_range_output_stays_float(calib_images: Path, tmp_path: Path) -> N
     assert ops["QLinearConv"] >= 45  # random weights: some convs feed concats whose ranges differ too much
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     ref, got = (
-        run(ort_session(src), {"images": x})["output0"],
-        run(ort_session(out), {"images": x})["output0"],
+        cpu_backend(src).infer({"images": x})["output0"],
+        cpu_backend(out).infer({"images": x})["output0"],
     )
     assert np.abs(got[..., 4:] - ref[..., 4:]).max() < 0.2  # scores keep their precision
 
@@ -99,7 +98,7 @@ def test_trt_target_uses_int8_symmetric_activations(lite: Path, calib_images: Pa
         if n.op_type == "QuantizeLinear"
     ]
     assert zps and all(z.dtype == np.int8 and (z == 0).all() for z in zps)
-    ort_session(out)  # loads in plain ONNX Runtime too
+    cpu_backend(out)  # loads in plain ONNX Runtime too
 
 
 def test_exclude_keeps_node_float(lite: Path, calib_images: Path, tmp_path: Path) -> None:
@@ -186,7 +185,7 @@ def test_per_layer_compare_finds_a_broken_layer(lite: Path, tmp_path: Path) -> N
         {"input": np.random.default_rng(i).standard_normal((2, 3, 64, 64)).astype(np.float32)}
         for i in range(2)
     ]
-    result = compare(lite, bad, feeds, per_layer=True)
+    result = compare_models(lite, bad, feeds, per_layer=True)
     assert result.first_collapse is not None and result.first_collapse.startswith("/_blocks.5/")
     before = [layer for layer in result.layers if layer.name.startswith("/_blocks.4/")]
     assert before and all(layer.snr_db > 100 for layer in before)  # identical up to float noise

@@ -14,15 +14,16 @@ import pytest
 from toy_models import HIDDEN, SEQ, export_block, export_chain, write_feeds
 
 from modelkiln.accuracy.budget import cosine_scorer
+from modelkiln.data.feeds import batches, list_samples
 from modelkiln.errors import ConfigError, QuantizationError
 from modelkiln.graph.manager import PassManager
 from modelkiln.graph.pipeline import build_pipeline
-from modelkiln.quant.config import QuantConfig, Target
-from modelkiln.quant.data import batches, list_samples
-from modelkiln.quant.mixed_precision import _search, fallback, sensitivity
-from modelkiln.quant.quantize import build, prepare, quantize
+from modelkiln.quant.config import CalibrationData, QuantConfig, Target
+from modelkiln.quant.mixed_precision import _search
+from modelkiln.quant.quantize import quantize
+from modelkiln.quant.quantizer import Quantizer
 from modelkiln.quant.smoothquant import find_sites, smooth_model
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
 
 pytest.importorskip("torch")
 
@@ -48,9 +49,13 @@ def _feeds(folder: Path) -> list[dict[str, np.ndarray]]:
     return list(batches(list_samples(folder), ["x"], None, 4))
 
 
-def _cosine(a: Path | bytes, b: Path | bytes, feeds: list[dict[str, np.ndarray]]) -> float:
-    ra = np.concatenate([ort_session(a).run(None, f)[0] for f in feeds]).ravel()
-    rb = np.concatenate([ort_session(b).run(None, f)[0] for f in feeds]).ravel()
+def _first_output(model: Path | onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    return next(iter(cpu_backend(model).infer(feed).values()))
+
+
+def _cosine(a: Path, b: Path, feeds: list[dict[str, np.ndarray]]) -> float:
+    ra = np.concatenate([_first_output(a, f) for f in feeds]).ravel()
+    rb = np.concatenate([_first_output(b, f) for f in feeds]).ravel()
     return float(ra @ rb / np.linalg.norm(ra) / np.linalg.norm(rb))
 
 
@@ -63,8 +68,8 @@ def test_smoothquant_folds_keep_float_outputs_and_node_count(blocks: dict[str, P
     after = ir.to_proto(smoothed)
     assert len(after.graph.node) == len(before.graph.node)  # folded: the graph gains no nodes
     for feed in feeds:
-        ref = ort_session(before.SerializeToString()).run(None, feed)[0]
-        got = ort_session(after.SerializeToString()).run(None, feed)[0]
+        ref = _first_output(before, feed)
+        got = _first_output(after, feed)
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
     changed = {t.name for t in after.graph.initializer} - {t.name for t in before.graph.initializer}
     assert len(changed) >= 6  # new LayerNorm scales/biases and weights, not the same graph
@@ -162,9 +167,9 @@ def _names(cal) -> dict[str, str]:
 
 def test_sensitivity_ranks_the_planted_outlier_layer_first(chain: dict[str, Path]) -> None:
     config = QuantConfig(target=Target.CPU)
-    cal = prepare(chain["model"], chain["calib"], config=config)
-    ranking = sensitivity(cal, config, _feeds_chain(chain["calib"]))
-    position = _names(cal)
+    quantizer = Quantizer(chain["model"], config, CalibrationData(chain["calib"]))
+    ranking = quantizer.sensitivity(_feeds_chain(chain["calib"]))
+    position = _names(quantizer.calibrated)
     assert position[ranking[0].name] == 3  # the Gemm that reads the outlier-channel activation
     assert ranking[0].snr_db < ranking[1].snr_db - 10
 
@@ -175,14 +180,15 @@ def _feeds_chain(folder: Path) -> list[dict[str, np.ndarray]]:
 
 def test_fallback_finds_the_outlier_first_and_honours_the_budget(chain: dict[str, Path]) -> None:
     config = QuantConfig()
-    cal = prepare(chain["model"], chain["calib"], config=config)
-    ranking = [s.name for s in sensitivity(cal, config, _feeds_chain(chain["calib"]))]
+    quantizer = Quantizer(chain["model"], config, CalibrationData(chain["calib"]))
+    ranking = [s.name for s in quantizer.sensitivity(_feeds_chain(chain["calib"]))]
     score = cosine_scorer(onnx.load(chain["model"]), _feeds_chain(chain["eval"]))
-    full = score(build(cal, config)[0])
+    full = score(quantizer.build())
     budget = 1e-4
     assert 1 - full > 5 * budget  # the plain INT8 model misses the budget
-    result, proto, plan, _ = fallback(cal, config, ranking, score, 1.0, budget, "cosine")
-    assert result.kept_float == [ranking[0]] and _names(cal)[ranking[0]] == 3
+    search = quantizer.within_budget(score, budget, 1.0, "cosine", ranking=ranking)
+    result, proto, plan = search.fallback, search.model, search.built.plan
+    assert result.kept_float == [ranking[0]] and _names(quantizer.calibrated)[ranking[0]] == 3
     assert result.drop <= budget and 1 - score(proto) <= budget
     assert result.steps[0].float_layers == 0 and not result.steps[0].within_budget
     assert len(result.kept_float) < len(ranking)  # most layers stay int8
@@ -191,10 +197,10 @@ def test_fallback_finds_the_outlier_first_and_honours_the_budget(chain: dict[str
 
 def test_fallback_fails_clearly_when_the_budget_cannot_be_met(chain: dict[str, Path]) -> None:
     config = QuantConfig()
-    cal = prepare(chain["model"], chain["calib"], config=config)
-    ranking = [s.name for s in sensitivity(cal, config, _feeds_chain(chain["calib"]))]
+    quantizer = Quantizer(chain["model"], config, CalibrationData(chain["calib"]))
+    ranking = [s.name for s in quantizer.sensitivity(_feeds_chain(chain["calib"]))]
     with pytest.raises(QuantizationError, match="even with 3 of 5 layers back in float"):
-        fallback(cal, config, ranking, lambda proto: 0.5, 1.0, 0.01, "cosine", min_int8=2)
+        quantizer.within_budget(lambda proto: 0.5, 0.01, 1.0, "cosine", min_int8=2, ranking=ranking)
 
 
 @pytest.mark.parametrize("need", [0, 1, 2, 3, 5, 8, 13])

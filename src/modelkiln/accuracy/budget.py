@@ -1,15 +1,14 @@
-"""Quantize within an accuracy budget: rank layers by sensitivity, then return the most sensitive
-to float until the metric (top-1, mAP or output cosine) drops by at most ``max_drop`` from FP32.
-
-This composes quant (calibration, sensitivity, fallback search) with accuracy (the metrics) and
-reports the speed the choice keeps, measured side by side with FP32 and full INT8.
+"""Accuracy budgets, the scoring side: what a model is scored on (top-1, mAP or output cosine
+to FP32) and how a budgeted quantization is reported, with the speed the choice keeps, measured
+side by side with FP32 and full INT8. The search itself (sensitivity ranking, returning layers
+to float) is ``Quantizer.within_budget``: quant is given a scorer and knows nothing of metrics.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,30 +16,47 @@ from typing import Any
 import numpy as np
 import onnx
 
+from modelkiln._deps import require
 from modelkiln.accuracy.evaluate import evaluate
 from modelkiln.accuracy.metrics import cosine
+from modelkiln.accuracy.tasks import task_spec
+from modelkiln.data.feeds import Feed, model_feeds
 from modelkiln.errors import BadInput
 from modelkiln.onnx_io import load_model, save_model
-from modelkiln.quant.config import QuantConfig
-from modelkiln.quant.data import batches, list_samples
-from modelkiln.quant.mixed_precision import FallbackResult, LayerSensitivity, fallback, sensitivity
-from modelkiln.quant.quantize import QuantizeResult, build, input_names, prepare, quantized_layers, summarize
-from modelkiln.runtime.session import interleaved_latency_ms, ort_session
+from modelkiln.quant.build import QuantizeResult
+from modelkiln.quant.config import CalibrationData, QuantConfig
+from modelkiln.quant.mixed_precision import FallbackResult, LayerSensitivity
+from modelkiln.quant.quantizer import ProgressFactory, Quantizer, Scorer
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.runtime.timing import interleaved_latency_ms
+from modelkiln.zoo import Task
 
 log = logging.getLogger(__name__)
-METRICS = {"top1": ("classification", "top1"), "map": ("detection", "map50_95"), "cosine": (None, None)}
-Scorer = Callable[[onnx.ModelProto], float]
+#: --metric -> the task whose headline metric it is (top-1, mAP50-95); cosine (to FP32) needs none.
+METRICS: dict[str, Task | None] = {"top1": Task.CLASSIFICATION, "map": Task.DETECTION, "cosine": None}
+
+__all__ = [
+    "METRICS",
+    "AccuracyBudget",
+    "BudgetResult",
+    "Scorer",
+    "cosine_scorer",
+    "plot_sensitivity",
+    "quantize_within_budget",
+    "task_scorer",
+    "within_budget",
+]
 
 
-def cosine_scorer(reference: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> Scorer:
+def cosine_scorer(reference: onnx.ModelProto, feeds: Sequence[Feed]) -> Scorer:
     """Mean per-sample cosine of the first output to the reference's (1.0 for the reference)."""
-    ref_session = ort_session(reference.SerializeToString())
-    name = ref_session.get_outputs()[0].name
-    expected = [ref_session.run([name], f)[0] for f in feeds]
+    ref = cpu_backend(reference)
+    name = ref.output_metadata[0].name
+    expected = [ref.infer(f)[name] for f in feeds]
 
     def score(candidate: onnx.ModelProto) -> float:
-        session = ort_session(candidate.SerializeToString())
-        got = [session.run([name], f)[0] for f in feeds]
+        backend = cpu_backend(candidate)
+        got = [backend.infer(f)[name] for f in feeds]
         return float(
             np.mean(
                 [cosine(c, r) for e, g in zip(expected, got, strict=True) for r, c in zip(e, g, strict=True)]
@@ -54,15 +70,39 @@ def task_scorer(
     metric: str, zoo_name: str, data: str | Path, labels: str | Path | None, limit: int | None = None
 ) -> Scorer:
     """top-1 or COCO mAP50-95 of a model through ``evaluate`` (the model goes through a temp file)."""
-    key = METRICS[metric][1]
+    task = METRICS[metric]
+    key = task_spec(task).metric if task is not None else None
+    if key is None:
+        raise BadInput(f"--metric {metric} is not a task metric; task metrics: top1, map")
 
     def score(candidate: onnx.ModelProto) -> float:
         with tempfile.TemporaryDirectory(prefix="kiln-budget-") as tmp:
             path = Path(tmp) / "candidate.onnx"
             save_model(candidate, path)
-            return evaluate(path, zoo_name, data, labels, limit=limit).metrics[key]
+            return float(evaluate(path, zoo_name, data, labels, limit=limit).metrics[key])
 
     return score
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """How much accuracy INT8 may cost: ``metric`` on ``eval_data`` may drop by at most
+    ``max_drop`` from FP32 (in the metric's own units: fractions for top-1 and mAP). ``labels``
+    for task metrics; fail if the budget needs fewer than ``min_int8`` int8 layers; sensitivity
+    is ranked on the first ``sensitivity_samples`` calibration samples."""
+
+    eval_data: str | Path
+    max_drop: float
+    metric: str = "cosine"
+    labels: str | Path | None = None
+    min_int8: int = 1
+    sensitivity_samples: int = 32
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise BadInput(f"--metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+        if self.max_drop < 0:
+            raise BadInput(f"--max-drop must be >= 0, got {self.max_drop}")
 
 
 @dataclass
@@ -97,79 +137,57 @@ def quantize_within_budget(
     batch_size: int = 8,
     sensitivity_samples: int = 32,
     min_int8: int = 1,
-    progress: Callable[[str, int | None], Callable[[int], None]] | None = None,
+    progress: ProgressFactory | None = None,
 ) -> BudgetResult:
     """Quantize ``source``; keep the fewest most-sensitive layers in float that bring the metric
-    drop within ``max_drop`` (in the metric's own units: fractions for top-1 and mAP)."""
-    if metric not in METRICS:
-        raise BadInput(f"--metric must be one of {sorted(METRICS)}, got {metric!r}")
-    if max_drop < 0:
-        raise BadInput(f"--max-drop must be >= 0, got {max_drop}")
-    config = config or QuantConfig()
-    cal = prepare(
-        source, calib, zoo_name, config, calib_size, batch_size, _step(progress, "calibrating", None)
-    )
-    names = input_names(cal.proto)
-    sens_feeds = list(batches(cal.files[:sensitivity_samples], names, cal.entry, batch_size))
-    ranking: list[LayerSensitivity] = []
+    drop within ``max_drop`` (in the metric's own units: fractions for top-1 and mAP). The
+    loose-argument form of ``within_budget``, for callers that have no Quantizer."""
+    budget = AccuracyBudget(eval_data, max_drop, metric, labels, min_int8, sensitivity_samples)
+    data = CalibrationData(calib, zoo_name, calib_size, batch_size)
+    return within_budget(Quantizer(source, config, data, progress), budget, output)
 
-    def rank() -> list[str]:  # only when the full INT8 model misses the budget
-        total = len(quantized_layers(cal, config))
-        ranking.extend(sensitivity(cal, config, sens_feeds, _step(progress, "sensitivity", total)))
-        return [s.name for s in ranking]
 
-    score, baseline = _scorer(metric, source, cal, zoo_name, eval_data, labels, batch_size)
-    log.info("FP32 %s on %s: %.4f", metric, eval_data, baseline)
-    result, proto, plan, counts = fallback(cal, config, rank, score, baseline, max_drop, metric, min_int8)
-    save_model(proto, Path(output))
-    feed = sens_feeds[0]
-    full = proto if not result.kept_float else build(cal, config)[0]  # built already when k = 0 won
-    latency = interleaved_latency_ms(
-        {
-            "fp32": load_model(source).SerializeToString(),
-            "int8": full.SerializeToString(),
-            "chosen": proto.SerializeToString(),
-        },
-        feed,
+def within_budget(quantizer: Quantizer, budget: AccuracyBudget, output: str | Path) -> BudgetResult:
+    """Run ``quantizer``'s budget search with ``budget``'s scorer, write the chosen model to
+    ``output`` and report it, with its latency beside FP32 and full INT8."""
+    score, baseline = scorer_for(quantizer, budget)
+    log.info("FP32 %s on %s: %.4f", budget.metric, budget.eval_data, baseline)
+    search = quantizer.within_budget(
+        score, budget.max_drop, baseline, budget.metric, budget.min_int8, budget.sensitivity_samples
     )
-    summary = summarize(cal, config, proto, plan, counts, str(output))
-    for name in result.kept_float:
+    summary = quantizer.save(output, search.built)
+    for name in search.fallback.kept_float:
         summary.kept_float[name] = (
-            f"accuracy budget: sensitive layer returned to float ({metric} <= {max_drop:g} drop)"
+            f"accuracy budget: sensitive layer returned to float ({budget.metric} <= {budget.max_drop:g} drop)"
         )
-    return BudgetResult(summary, result, ranking, latency, int(next(iter(feed.values())).shape[0]))
+    feed = quantizer.sample_feeds(budget.sensitivity_samples)[0]
+    full = search.model if not search.fallback.kept_float else quantizer.build()  # built when k = 0 won
+    backends = {"fp32": quantizer.source, "int8": full, "chosen": search.model}
+    latency = interleaved_latency_ms({k: cpu_backend(m) for k, m in backends.items()}, feed)
+    batch = int(next(iter(feed.values())).shape[0])
+    return BudgetResult(summary, search.fallback, search.sensitivity, latency, batch)
 
 
-def _scorer(
-    metric: str,
-    source: str | Path,
-    cal: Any,
-    zoo_name: str | None,
-    eval_data: str | Path,
-    labels: str | Path | None,
-    batch_size: int,
-) -> tuple[Scorer, float]:
-    task, _ = METRICS[metric]
-    reference = load_model(source)
-    if metric == "cosine":
-        feeds = list(batches(list_samples(eval_data), input_names(reference), cal.entry, batch_size))
-        return cosine_scorer(reference, feeds), 1.0
+def scorer_for(quantizer: Quantizer, budget: AccuracyBudget) -> tuple[Scorer, float]:
+    """The scorer of ``budget.metric`` for ``quantizer``'s model, and the FP32 model's score."""
+    task = METRICS[budget.metric]
+    zoo_name = quantizer.data.zoo
+    if budget.metric == "cosine":
+        reference = load_model(quantizer.source)
+        feeds = model_feeds(reference, budget.eval_data, quantizer.entry, quantizer.data.batch_size)
+        return cosine_scorer(reference, list(feeds)), 1.0
     if zoo_name is None:
-        raise BadInput(f"--metric {metric} scores through the zoo's pre/post-processing: give --zoo")
-    if cal.entry.task != task:
-        raise BadInput(f"--metric {metric} needs a {task} model; {zoo_name} is {cal.entry.task}")
-    score = task_scorer(metric, zoo_name, eval_data, labels)
-    return score, score(reference)
-
-
-def _step(progress: Any, label: str, total: int | None) -> Callable[[int], None] | None:
-    return progress(label, total) if progress else None
+        raise BadInput(f"--metric {budget.metric} scores through the zoo's pre/post-processing: give --zoo")
+    entry = quantizer.entry
+    if entry is None or entry.task != task:
+        found = entry.task if entry is not None else "not a zoo model"
+        raise BadInput(f"--metric {budget.metric} needs a {task} model; {zoo_name} is {found}")
+    score = task_scorer(budget.metric, zoo_name, budget.eval_data, budget.labels)
+    return score, score(load_model(quantizer.source))
 
 
 def plot_sensitivity(ranking: Sequence[LayerSensitivity], path: str | Path, top: int = 40) -> Path:
     """Horizontal bars: output SNR with only that layer quantized, worst ``top`` layers."""
-    from modelkiln._deps import require
-
     mpl = require("matplotlib", "sensitivity plots")
     mpl.use("Agg")
     plt = require("matplotlib.pyplot", "sensitivity plots")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
+from modelkiln.data.feeds import write_text_feeds
 from modelkiln.errors import BadInput
 from modelkiln.log import console
-from modelkiln.quant.data import write_text_feeds
 from modelkiln.zoo import get
 
 

@@ -4,22 +4,38 @@ accuracy-budget fallback (``--max-drop``)."""
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modelkiln.accuracy.budget import AccuracyBudget, BudgetResult, plot_sensitivity, within_budget
 from modelkiln.errors import BadInput, ConfigError
 from modelkiln.log import console, err_console
-from modelkiln.quant.config import Int8Cpu, Method, PerChannel, PerTensor, QuantConfig, Target, WeightKernel
-from modelkiln.quant.quantize import QuantizeResult
+from modelkiln.quant.build import QuantizeResult
+from modelkiln.quant.config import (
+    CalibrationData,
+    Int8Cpu,
+    Method,
+    PerChannel,
+    PerTensor,
+    QuantConfig,
+    Target,
+    WeightKernel,
+)
+from modelkiln.quant.mixed_precision import LayerSensitivity
+from modelkiln.quant.quantizer import Quantizer
 from modelkiln.runtime.cpu import cpu_info
 
+E = TypeVar("E", bound=enum.Enum)
 
-def _enum(kind: type, value: str, option: str):
+
+def _enum(kind: type[E], value: str, option: str) -> E:
     try:
         return kind(value)
     except ValueError as exc:
@@ -147,84 +163,42 @@ def quantize_cmd(
         block_size=block_size,
         dynamic=dynamic,
     )
-    args = (source, out, calib, zoo_name, config, calib_size, batch_size, sensitivity_samples)
+    budget = None
     if max_drop is not None:
         if eval_data is None:
             raise BadInput("--max-drop needs --eval DIR: the data the accuracy drop is measured on")
-        summary = _with_budget(*args, eval_data, labels, max_drop, metric, min_int8, plot)
-    elif sensitivity:
-        summary = _with_sensitivity(*args, plot)
+        budget = AccuracyBudget(eval_data, max_drop, metric, labels, min_int8, sensitivity_samples)
+    data = CalibrationData(calib, zoo_name, calib_size, batch_size)
+    with _bars() as bars:
+        quantizer = Quantizer(source, config, data, bars)
+        if budget is not None:
+            budgeted = within_budget(quantizer, budget, out)
+        else:
+            ranking = quantizer.sensitivity(samples=sensitivity_samples) if sensitivity else None
+            result = quantizer.save(out)
+    summary: dict[str, Any]
+    if budget is not None:
+        _print_budget(source, out, budgeted, budget, plot)
+        summary = budgeted.to_dict()
     else:
-        from modelkiln.quant.quantize import quantize
-
-        with _bars() as bars:
-            result = quantize(
-                source, out, calib, zoo_name, config, calib_size, batch_size, bars("calibrating", None)
-            )
         _print_result(source, out, result)
         summary = result.to_dict()
+        if ranking is not None:
+            _print_ranking(ranking, plot)
+            summary = {"quantize": summary, "sensitivity": [vars(s) for s in ranking]}
     if json_out:
         json_out.write_text(json.dumps(summary, indent=1, default=float))
 
 
-def _with_sensitivity(source, out, calib, zoo_name, config, calib_size, batch_size, samples, plot) -> dict:
-    from modelkiln.onnx_io import save_model
-    from modelkiln.quant.data import batches
-    from modelkiln.quant.mixed_precision import sensitivity
-    from modelkiln.quant.quantize import build, input_names, prepare, quantized_layers, summarize
-
-    with _bars() as bars:
-        cal = prepare(source, calib, zoo_name, config, calib_size, batch_size, bars("calibrating", None))
-        feeds = list(batches(cal.files[:samples], input_names(cal.proto), cal.entry, batch_size))
-        ranking = sensitivity(cal, config, feeds, bars("sensitivity", len(quantized_layers(cal, config))))
-    proto, plan, counts = build(cal, config)
-    save_model(proto, out)
-    result = summarize(cal, config, proto, plan, counts, str(out))
-    _print_result(source, out, result)
-    _print_ranking(ranking, plot)
-    return {"quantize": result.to_dict(), "sensitivity": [vars(s) for s in ranking]}
-
-
-def _with_budget(
-    source,
-    out,
-    calib,
-    zoo_name,
-    config,
-    calib_size,
-    batch_size,
-    samples,
-    eval_data,
-    labels,
-    max_drop,
-    metric,
-    min_int8,
-    plot,
-) -> dict:
-    from modelkiln.accuracy.budget import quantize_within_budget
-
-    with _bars() as bars:
-        result = quantize_within_budget(
-            source,
-            out,
-            calib,
-            eval_data,
-            max_drop,
-            metric,
-            zoo_name,
-            labels,
-            config,
-            calib_size,
-            batch_size,
-            samples,
-            min_int8,
-            bars,
-        )
+def _print_budget(
+    source: Path, out: Path, result: BudgetResult, budget: AccuracyBudget, plot: Path | None
+) -> None:
+    metric = budget.metric
     _print_result(source, out, result.quantize, show_kept=False)
     if result.sensitivity:  # computed only when the full INT8 model missed the budget
         _print_ranking(result.sensitivity, plot, top=10)
     fb = result.fallback
-    steps = Table(title=f"accuracy budget: {metric} drop <= {max_drop:g} (FP32 {fb.baseline:.4f})")
+    steps = Table(title=f"accuracy budget: {metric} drop <= {budget.max_drop:g} (FP32 {fb.baseline:.4f})")
     for col in ("layers in float", metric, "drop", "within"):
         steps.add_column(col, justify="right")
     for s in fb.steps:
@@ -240,10 +214,9 @@ def _with_budget(
         f"{fb.int8_fraction:.0%} int8; latency (batch {result.latency_batch}) median fp32 {lat['fp32']['median']:.2f} ms, "
         f"full int8 {lat['int8']['median']:.2f} ms, chosen {lat['chosen']['median']:.2f} ms"
     )
-    return result.to_dict()
 
 
-def _print_ranking(ranking, plot: Path | None, top: int = 15) -> None:
+def _print_ranking(ranking: list[LayerSensitivity], plot: Path | None, top: int = 15) -> None:
     table = Table(
         title=f"layer sensitivity (only that layer int8), worst {min(top, len(ranking))} of {len(ranking)}"
     )
@@ -253,8 +226,6 @@ def _print_ranking(ranking, plot: Path | None, top: int = 15) -> None:
         table.add_row(s.name, s.op, f"{s.snr_db:.1f}", f"{s.cosine:.5f}")
     console.print(table)
     if plot:
-        from modelkiln.accuracy.budget import plot_sensitivity
-
         console.print(f"wrote {plot_sensitivity(ranking, plot)}")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from modelkiln.runtime.session import expose_outputs, ort_session
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 
 log = logging.getLogger(__name__)
 DEFAULT_BUDGET_BYTES = 256 << 20
@@ -58,16 +58,12 @@ def collect(
     """Feed every batch from ``batches()`` and pass the exposed tensors to ``observe``."""
     groups = groups_within_budget(tensor_elements(model, names, batch_size), budget_bytes)
     log.info("calibrating %d tensors in %d group(s)", len(names), len(groups))
-    from modelkiln.runtime.backends.base import validate_feed
-    from modelkiln.runtime.backends.onnxruntime import tensor_metas
-
     for group in groups:
-        session = ort_session(
-            expose_outputs(model, list(group)).SerializeToString(), optimization="basic", memory_arena=False
+        backend = cpu_backend(
+            model, optimization=GraphOptimization.BASIC, expose=tuple(group), memory_arena=False
         )  # no arena: memory returns to the system per batch
-        inputs = tensor_metas(session.get_inputs())
+        backend.model_name = f"{model.graph.name or 'model'} (calibration)"  # how bad feeds are named
         for feed in batches():
-            validate_feed(f"{model.graph.name or 'model'} (calibration)", inputs, feed)
-            observe(dict(zip(group, session.run(group, feed), strict=True)))
+            observe(backend.infer(feed))
             if progress:
                 progress(1)

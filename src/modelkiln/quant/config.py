@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from modelkiln.errors import ConfigError
 
@@ -130,3 +131,21 @@ class QuantConfig:
     @property
     def symmetric_activations(self) -> bool:
         return self.target is Target.TRT
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """The samples a model is calibrated on: a folder of images (which get the preprocessing of
+    the ``zoo`` family) or of .npy/.npz tensors; at most ``limit`` of them (0: all), run
+    ``batch_size`` at a time. Weight-only and dynamic quantization need no folder."""
+
+    folder: str | Path | None = None
+    zoo: str | None = None
+    limit: int = 100
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            raise ConfigError(f"calibration sample limit must be >= 0, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"calibration batch size must be >= 1, got {self.batch_size}")

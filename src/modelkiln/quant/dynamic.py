@@ -10,6 +10,7 @@ fuses the pattern (with a following constant bias Add) into DynamicQuantizeMatMu
 
 from __future__ import annotations
 
+import typing
 from collections import Counter
 
 import numpy as np
@@ -30,6 +31,8 @@ def dynamic_candidates(model: ir.Model, config: QuantConfig) -> list[ir.Node]:
         x = node.inputs[0]
         if w is None or w.ndim != 2 or w.dtype != np.float32 or const(x) is not None:
             continue
+        if x is None:
+            raise ValueError(f"MatMul node {node.name!r} has no input 0, which the op requires")
         if x.dtype not in (ir.DataType.FLOAT, None):
             continue
         found.append(node)
@@ -38,7 +41,7 @@ def dynamic_candidates(model: ir.Model, config: QuantConfig) -> list[ir.Node]:
 
 def quantize_dynamic_matmuls(
     model: ir.Model, config: QuantConfig, only: str | set[str] | None = None, fmt: Int8Cpu = Int8Cpu.PORTABLE
-) -> Counter:
+) -> Counter[str]:
     """Rewrite the candidates (or just those named in ``only``) in place, weights stored as ``fmt``
     needs (quant/formats.py: DynamicQuantizeLinear gives full-range uint8 activations, so the
     saturation rules are the static ones); counts by op type."""
@@ -52,13 +55,16 @@ def quantize_dynamic_matmuls(
         if only is not None and node.name not in only:
             continue
         x = node.inputs[0]
-        if x.name not in shared:
-            dq = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3, name=f"{x.name}_DynamicQuantize")
+        assert x is not None and x.name is not None, "a candidate reads a tensor of the graph"
+        name = x.name
+        if name not in shared:
+            dq = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3, name=f"{name}_DynamicQuantize")
             for out, suffix in zip(dq.outputs, ("q", "scale", "zero_point"), strict=True):
-                out.name = f"{x.name}_dyn_{suffix}"
+                out.name = f"{name}_dyn_{suffix}"
             graph.insert_before(node, dq)
-            shared[x.name] = tuple(dq.outputs)
-        xq, xs, xz = shared[x.name]
+            q, scale, zero_point = dq.outputs
+            shared[name] = (q, scale, zero_point)
+        xq, xs, xz = shared[name]
         _rewrite(graph, node, xq, xs, xz, per_channel, weight_storage(config, fmt))
         count += 1
     graph.sort()
@@ -74,9 +80,11 @@ def _rewrite(
     per_channel: bool,
     storage: WeightStorage,
 ) -> None:
-    w = const(node.inputs[1])
+    weight = node.inputs[1]
+    w = const(weight)
+    assert weight is not None and w is not None, "a candidate's weight is constant"
     q, qp = store_weight(w, 1 if per_channel else None, storage)
-    hint = node.inputs[1].name
+    hint = weight.name
     wq = new_initializer(graph, q, f"{hint}_quantized")
     wz = new_initializer(graph, np.asarray(qp.zero_point), f"{hint}_zero_point")
     ws = new_initializer(graph, np.asarray(qp.scale, np.float32), f"{hint}_scale")
@@ -94,7 +102,9 @@ def _rewrite(
     out = ir.Node("", "Mul", [cast.outputs[0], scale.outputs[0]], num_outputs=1, name=f"{name}_dequantize")
     graph.insert_before(node, [mm, cast, scale, out])
     old = node.outputs[0]
-    out.outputs[0].shape, out.outputs[0].dtype = old.shape, old.dtype
+    # Value.dtype's setter is typed DataType but also takes None (it then sets a TensorType of
+    # unknown dtype): an untyped MatMul output has always been copied that way, and still is.
+    out.outputs[0].shape, out.outputs[0].dtype = old.shape, typing.cast(ir.DataType, old.dtype)
     if old.is_graph_output():
         out.outputs[0].name = old.name
         old.name = f"{old.name}_float"

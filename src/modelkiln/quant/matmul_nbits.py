@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from modelkiln.errors import QuantizationError
 from modelkiln.graph.ir_utils import (
     attr_float,
     attr_int,
@@ -52,7 +53,8 @@ def unpack_int8_blocks(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     """The float weight [K, N] a packed B and scales stand for (tests and quality checks)."""
     n, blocks, block = b.shape
     w = (b.astype(np.float32) - 128.0) * scales.reshape(n, blocks, 1)
-    return w.reshape(n, blocks * block)[:, :k].T.copy()
+    kn: np.ndarray = w.reshape(n, blocks * block)[:, :k].T.copy()
+    return kn
 
 
 def nbits_candidates(model: ir.Model, exclude: tuple[str, ...] = ()) -> list[ir.Node]:
@@ -83,6 +85,8 @@ def _plain_gemm(node: ir.Node) -> bool:
 def _weight_kn(node: ir.Node) -> np.ndarray:
     """The weight as [K, N] (a Gemm with transB=1 stores it [N, K], as torch's Linear does)."""
     w = const(node.inputs[1])
+    if w is None:
+        raise QuantizationError(f"{node.name}: MatMulNBits needs a constant weight")
     return w.T if node.op_type == "Gemm" and attr_int(node, "transB", 0) else w
 
 

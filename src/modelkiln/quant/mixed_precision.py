@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from modelkiln.data.feeds import Feed
 from modelkiln.errors import QuantizationError
+from modelkiln.quant.build import Built, build, quantized_layers
 from modelkiln.quant.config import QuantConfig
-from modelkiln.quant.qdq import Plan
-from modelkiln.quant.quantize import Calibrated, build, quantized_layers
-from modelkiln.runtime.session import ort_session
+from modelkiln.quant.prepare import Calibrated
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,17 @@ class LayerSensitivity:
     cosine: float  # mean per-sample cosine of the outputs to float
 
 
-def run_outputs(proto: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    session = ort_session(proto.SerializeToString(), optimization="basic")
-    return [session.run(None, feed) for feed in feeds]
+def run_outputs(proto: onnx.ModelProto, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
+    """Every output of ``proto`` per feed, in graph output order."""
+    backend = cpu_backend(proto, optimization=GraphOptimization.BASIC)
+    return [list(backend.infer(feed).values()) for feed in feeds]
 
 
 def output_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> tuple[float, float]:
     """(SNR in dB, mean per-sample cosine) of candidate outputs against reference outputs; each
     output counts equally, whatever its scale (YOLO's pixel boxes beside 0-1 scores)."""
-    snrs, cosines = [], []
+    snrs: list[float] = []
+    cosines: list[float] = []
     for ref_batch, cand_batch in zip(reference, candidate, strict=True):
         for r, c in zip(ref_batch, cand_batch, strict=True):
             if not np.issubdtype(r.dtype, np.floating) or r.shape != c.shape:
@@ -64,7 +67,7 @@ def output_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndar
 def sensitivity(
     cal: Calibrated,
     config: QuantConfig,
-    feeds: Sequence[dict[str, np.ndarray]],
+    feeds: Sequence[Feed],
     progress: Callable[[int], None] | None = None,
 ) -> list[LayerSensitivity]:
     """Every layer the full model quantizes, alone, ranked worst (lowest SNR) first."""
@@ -72,7 +75,7 @@ def sensitivity(
     ops = {n.name: n.op_type for n in cal.proto.graph.node}
     found = []
     for name in quantized_layers(cal, config):
-        proto, _, _ = build(cal, config, only=name, check=False)
+        proto = build(cal, config, only=name, check=False).model
         snr, cos = output_error(reference, run_outputs(proto, feeds))
         found.append(LayerSensitivity(name, ops.get(name, "?"), snr, cos))
         if progress:
@@ -121,14 +124,14 @@ def fallback(
     max_drop: float,
     metric_name: str = "metric",
     min_int8: int = 1,
-) -> tuple[FallbackResult, onnx.ModelProto, Plan, Any]:
+) -> tuple[FallbackResult, Built]:
     """The INT8 model with the fewest of ``ranking``'s leading layers in float whose score is
     within ``max_drop`` of ``baseline``; QuantizationError when even keeping all but ``min_int8``
     layers in float misses the budget. ``ranking`` may be a callable: it is then computed only
     if the full INT8 model misses the budget (sensitivity analysis is the expensive part)."""
     order: list[str] = []
     result = FallbackResult(metric_name, baseline, baseline, max_drop, len(quantized_layers(cal, config)))
-    built: dict[int, tuple[onnx.ModelProto, Plan, Any]] = {}
+    built: dict[int, Built] = {}
     seen: dict[int, bool] = {}
 
     def within(k: int) -> bool:
@@ -136,7 +139,7 @@ def fallback(
             return seen[k]
         cfg = dataclasses.replace(config, exclude=(*config.exclude, *order[:k]))
         built[k] = build(cal, cfg)
-        value = score(built[k][0])
+        value = score(built[k].model)
         ok = baseline - value <= max_drop
         result.steps.append(FallbackStep(k, value, baseline - value, ok))
         if not ok:
@@ -165,7 +168,7 @@ def fallback(
         )
     result.kept_float = order[:best]
     result.metric = next(s.metric for s in reversed(result.steps) if s.float_layers == best)
-    return (result, *built[best])
+    return result, built[best]
 
 
 def _search(within: Callable[[int], bool], limit: int) -> int | None:

@@ -73,14 +73,16 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     scale = _broadcast(qp.scale.astype(np.float32), x.ndim, qp.axis)
     zero = _broadcast(qp.zero_point.astype(np.int64), x.ndim, qp.axis)
     y = np.rint(x.astype(np.float32) / scale) + zero  # np.rint rounds half to even
-    return np.clip(y, qmin, qmax).astype(qp.dtype)
+    q: np.ndarray = np.clip(y, qmin, qmax).astype(qp.dtype)
+    return q
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     """DequantizeLinear: (q - zero_point) * scale in float32."""
     scale = _broadcast(qp.scale.astype(np.float32), q.ndim, qp.axis)
     zero = _broadcast(qp.zero_point.astype(np.int64), q.ndim, qp.axis)
-    return ((q.astype(np.int64) - zero) * scale).astype(np.float32)
+    x: np.ndarray = ((q.astype(np.int64) - zero) * scale).astype(np.float32)
+    return x
 
 
 def weight_qparams(w: np.ndarray, axis: int | None, dtype: type = np.int8) -> QParams:

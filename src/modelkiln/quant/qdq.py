@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 import onnx_ir as ir
@@ -88,11 +89,36 @@ def isolate(plan: Plan, node_name: str, ranges: dict[str, Range]) -> tuple[Plan,
 
 def layers(plan: Plan) -> list[str]:
     """Names of the ops the plan runs in int8 (not the Relu/Clip absorbed into a quantize)."""
-    return [n.name for n in plan.nodes if n.op_type not in ("Relu", "Clip")]
+    return [_name(n) for n in plan.nodes if n.op_type not in ("Relu", "Clip")]
 
 
-def _is_float(value: ir.Value | None) -> bool:
+def _name(item: ir.Node | ir.Value | None) -> str:
+    """Name of a node or tensor of the graph (onnx-ir names every node and value a graph holds)."""
+    assert item is not None and item.name is not None, "a graph node or tensor has a name"
+    return item.name
+
+
+def _constant_input(node: ir.Node, idx: int) -> tuple[ir.Value, np.ndarray]:
+    """Input ``idx`` of ``node`` and its data, for an input the rules found constant."""
+    value = node.inputs[idx]
+    data = const(value)
+    assert value is not None and data is not None, "an input the rules found constant is constant"
+    return value, data
+
+
+def _is_float(value: ir.Value | None) -> TypeGuard[ir.Value]:
     return value is not None and value.dtype in (ir.DataType.FLOAT, None)
+
+
+def _float_inputs(node: ir.Node, indices: tuple[int, ...]) -> list[ir.Value] | None:
+    """The inputs at ``indices`` when each is a float tensor (or one of unknown type); else None."""
+    values = []
+    for i in indices:
+        value = node.inputs[i]
+        if not _is_float(value):
+            return None
+        values.append(value)
+    return values
 
 
 def _mismatched(values: list[ir.Value], ranges: dict[str, Range] | None, ratio: float) -> bool:
@@ -123,15 +149,17 @@ def mark(
             plan.kept_float[node.name] = "excluded by user"
             continue
         rule = rule_for(node, config.int8_silu)
-        if rule is None or not all(_is_float(node.inputs[i]) for i in rule.activations):
+        if rule is None:
+            continue
+        acts = _float_inputs(node, rule.activations)
+        if acts is None:
             continue
         reason = _transformer_float(node, rule, config, spread) if transformer else None
         if reason:
-            plan.kept_float[node.name] = reason
+            plan.kept_float[_name(node)] = reason
             continue
-        acts = [node.inputs[i] for i in rule.activations]
         if node.op_type == "Concat" and _mismatched([*acts, node.outputs[0]], ranges, config.max_range_ratio):
-            plan.kept_float[node.name] = f"input ranges differ by more than {config.max_range_ratio:g}x"
+            plan.kept_float[_name(node)] = f"input ranges differ by more than {config.max_range_ratio:g}x"
             continue
         rules[id(node)] = (node, rule)
     changed = True
@@ -145,7 +173,7 @@ def mark(
         path = _wanted(node, rule, rules)
         if path is None and node.op_type in ("Conv", "ConvTranspose", "Add"):
             # no integer Conv or Add kernel has a float output: int8 would only add error here
-            plan.kept_float[node.name] = "output feeds float ops only (no int8 kernel for it)"
+            plan.kept_float[_name(node)] = "output feeds float ops only (no int8 kernel for it)"
             continue
         if node.op_type == "Concat" and config.target is Target.CPU:
             rule = OpRule(rule.activations)  # ORT's QLinearConcat requantizes: each input keeps its scale
@@ -162,7 +190,7 @@ def _transformer_float(
     if is_attention_matmul(node) and not config.int8_attention:
         return "attention MatMul (transformer default; int8_attention quantizes it)"
     if is_ffn_down(node) and not config.int8_ffn_down:
-        ratio = (spread or {}).get(node.inputs[0].name)
+        ratio = (spread or {}).get(_name(node.inputs[0]))  # is_ffn_down: input 0 is there
         if ratio is None or ratio > config.ffn_spread:
             seen = "not measured" if ratio is None else f"{ratio:.1f}x"
             return (
@@ -185,12 +213,12 @@ def _readers(value: ir.Value) -> list[tuple[ir.Node, ir.Value, list[ir.Value]]]:
     return found
 
 
-def _reads_as_activation(reader: ir.Node, value: ir.Value, rules: dict) -> bool:
+def _reads_as_activation(reader: ir.Node, value: ir.Value, rules: dict[int, tuple[ir.Node, OpRule]]) -> bool:
     entry = rules.get(id(reader))
     return entry is not None and any(reader.inputs[i] is value for i in entry[1].activations)
 
 
-def _wanted(node: ir.Node, rule: OpRule, rules: dict) -> list[ir.Value] | None:
+def _wanted(node: ir.Node, rule: OpRule, rules: dict[int, tuple[ir.Node, OpRule]]) -> list[ir.Value] | None:
     """Tensors between this op's output and quantized readers (to share its scale), or None when the
     output should stay float: no quantized op reads it, directly, through data movement, or (for
     Conv/Gemm/MatMul) through a float activation such as SiLU or ReLU."""
@@ -212,27 +240,29 @@ def _wanted(node: ir.Node, rule: OpRule, rules: dict) -> list[ir.Value] | None:
 def _apply(plan: Plan, node: ir.Node, rule: OpRule, path: list[ir.Value] | None) -> None:
     """Mark inputs, weights and bias; the output too unless ``path`` is None (it stays float:
     Conv/Gemm/MatMul then still read int8 inputs and weights, in a float kernel)."""
-    acts = [node.inputs[i] for i in rule.activations]
+    acts = _float_inputs(node, rule.activations)
+    assert acts is not None, "mark() applies only rules whose activations are float tensors"
     for v in acts:
-        plan.add(v.name)
+        plan.add(_name(v))
     out = node.outputs[0]
     if path is None:
-        plan.kept_float[node.name] = (
+        plan.kept_float[_name(node)] = (
             "output feeds float ops only: int8 inputs and weights, float output kernel"
         )
     else:
-        plan.add(out.name)
+        plan.add(_name(out))
         for v in path:  # data movement after the output: same values, same scale
-            plan.union(out.name, v.name)
+            plan.union(_name(out), _name(v))
     if rule.output == "same" and path is not None:
         for v in acts:
-            plan.union(v.name, out.name)
+            plan.union(_name(v), _name(out))
     if rule.output == "via_activation" and path is not None:
         clip = _clipping_activation(out)
         if clip is not None:
-            plan.nodes.append(clip.producer())  # absorbed: the quantize to its range does its work
-            plan.union(clip.name, out.name)  # Relu/Clip: quantizing to its output range saturates alike
-            plan.range_of[out.name] = clip.name
+            plan.nodes.append(clip)  # absorbed: the quantize to its range does its work
+            clipped = _name(clip.outputs[0])
+            plan.union(clipped, _name(out))  # Relu/Clip: quantizing to its output range saturates alike
+            plan.range_of[_name(out)] = clipped
     if rule.weight is not None:
         idx, axis = rule.weight
         plan.weights.append((node, idx, axis))
@@ -241,11 +271,11 @@ def _apply(plan: Plan, node: ir.Node, rule: OpRule, path: list[ir.Value] | None)
     plan.nodes.append(node)
 
 
-def _clipping_activation(value: ir.Value) -> ir.Value | None:
-    """The output of a single Relu/Clip consumer (whose effect quantization to its range repeats)."""
+def _clipping_activation(value: ir.Value) -> ir.Node | None:
+    """The single Relu/Clip consumer of ``value`` (whose effect quantization to its range repeats)."""
     users = [u.node for u in value.uses()]
     if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
-        return users[0].outputs[0]
+        return users[0]
     return None
 
 
@@ -268,7 +298,7 @@ def emit(
     ranges: dict[str, Range],
     config: QuantConfig,
     fmt: Int8Cpu = Int8Cpu.PORTABLE,
-) -> Counter:
+) -> Counter[str]:
     """Insert Q/DQ for the plan, weights stored as ``fmt`` needs; returns counts of quantized ops by type."""
     graph = model.graph
     act_dtype = np.int8 if config.symmetric_activations else np.uint8
@@ -282,7 +312,7 @@ def emit(
             continue
         qp = compute_qparams(r.rmin, r.rmax, act_dtype, config.symmetric_activations)
         readers = _dq_readers(values[name], plan, quantized)
-        act_qp[_insert_qdq(graph, values[name], qp, readers).name] = qp
+        act_qp[_name(_insert_qdq(graph, values[name], qp, readers))] = qp
     per_channel = isinstance(config.weights, PerChannel)
     weight_qp: dict[int, QParams] = {}
     shared: dict[tuple[int, int | None], tuple[ir.Value, QParams]] = {}  # one DQ per shared weight
@@ -297,7 +327,7 @@ def emit(
         node.replace_input_with(idx, dq_out)
         weight_qp[id(node)] = qp
     for node, idx in plan.biases:
-        in_qp = act_qp.get(node.inputs[0].name)
+        in_qp = act_qp.get(_name(node.inputs[0]))
         if in_qp is not None and id(node) in weight_qp:
             _quantize_bias(graph, node, idx, in_qp, weight_qp[id(node)])
     graph.sort()
@@ -367,9 +397,9 @@ def quantize_weight(
     """Replace constant input ``idx`` of ``node`` by its integer weight (symmetric, per channel along
     ``axis``, stored as ``storage`` says: plain or pair-safe int8, or uint8) -> DequantizeLinear.
     ``min_scale`` raises the scale of channels whose bias would not fit int32."""
-    w = const(node.inputs[idx])
+    weight, w = _constant_input(node, idx)
     q, qp = store_weight(w, axis, storage, min_scale, _depthwise(node, w))
-    return _replace_with_dq(graph, node, idx, q, qp, f"{node.inputs[idx].name}"), qp
+    return _replace_with_dq(graph, node, idx, q, qp, f"{weight.name}"), qp
 
 
 def _depthwise(node: ir.Node, w: np.ndarray) -> bool:
@@ -387,7 +417,7 @@ def _bias_scale_floors(plan: Plan, act_qp: dict[str, QParams], per_channel: bool
     would otherwise overflow its int32 bias. Keyed by the id of the node."""
     floors = {}
     for node, idx in plan.biases:
-        in_qp = act_qp.get(node.inputs[0].name)
+        in_qp = act_qp.get(_name(node.inputs[0]))
         b = const(node.inputs[idx])
         if in_qp is None or b is None:
             continue
@@ -399,7 +429,8 @@ def _bias_scale_floors(plan: Plan, act_qp: dict[str, QParams], per_channel: bool
 def _quantize_bias(graph: ir.Graph, node: ir.Node, idx: int, in_qp: QParams, w_qp: QParams) -> None:
     """int32 bias = round(b / (input scale x weight scale)), computed in float64 and saturated to
     int32 (float32 cannot hold 2**31 - 1: it rounds up to 2**31, which the cast wraps to -2**31)."""
-    b = const(node.inputs[idx]).astype(np.float64)
+    bias, data = _constant_input(node, idx)
+    b = data.astype(np.float64)
     qp = bias_qparams(in_qp.scale, w_qp.scale)
     scale = np.broadcast_to(qp.scale, b.shape) if qp.scale.ndim else qp.scale
     scale64 = np.asarray(scale, np.float64)
@@ -408,7 +439,7 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node, idx: int, in_qp: QParams, w_q
     full = QParams(
         np.asarray(scale, np.float32), np.zeros(np.shape(scale), np.int32), 0 if np.ndim(scale) else None
     )
-    _replace_with_dq(graph, node, idx, q, full, f"{node.inputs[idx].name}")
+    _replace_with_dq(graph, node, idx, q, full, f"{bias.name}")
 
 
 def _replace_with_dq(

@@ -168,7 +168,7 @@ def is_ffn_down(node: ir.Node) -> bool:
         seen += 1
         if n.op_type in ("Erf", "Tanh"):
             return True
-        frontier += [v.producer() for v in n.inputs if v is not None and v.producer() is not None]
+        frontier += [p for v in n.inputs if v is not None and (p := v.producer()) is not None]
     return False
 
 

@@ -25,12 +25,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from modelkiln.errors import QuantizationError
-from modelkiln.graph.ir_utils import attr_int, const, new_initializer
+from modelkiln.errors import ConfigError, QuantizationError
+from modelkiln.graph.ir_utils import attr_int, const, new_initializer, producer
 from modelkiln.quant.collect import collect
 from modelkiln.quant.config import QuantConfig
 from modelkiln.quant.rules import rule_for
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 
 log = logging.getLogger(__name__)
 _SCALE_LIMITS = (1e-4, 1e4)
@@ -46,7 +46,28 @@ class SmoothingSite:
 
     @property
     def name(self) -> str:
-        return self.tensor.name
+        return _name(self.tensor)
+
+
+def _name(value: ir.Value | None) -> str:
+    """Name of a tensor this module found in the graph (onnx-ir names every value a graph holds)."""
+    assert value is not None and value.name is not None, "a graph tensor has a name"
+    return value.name
+
+
+def _data(value: ir.Value | None) -> np.ndarray:
+    """Data of a tensor this module has already found constant."""
+    data = const(value)
+    assert data is not None, "a tensor found constant is constant"
+    return data
+
+
+def _input(node: ir.Node, i: int) -> ir.Value:
+    """Input ``i`` of ``node``, one its op requires (a malformed graph that omits it is refused)."""
+    value = node.inputs[i]
+    if value is None:
+        raise ValueError(f"{node.op_type} node {node.name!r} has no input {i}, which the op requires")
+    return value
 
 
 def input_axis(node: ir.Node) -> int:
@@ -65,10 +86,11 @@ def find_sites(model: ir.Model, exclude: Iterable[str] = ()) -> list[SmoothingSi
         w = const(node.inputs[1])
         if rule is None or rule.weight is None or w is None or w.ndim != 2:
             continue
-        x = node.inputs[0]
+        x = _input(node, 0)
         if x.is_graph_input() or x.producer() is None:
             continue  # nothing to fold into; a graph input is rarely an outlier case
-        by_tensor.setdefault(x.name, SmoothingSite(x, [])).linears.append(node)
+        site = SmoothingSite(x, [])
+        by_tensor.setdefault(site.name, site).linears.append(node)
     sites = list(by_tensor.values())
     for site in sites:
         site.fold = _foldable(site)
@@ -91,12 +113,12 @@ def _layernorm_above(x: ir.Value) -> ir.Node | None:
     """The node producing ``x``, looking through single-reader Transposes that keep the last axis
     in place (a sequence-first attention layout): per-channel scaling commutes with them."""
     node = x.producer()
-    while node is not None and node.op_type == "Transpose" and _single_reader(node.inputs[0]):
+    while node is not None and node.op_type == "Transpose" and _single_reader(_input(node, 0)):
         perm = node.attributes.get("perm")
         dims = list(perm.as_ints()) if perm is not None else None
         if not dims or dims[-1] != len(dims) - 1:
             return None
-        node = node.inputs[0].producer()
+        node = _input(node, 0).producer()
     return node
 
 
@@ -124,26 +146,28 @@ def _value_projection(x: ir.Value) -> tuple[ir.Node, ir.Node | None, int] | None
     """(V projection linear, its bias Add, first output column) when ``x`` is an attention context:
     head merge (Transpose/Reshape) <- MatMul(probabilities, V) <- head split <- [Split of a merged
     QKV projection] <- [Add bias] <- linear."""
-    v = _up_through_movement(x)
-    node = v.producer() if v is not None else None
-    if node is None or node.op_type != "MatMul" or not _single_reader(node.inputs[1]):
+    node = producer(_up_through_movement(x))
+    if node is None or node.op_type != "MatMul" or not _single_reader(_input(node, 1)):
         return None
-    v = _up_through_movement(node.inputs[1])
-    node = v.producer() if v is not None else None
+    v = _up_through_movement(_input(node, 1))
+    if v is None:
+        return None
+    node = v.producer()
     offset = 0
     if node is not None and node.op_type == "Split":
         sizes = const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if sizes is None or attr_int(node, "axis", 0) != -1 or not _single_reader(node.inputs[0]):
+        if sizes is None or attr_int(node, "axis", 0) != -1 or not _single_reader(_input(node, 0)):
             return None
         offset = int(sum(sizes[: [o.name for o in node.outputs].index(v.name)]))
-        node = node.inputs[0].producer()
+        node = _input(node, 0).producer()
     bias_add = None
     if node is not None and node.op_type == "Add" and _single_reader(node.outputs[0]):
         consts = [i for i, inp in enumerate(node.inputs) if const(inp) is not None]
-        if len(consts) != 1 or const(node.inputs[consts[0]]).ndim != 1:
+        bias = const(node.inputs[consts[0]]) if len(consts) == 1 else None
+        if bias is None or bias.ndim != 1:
             return None
         bias_add = node
-        node = node.inputs[1 - consts[0]].producer()
+        node = _input(node, 1 - consts[0]).producer()
     if node is None or node.op_type not in ("MatMul", "Gemm") or not _single_reader(node.outputs[0]):
         return None
     w = const(node.inputs[1])
@@ -158,9 +182,9 @@ def _up_through_movement(value: ir.Value) -> ir.Value | None:
         node = value.producer()
         if node is None or node.op_type not in ("Reshape", "Transpose"):
             return value
-        if not _single_reader(node.inputs[0]):
+        if not _single_reader(_input(node, 0)):
             return None
-        value = node.inputs[0]
+        value = _input(node, 0)
 
 
 def channel_absmax(
@@ -194,12 +218,12 @@ def smoothing_scale(
 
 def scale_weight_rows(graph: ir.Graph, node: ir.Node, s: np.ndarray) -> None:
     """Multiply the weight's input-channel rows by ``s`` (a fresh initializer: weights may be shared)."""
-    w = const(node.inputs[1])
+    w = _data(node.inputs[1])
     axis = input_axis(node)
     shape = [1, 1]
     shape[axis] = -1
     node.replace_input_with(
-        1, new_initializer(graph, (w * s.reshape(shape)).astype(w.dtype), node.inputs[1].name)
+        1, new_initializer(graph, (w * s.reshape(shape)).astype(w.dtype), _name(node.inputs[1]))
     )
 
 
@@ -207,24 +231,30 @@ def fold(graph: ir.Graph, site: SmoothingSite, s: np.ndarray) -> None:
     """Divide the activation by ``s`` in its producer and multiply the linears' weight rows by it."""
     if site.fold == "layernorm":
         ln = _layernorm_above(site.tensor)
-        gamma, beta = _layernorm_params(ln)
-        ln.replace_input_with(1, new_initializer(graph, (gamma / s).astype(gamma.dtype), ln.inputs[1].name))
+        params = _layernorm_params(ln)
+        assert ln is not None and params is not None, "find_sites found this LayerNorm"
+        gamma, beta = params
+        ln.replace_input_with(1, new_initializer(graph, (gamma / s).astype(gamma.dtype), _name(ln.inputs[1])))
         if beta is not None:
-            ln.replace_input_with(2, new_initializer(graph, (beta / s).astype(beta.dtype), ln.inputs[2].name))
+            ln.replace_input_with(
+                2, new_initializer(graph, (beta / s).astype(beta.dtype), _name(ln.inputs[2]))
+            )
     elif site.fold == "linear":
-        proj, bias_add, offset = _value_projection(site.tensor)
+        projection = _value_projection(site.tensor)
+        assert projection is not None, "find_sites found this value projection"
+        proj, bias_add, offset = projection
         cols = slice(offset, offset + s.size)
-        w = const(proj.inputs[1]).copy()
+        w = _data(proj.inputs[1]).copy()
         if input_axis(proj) == 0:
             w[:, cols] /= s
         else:
             w[cols, :] /= s[:, None]
-        proj.replace_input_with(1, new_initializer(graph, w, proj.inputs[1].name))
+        proj.replace_input_with(1, new_initializer(graph, w, _name(proj.inputs[1])))
         if bias_add is not None:
             idx = next(i for i, v in enumerate(bias_add.inputs) if const(v) is not None)
-            b = const(bias_add.inputs[idx]).copy()
+            b = _data(bias_add.inputs[idx]).copy()
             b[cols] /= s
-            bias_add.replace_input_with(idx, new_initializer(graph, b, bias_add.inputs[idx].name))
+            bias_add.replace_input_with(idx, new_initializer(graph, b, _name(bias_add.inputs[idx])))
     else:
         raise ValueError(f"{site.name}: no fold for this site")
     for node in site.linears:
@@ -239,7 +269,7 @@ def site_scales(
     for site in sites:
         if site.name not in absmax:
             continue
-        weights = [const(n.inputs[1]) for n in site.linears]
+        weights = [_data(n.inputs[1]) for n in site.linears]
         axes = [input_axis(n) for n in site.linears]
         if absmax[site.name].shape[0] != weights[0].shape[axes[0]]:
             continue  # last axis is not the input-channel axis (e.g. a transposed input)
@@ -258,6 +288,8 @@ def smooth_model(
     how each tensor was smoothed. The folded model is checked against the original on the first
     calibration batch; if an attention fold did not preserve the outputs (a head layout we do not
     recognise), only the LayerNorm folds are kept."""
+    if config.smoothquant is None:
+        raise ConfigError("SmoothQuant needs config.smoothquant (its alpha)")
     alpha = float(config.smoothquant)
     original = ir.to_proto(model)
     sites = [s for s in find_sites(model, config.exclude) if s.fold]
@@ -288,6 +320,7 @@ def _apply(
     for site in sites:
         if site.name in scales:
             fold(model.graph, site, scales[site.name])
+            assert site.fold is not None, "fold() refuses a site without a fold"
             how[site.name] = site.fold
     return how
 
@@ -295,8 +328,8 @@ def _apply(
 def _max_relative_change(
     before: onnx.ModelProto, after: onnx.ModelProto, feed: dict[str, np.ndarray]
 ) -> float:
-    a = ort_session(before.SerializeToString(), optimization="disable").run(None, feed)
-    b = ort_session(after.SerializeToString(), optimization="disable").run(None, feed)
+    a = cpu_backend(before, optimization=GraphOptimization.DISABLE).infer(feed).values()
+    b = cpu_backend(after, optimization=GraphOptimization.DISABLE).infer(feed).values()
     return max(
         float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-12))
         if np.issubdtype(x.dtype, np.floating)

@@ -17,11 +17,11 @@ from modelkiln.quant.qdq import quantize_weight
 from modelkiln.quant.rules import rule_for
 
 
-def quantize_weights_only(model: ir.Model, config: QuantConfig) -> tuple[Counter, dict[str, str]]:
+def quantize_weights_only(model: ir.Model, config: QuantConfig) -> tuple[Counter[str], dict[str, str]]:
     """Quantize the constant weights of every Conv/Gemm/MatMul in place; returns counts by op type
     and the nodes left alone with the reason. With the MATMUL_NBITS kernel, MatMuls with a 2-D
     constant weight become MatMulNBits; the other weighted ops use DequantizeLinear."""
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
     skipped: dict[str, str] = {}
     if config.weight_kernel is WeightKernel.MATMUL_NBITS:
         fused = quantize_matmul_nbits(model, config.block_size, config.exclude)
