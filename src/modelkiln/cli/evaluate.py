@@ -9,6 +9,7 @@ import typer
 
 from modelkiln.accuracy.evaluate import evaluate
 from modelkiln.log import console, err_console
+from modelkiln.runtime.backends import BackendKind
 
 
 def evaluate_cmd(
@@ -23,10 +24,15 @@ def evaluate_cmd(
     predictions: Path = typer.Option(None, "--predictions", help="Write top-5 CSV or COCO results JSON."),
     limit: int = typer.Option(None, "--limit", help="Only the first N images."),
     json_out: Path = typer.Option(None, "--json", help="Write the metrics as JSON."),
+    backend: BackendKind = typer.Option(
+        BackendKind.ONNXRUNTIME,
+        "--backend",
+        help="Runtime: onnxruntime (CPU), tensorrt, or torch (the zoo's torch reference).",
+    ),
 ) -> None:
     """Top-1/top-5 for classifiers, COCO mAP50-95/mAP50 for detectors."""
     with err_console.status(f"evaluating {model.name}…"):
-        result = evaluate(model, zoo_name, data, labels, predictions, limit)
+        result = evaluate(model, zoo_name, data, labels, predictions, limit, backend=backend)
     figures = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"{model.name}: {figures} on {result.images} images")
     if result.predictions:

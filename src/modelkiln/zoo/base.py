@@ -2,19 +2,36 @@
 
 A family knows its model only as torch code (for export) and as numpy pre/post-processing (for
 everything after export, so that predict, evaluate, quantize and serve never import torch).
+Families come in kinds: ``ImageTask`` (images in, one readable answer per image out),
+``TextTask`` (sentences in) and plain ``ZooModel`` for generation families, which the generation
+engine drives itself; a command that needs images asks for an ImageTask with ``as_image_task``.
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
+from modelkiln.errors import BadInput
+
 if TYPE_CHECKING:  # torch is an export-time dependency only
     import torch
+
+
+class Task(enum.StrEnum):
+    """What a family is for, and so how it is scored (``accuracy.tasks`` maps each to its metric).
+
+    A str enum: the value is what exported files record under ``modelkiln.task``."""
+
+    CLASSIFICATION = "classification"
+    DETECTION = "detection"
+    EMBEDDING = "embedding"
+    GENERATION = "generation"
 
 
 @dataclass(frozen=True)
@@ -56,8 +73,10 @@ class ZooModel(abc.ABC):
     """A model family entry. Subclasses set the class attributes and implement the methods."""
 
     name: str
-    task: str  # "classification", "detection" or "embedding": what the model is scored on
+    task: Task
     default_weights: str | None = None
+    #: Follows the family's name when a command that needs images gets it (never an ImageTask).
+    instead_of_images: str = "does not take images"
 
     @property
     @abc.abstractmethod
@@ -80,14 +99,6 @@ class ZooModel(abc.ABC):
                 feed[spec.name] = rng.integers(0, 1000, shape).astype(spec.dtype)
         return feed
 
-    @abc.abstractmethod
-    def preprocess(self, images: list[np.ndarray]) -> Prepared:
-        """Turn BGR uint8 images (as OpenCV reads them) into the model's input batch."""
-
-    @abc.abstractmethod
-    def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Any]:
-        """Turn raw outputs into one human-meaningful result per input image."""
-
     def metadata(self) -> dict[str, str]:
         """Extra key/values written into the exported ONNX file's metadata_props."""
         return {}
@@ -105,3 +116,40 @@ class ZooModel(abc.ABC):
             if p.name == name:
                 return p
         raise KeyError(f"{self.name} has no part {name!r}; parts: {[p.name for p in self.parts]}")
+
+
+class ImageTask(ZooModel):
+    """A family that answers about images: numpy pre/post-processing around its first part."""
+
+    @abc.abstractmethod
+    def preprocess(self, images: list[np.ndarray]) -> Prepared:
+        """Turn BGR uint8 images (as OpenCV reads them) into the model's input batch."""
+
+    @abc.abstractmethod
+    def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Any]:
+        """Turn raw outputs into one human-meaningful result per input image."""
+
+    def for_evaluation(self) -> Self:
+        """Switch to the settings a task metric is measured with (detectors: low thresholds)."""
+        return self
+
+
+class TextTask(ZooModel):
+    """A family that answers about sentences: tokenization before, numpy post-processing after."""
+
+    instead_of_images = "takes text, not images; give sentences (kiln feeds) instead"
+
+    @abc.abstractmethod
+    def preprocess_texts(self, texts: list[str]) -> Prepared:
+        """Tokenize ``texts`` into the model's input batch."""
+
+    @abc.abstractmethod
+    def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Any]:
+        """One result per input sentence."""
+
+
+def as_image_task(entry: ZooModel) -> ImageTask:
+    """``entry`` as an image model; BadInput saying what the family takes instead otherwise."""
+    if isinstance(entry, ImageTask):
+        return entry
+    raise BadInput(f"{entry.name} {entry.instead_of_images}")

@@ -17,6 +17,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelkiln._deps import require
 from modelkiln.errors import ModelNotFound, WeightsError
 
@@ -97,9 +99,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _numpy2() -> bool:
-    import numpy
-
-    return int(numpy.__version__.split(".")[0]) >= 2
+    return int(np.__version__.split(".")[0]) >= 2
 
 
 restricted_pickle = types.ModuleType("modelkiln_restricted_pickle")

@@ -9,7 +9,7 @@ from importlib import resources
 import cv2
 import numpy as np
 
-from modelkiln.zoo.base import Part, Prepared, TensorSpec, ZooModel
+from modelkiln.zoo.base import ImageTask, Part, Prepared, Task, TensorSpec
 from modelkiln.zoo.images import center_crop, resize_shorter
 
 
@@ -35,7 +35,8 @@ class Classification:
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    probs: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return probs
 
 
 def crop_and_normalize(
@@ -58,10 +59,10 @@ def crop_and_normalize(
     return batch
 
 
-class ImageClassifier(ZooModel):
+class ImageClassifier(ImageTask):
     """Base of ImageNet classifiers; subclasses set the preprocessing constants and build()."""
 
-    task = "classification"
+    task = Task.CLASSIFICATION
     resize: int = 256
     mean: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     std: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)

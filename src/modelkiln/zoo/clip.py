@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
@@ -15,7 +16,7 @@ import numpy as np
 
 from modelkiln._deps import require
 from modelkiln.errors import ModelNotFound, WeightsError
-from modelkiln.zoo.base import Part, Prepared, TensorSpec, ZooModel
+from modelkiln.zoo.base import ImageTask, Part, Prepared, Task, TensorSpec
 from modelkiln.zoo.classification import crop_and_normalize, softmax
 from modelkiln.zoo.weights import is_path, is_random, warn_random
 
@@ -40,16 +41,21 @@ class Embedding:
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    normalized: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return normalized
 
 
 def zero_shot_logits(image_embeds: np.ndarray, text_embeds: np.ndarray, logit_scale: float) -> np.ndarray:
     """Scaled cosine similarity of every image to every text: [images, texts]."""
-    return logit_scale * l2_normalize(image_embeds) @ l2_normalize(text_embeds).T
+    logits: np.ndarray = logit_scale * l2_normalize(image_embeds) @ l2_normalize(text_embeds).T
+    return logits
 
 
-class CLIPFamily(ZooModel):
-    task = "embedding"
+class CLIPFamily(ImageTask):
+    """An open_clip architecture as two parts: the image tower (the ImageTask side: images in,
+    embeddings or zero-shot label probabilities out) and the text tower, fed by ``tokenize``."""
+
+    task = Task.EMBEDDING
 
     def __init__(self, arch: str, image_size: int | None = None) -> None:
         self.arch = arch  # open_clip model name, e.g. "ViT-B-32"
@@ -100,8 +106,6 @@ class CLIPFamily(ZooModel):
             warn_random(self.name)
             pretrained = None
         elif is_path(weights):
-            from pathlib import Path
-
             if not Path(weights).is_file():
                 raise ModelNotFound(f"{self.name}: weights file not found: {weights}")
             pretrained = weights
@@ -124,7 +128,8 @@ class CLIPFamily(ZooModel):
                 self.clip = model
 
             def forward(self, image: torch.Tensor) -> torch.Tensor:
-                return self.clip.encode_image(image)
+                embeds: torch.Tensor = self.clip.encode_image(image)
+                return embeds
 
         class TextTower(nn.Module):
             def __init__(self) -> None:
@@ -132,14 +137,16 @@ class CLIPFamily(ZooModel):
                 self.clip = model
 
             def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-                return self.clip.encode_text(input_ids)
+                embeds: torch.Tensor = self.clip.encode_text(input_ids)
+                return embeds
 
         return {"image": ImageTower().eval(), "text": TextTower().eval()}
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         """Token ids [len(texts), context_length] with the architecture's own tokenizer."""
         open_clip = require("open_clip", "CLIP tokenization")
-        return open_clip.get_tokenizer(self.arch)(texts).numpy().astype(np.int64)
+        ids: np.ndarray = open_clip.get_tokenizer(self.arch)(texts).numpy().astype(np.int64)
+        return ids
 
     def preprocess(self, images: list[np.ndarray]) -> Prepared:
         """open_clip's eval transform: shorter side bicubic to size, centre crop, CLIP mean/std."""
@@ -161,11 +168,17 @@ class CLIPFamily(ZooModel):
         ]
 
 
+#: Architectures resolved without importing open_clip (which imports torch).
+KNOWN_ARCHS = {"vit-b-32": "ViT-B-32", "vit-b-16": "ViT-B-16", "vit-l-14": "ViT-L-14"}
+
+
 def resolve_arch(name: str) -> str:
     """open_clip architecture for a zoo name like ``clip-vit-b-32`` (case-insensitive)."""
+    wanted = name.lower().removeprefix("clip-")
+    if wanted in KNOWN_ARCHS:
+        return KNOWN_ARCHS[wanted]
     open_clip = require("open_clip", "CLIP models")
-    wanted = name.removeprefix("clip-").lower()
     for arch in open_clip.list_models():
         if arch.lower() == wanted:
-            return arch
+            return str(arch)
     raise ModelNotFound(f"unknown CLIP architecture {name!r}: open_clip has no model {wanted!r}")

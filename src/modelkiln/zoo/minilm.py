@@ -16,7 +16,7 @@ import numpy as np
 
 from modelkiln._deps import require
 from modelkiln.errors import BadInput, ModelNotFound, WeightsError
-from modelkiln.zoo.base import Part, Prepared, TensorSpec, ZooModel
+from modelkiln.zoo.base import Part, Prepared, Task, TensorSpec, TextTask
 from modelkiln.zoo.weights import is_random, warn_random
 
 if TYPE_CHECKING:
@@ -31,8 +31,11 @@ def package_folder() -> Path:
     return Path(pkg.get_model_path())
 
 
-class SentenceEncoder(ZooModel):
-    task = "embedding"
+class SentenceEncoder(TextTask):
+    """Sentences in, L2-normalised sentence embeddings out."""
+
+    task = Task.EMBEDDING
+    instead_of_images = "embeds text, not images; give sentences (kiln feeds) instead"
 
     def __init__(self, max_length: int = 128) -> None:
         self.name = "all-minilm-l6-v2"
@@ -99,7 +102,8 @@ class SentenceEncoder(ZooModel):
                 tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
                 mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
                 mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                return mean / mean.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                embedding: torch.Tensor = mean / mean.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                return embedding
 
         return {"model": Encoder().eval()}
 
@@ -128,9 +132,6 @@ class SentenceEncoder(ZooModel):
             ids[row, :n] = e.ids[:n]
             mask[row, :n] = e.attention_mask[:n]
         return {"input_ids": ids, "attention_mask": mask}
-
-    def preprocess(self, images: list[np.ndarray]) -> Prepared:
-        raise BadInput(f"{self.name} embeds text, not images; give sentences (kiln feeds) instead")
 
     def preprocess_texts(self, texts: list[str]) -> Prepared:
         return Prepared(self.tokenize(texts), [{"text": t} for t in texts])

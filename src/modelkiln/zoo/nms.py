@@ -60,4 +60,5 @@ def yolo_nms(
     if len(det) > max_candidates:
         det = det[np.argsort(-det[:, 4], kind="stable")[:max_candidates]]
     keep = nms(det[:, :4] + det[:, 5:6] * max_wh, det[:, 4], iou_threshold)[:max_det]
-    return det[keep].astype(np.float32)
+    kept: np.ndarray = det[keep].astype(np.float32)
+    return kept

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from modelkiln._deps import require
-from modelkiln.errors import BadInput, ModelNotFound, WeightsError
-from modelkiln.zoo.base import Part, Prepared, TensorSpec, ZooModel
+from modelkiln.errors import ModelNotFound, WeightsError
+from modelkiln.zoo.base import Part, Task, TensorSpec, ZooModel
 
 #: Qwen2-VL's special tokens, in the order the tiny tokenizer appends them after its BPE vocabulary.
 SPECIAL_TOKENS = (
@@ -108,7 +108,7 @@ def tiny_config(
     head_dim = hidden // heads
     section = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vision = {  # Qwen2-VL's ViT
+    vision: dict[str, Any] = {  # Qwen2-VL's ViT
         "depth": 2,
         "embed_dim": 32,
         "hidden_size": hidden,
@@ -190,7 +190,16 @@ REAL_BUCKETS = ((448, 448), (336, 588), (588, 336))
 GROUPED_ATTENTION = "kiln_grouped"
 
 
-def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def grouped_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """Grouped-query attention without repeating K/V: the query heads that share a KV head are
     stacked along the sequence axis ([B, kv, groups*S, D]) and meet the cache once. The same math
     as transformers' eager attention; the exported graph has no Expand copying the whole cache
@@ -223,8 +232,10 @@ def decoder_step_module(model: Any) -> Any:
     """The decoder as one step: (inputs_embeds, position_ids [3, B, S], attention_mask, *past) ->
     (last-position logits, *present), the cache passed as plain tensors. The text model is switched
     to grouped attention (same numbers, a leaner graph)."""
-    torch = require("torch", "the Qwen2-VL decoder step")
+    require("torch", "the Qwen2-VL decoder step")
     transformers = require("transformers", "the Qwen2-VL decoder step")
+    import torch
+
     lm, head = model.model.language_model, model.lm_head
     use_grouped_attention(lm)
     layers = lm.config.num_hidden_layers
@@ -234,7 +245,13 @@ def decoder_step_module(model: Any) -> Any:
             super().__init__()
             self.lm, self.head = lm, head
 
-        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+        def forward(
+            self,
+            inputs_embeds: torch.Tensor,
+            position_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            *past: torch.Tensor,
+        ) -> tuple[torch.Tensor, ...]:
             cache = transformers.DynamicCache(
                 ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=lm.config
             )
@@ -254,7 +271,9 @@ def decoder_step_module(model: Any) -> Any:
 def vision_module(model: Any, grid_thw: tuple[int, int, int]) -> Any:
     """The vision encoder + merger for one patch grid: pixel_values [t*h*w, C*T*P*P] ->
     image_embeds [t*h*w / merge^2, hidden]."""
-    torch = require("torch", "the Qwen2-VL vision encoder")
+    require("torch", "the Qwen2-VL vision encoder")
+    import torch
+
     visual = model.model.visual
     grid = torch.tensor([list(grid_thw)], dtype=torch.int64)
 
@@ -263,8 +282,9 @@ def vision_module(model: Any, grid_thw: tuple[int, int, int]) -> Any:
             super().__init__()
             self.visual = visual
 
-        def forward(self, pixel_values):
-            return self.visual(pixel_values, grid_thw=grid).pooler_output
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            embeds: torch.Tensor = self.visual(pixel_values, grid_thw=grid).pooler_output
+            return embeds
 
     return Vision().eval()
 
@@ -307,9 +327,11 @@ def decoder_example(part: Part, batch: int, seq: int, past: int, seed: int) -> d
 
 class QwenVLFamily(ZooModel):
     """``qwen2-vl`` / ``qwen2.5-vl`` (weights: a local folder or hub id) or their ``-tiny`` random
-    configurations built here."""
+    configurations built here. Not an ImageTask: images reach it through the generation engine
+    (``kiln chat``, the server's chat endpoint), never through predict's pre/post-processing."""
 
-    task = "generation"
+    task = Task.GENERATION
+    instead_of_images = "is a generative model: use `kiln chat` (or the server's /v1/chat/completions)"
 
     def __init__(self, tiny: bool, family: str = "qwen2-vl", **sizes: int) -> None:
         """``sizes`` (tiny only): hidden, layers, heads, kv_heads of a bigger random config."""
@@ -392,16 +414,6 @@ class QwenVLFamily(ZooModel):
             return super().example_inputs(part, batch, seed)
         seq, past = ((5, 3), (1, 6), (4, 2), (9, 0))[seed % 4]
         return decoder_example(self.part("decoder"), batch, seq, past, seed)
-
-    def preprocess(self, images: list[np.ndarray]) -> Prepared:
-        raise BadInput(
-            f"{self.name} is a generative model: use `kiln chat` (or the server's /v1/chat/completions)"
-        )
-
-    def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Any]:
-        raise BadInput(
-            f"{self.name} is a generative model: use `kiln chat` (or the server's /v1/chat/completions)"
-        )
 
     def write_assets(self, folder: Path) -> None:
         """The processor (tokenizer, chat template, image processor) and genai.json beside the parts."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modelkiln._deps import require
 from modelkiln.errors import ModelNotFound, WeightsError
@@ -32,16 +32,16 @@ class ResNet50(ImageClassifier):
         return {"model": model.eval()}
 
 
-def _torchvision_state_dict(tv: object, name: str) -> dict:
+def _torchvision_state_dict(tv: Any, name: str) -> dict[str, Any]:
     """Weights by torchvision release name, through torchvision's cache (downloads if absent)."""
     try:
-        enum = tv.models.get_weight(f"ResNet50_Weights.{name}")  # type: ignore[attr-defined]
+        enum = tv.models.get_weight(f"ResNet50_Weights.{name}")
     except (ValueError, KeyError, AttributeError) as exc:
-        choices = [w.name for w in tv.models.ResNet50_Weights]  # type: ignore[attr-defined]
+        choices = [w.name for w in tv.models.ResNet50_Weights]
         raise ModelNotFound(
             f"resnet50: unknown weights {name!r}; use a file path, 'random' or one of {choices}"
         ) from exc
     try:
-        return enum.get_state_dict(progress=False)
+        return dict(enum.get_state_dict(progress=False))
     except Exception as exc:  # network or cache failure
         raise WeightsError(f"resnet50: could not fetch torchvision weights {name}: {exc}") from exc

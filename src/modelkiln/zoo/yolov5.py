@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import cv2
 import numpy as np
 
 from modelkiln._deps import require
 from modelkiln.errors import WeightsError
-from modelkiln.zoo.base import Part, Prepared, TensorSpec, ZooModel
+from modelkiln.zoo.base import ImageTask, Part, Prepared, Task, TensorSpec
 from modelkiln.zoo.checkpoint import Inert, load_checkpoint, load_into, module_tensors
 from modelkiln.zoo.coco import COCO80_NAMES
 from modelkiln.zoo.nms import yolo_nms
@@ -75,10 +75,10 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[in
     return image, r, (left, top)
 
 
-class YOLOv5Family(ZooModel):
+class YOLOv5Family(ImageTask):
     """One size of YOLOv5; thresholds default to prediction use, ``for_evaluation`` gives mAP use."""
 
-    task = "detection"
+    task = Task.DETECTION
 
     def __init__(self, size: str, image_size: int | None = None) -> None:
         self.size = size
@@ -89,7 +89,7 @@ class YOLOv5Family(ZooModel):
         self.class_names: tuple[str, ...] = COCO80_NAMES
         self.conf_threshold, self.iou_threshold, self.multi_label, self.max_det = 0.25, 0.45, False, 300
 
-    def for_evaluation(self) -> YOLOv5Family:
+    def for_evaluation(self) -> Self:
         """Thresholds of YOLOv5's val.py: conf 0.001, IoU 0.6, several labels per box."""
         self.conf_threshold, self.iou_threshold, self.multi_label = 0.001, 0.6, True
         return self
@@ -122,13 +122,13 @@ class YOLOv5Family(ZooModel):
 
     def build(self, weights: str | None) -> dict[str, torch.nn.Module]:
         require("torch", f"building {self.name}")
-        from modelkiln.zoo.yolov5_net import YOLOv5
-
+        # yolov5_net defines nn.Modules at module level, so it is torch itself: loaded like torch
+        network = require("modelkiln.zoo.yolov5_net", f"building {self.name}").YOLOv5
         if weights is None or is_random(weights):
             warn_random(self.name)
-            return {"model": YOLOv5(official_yaml(self.size, len(self.class_names))).eval()}
+            return {"model": network(official_yaml(self.size, len(self.class_names))).eval()}
         cfg, state, names = self._read_checkpoint(weights)
-        model = YOLOv5(cfg)
+        model = network(cfg)
         load_into(model, state, self.name)
         self.class_names = names
         return {"model": model.eval()}
@@ -190,7 +190,7 @@ class YOLOv5Family(ZooModel):
         xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
         xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
         boxes = [
-            Box(*map(float, b), float(s), int(c), self._label(int(c)))
+            Box(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), int(c), self._label(int(c)))
             for b, s, c in zip(xyxy, det[:, 4], det[:, 5], strict=True)
         ]
         return Detections(boxes)

@@ -25,7 +25,8 @@ class Conv(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        y: torch.Tensor = self.act(self.bn(self.conv(x)))
+        return y
 
 
 class Bottleneck(nn.Module):
@@ -37,7 +38,7 @@ class Bottleneck(nn.Module):
         self.add = shortcut and c1 == c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cv2(self.cv1(x))
+        y: torch.Tensor = self.cv2(self.cv1(x))
         return x + y if self.add else y
 
 
@@ -53,7 +54,8 @@ class C3(nn.Module):
         self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, e=1.0) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+        y: torch.Tensor = self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+        return y
 
 
 class SPPF(nn.Module):
@@ -70,7 +72,8 @@ class SPPF(nn.Module):
         x = self.cv1(x)
         y1 = self.m(x)
         y2 = self.m(y1)
-        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
+        y: torch.Tensor = self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
+        return y
 
 
 class Concat(nn.Module):
@@ -84,6 +87,8 @@ class Concat(nn.Module):
 
 class Detect(nn.Module):
     """Anchor-based head: per level a 1x1 conv, then sigmoid decode to pixel xywh, obj, classes."""
+
+    anchors: torch.Tensor  # a registered buffer
 
     def __init__(self, nc: int, anchors: list[list[int]], ch: list[int], strides: list[float]) -> None:
         super().__init__()
@@ -128,14 +133,15 @@ class YOLOv5(nn.Module):
         layers, self.froms, self.save = _parse(cfg, ch)
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ys: list[torch.Tensor | None] = []
+    def forward(self, x: Any) -> torch.Tensor:
+        ys: list[Any] = []
         for m, f in zip(self.model, self.froms, strict=True):
             if f != -1:
                 x = ys[f] if isinstance(f, int) else [x if j == -1 else ys[j] for j in f]
             x = m(x)
             ys.append(x if len(ys) in self.save else None)
-        return x
+        out: torch.Tensor = x
+        return out
 
 
 _BLOCKS = {"Conv": Conv, "C3": C3, "SPPF": SPPF}
@@ -145,9 +151,13 @@ def _parse(cfg: dict[str, Any], ch_in: int) -> tuple[list[nn.Module], list[Any],
     """Official parse_model semantics for the block types YOLOv5 v7.0 uses."""
     nc, gd, gw = cfg["nc"], cfg["depth_multiple"], cfg["width_multiple"]
     anchors = cfg["anchors"]
-    ch, layers, froms, save = [ch_in], [], [], set()
+    ch: list[int] = [ch_in]
+    layers: list[nn.Module] = []
+    froms: list[Any] = []
+    save: set[int] = set()
     for i, (f, n, name, args) in enumerate(cfg["backbone"] + cfg["head"]):
         n = max(round(n * gd), 1) if n > 1 else n
+        module: nn.Module
         if name in _BLOCKS:
             c1, c2 = ch[f], make_divisible(args[0] * gw, 8)
             if name == "C3":

@@ -1,4 +1,5 @@
-"""COCO detection scoring through pycocotools: our detections -> results JSON -> mAP50-95/mAP50."""
+"""COCO detection scoring through pycocotools: our detections -> results JSON -> mAP50-95/mAP50,
+and the detection scorer of the task registry."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelkiln._deps import require
+from modelkiln.accuracy.tasks.base import EvalRequest, Scored
 from modelkiln.errors import BadInput
+from modelkiln.predict import Predictor
 from modelkiln.zoo.coco import COCO80_TO_91
+from modelkiln.zoo.images import list_images
 from modelkiln.zoo.yolov5 import Detections
+
+#: What --labels is for a detector.
+LABELS = "a COCO annotation JSON (instances_*.json)"
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ def load_image_ids(annotation_file: str | Path) -> dict[str, int]:
         ) from exc
 
 
-def to_coco_results(image_id: int, detections: Detections, coco80: bool = True) -> list[dict]:
+def to_coco_results(image_id: int, detections: Detections, coco80: bool = True) -> list[dict[str, Any]]:
     """COCO results rows (xywh boxes, category ids 1-90 when the model has the 80 COCO classes)."""
     rows = []
     for b in detections.boxes:
@@ -52,7 +60,7 @@ def to_coco_results(image_id: int, detections: Detections, coco80: bool = True) 
     return rows
 
 
-def coco_map(annotation_file: str | Path, results: list[dict], image_ids: list[int]) -> CocoScore:
+def coco_map(annotation_file: str | Path, results: list[dict[str, Any]], image_ids: list[int]) -> CocoScore:
     """mAP50-95 and mAP50 of ``results`` on ``image_ids`` (pycocotools' own evaluation)."""
     pycocotools = require("pycocotools.coco", "COCO mAP")
     cocoeval = require("pycocotools.cocoeval", "COCO mAP")
@@ -67,3 +75,22 @@ def coco_map(annotation_file: str | Path, results: list[dict], image_ids: list[i
         ev.accumulate()
         ev.summarize()
     return CocoScore(float(ev.stats[0]), float(ev.stats[1]), len(image_ids), len(results))
+
+
+def score_detection(predictor: Predictor, request: EvalRequest) -> Scored:
+    """COCO mAP50-95 and mAP50 at YOLOv5 val.py's thresholds, on the images the annotation file
+    lists; with ``request.predictions``, the COCO results JSON scored."""
+    if request.labels is None:
+        raise BadInput(f"detectors need --labels: {LABELS}")
+    ids = load_image_ids(request.labels)
+    files = [f for f in list_images(request.data) if f.name in ids]
+    files = files[: request.limit] if request.limit else files
+    if not files:
+        raise BadInput(f"no images in {request.data} are listed in {request.labels}")
+    predictor.entry.for_evaluation()
+    preds = predictor.predict(list(files))
+    rows = [r for pred in preds for r in to_coco_results(ids[pred.image.name], pred.result)]
+    if request.predictions:
+        Path(request.predictions).write_text(json.dumps(rows))
+    score = coco_map(request.labels, rows, [ids[f.name] for f in files])
+    return Scored(len(files), {"map50_95": score.map50_95, "map50": score.map50})
