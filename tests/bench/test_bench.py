@@ -101,3 +101,29 @@ def test_bad_options_are_clear(tiny: Path) -> None:
     assert res.returncode == 1 and "--batch must be comma-separated integers" in res.stderr
     with pytest.raises(ValueError, match="exactly one"):
         LoopSpec(iterations=None, duration=None)
+
+
+def test_interleaved_runs_every_job_once_per_round_in_turns() -> None:
+    calls: list[str] = []
+    found = runner.interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
+    assert calls == ["a", "b"] * 3  # in turns, never all of one first
+    assert found == {"a": [1, 1, 1], "b": [2, 2, 2]}
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        runner.interleaved({"a": lambda: 1}, 0)
+
+
+def test_interleaved_benchmarks_merge_their_rounds(tiny: Path) -> None:
+    backend = load_backend(tiny)
+    cases = {
+        batch: runner.BenchCase(
+            backend, synthesize_feed(backend.input_metadata, batch, {"scale": (1,)}), batch
+        )
+        for batch in (1, 4)
+    }
+    results = runner.benchmark_interleaved(cases, LoopSpec(warmup=1, iterations=20), rounds=3)
+    assert list(results) == [1, 4]
+    for batch, r in results.items():
+        assert r.batch == batch and r.iterations == len(r.latencies_ms) == 3 * 20  # every round's calls
+        assert r.throughput == pytest.approx(batch * r.iterations / r.wall_s)
+        assert r.latency_ms["min"] <= r.latency_ms["median"] <= r.latency_ms["p99"]
+        assert r.latency_ms["mean"] == pytest.approx(np.mean(r.latencies_ms))

@@ -6,21 +6,37 @@ is one infer call; throughput is items finished per second of wall time of the t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import platform
 import threading
 import time
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from modelkiln.runtime.backends.base import Backend, TensorMeta
-from modelkiln.runtime.feeds import synthesize_feed  # noqa: F401  (re-exported: bench API)
+from modelkiln.runtime.backends.base import Backend
 from modelkiln.runtime.cpu import cpu_info
+from modelkiln.runtime.feeds import synthesize_feed
+
+__all__ = [
+    "BenchCase",
+    "BenchResult",
+    "LoopSpec",
+    "benchmark",
+    "benchmark_interleaved",
+    "interleaved",
+    "machine_info",
+    "summarize",
+    "synthesize_feed",  # re-exported: the bench API has always offered it
+]
 
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99}
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 
 
 def summarize(latencies_s: list[float]) -> dict[str, float]:
+    """min, mean, median, p90, p95, p99 and max in ms of latencies in seconds."""
     ms = np.asarray(latencies_s, np.float64) * 1e3
     stats = {"min": float(ms.min()), "mean": float(ms.mean()), "median": float(np.median(ms))}
     stats.update({k: float(np.percentile(ms, q)) for k, q in PERCENTILES.items() if k != "p50"})
@@ -128,13 +145,67 @@ def benchmark(
     )
 
 
+@dataclass(frozen=True)
+class BenchCase:
+    """One thing to time: a loaded model, its inputs, and how it is called."""
+
+    backend: Backend
+    feed: dict[str, np.ndarray]
+    batch: int = 1
+    concurrency: int = 1
+
+
+def interleaved(jobs: Mapping[K, Callable[[], T]], rounds: int, settle_s: float = 0.0) -> dict[K, list[T]]:
+    """Run every job once per round, in turns, ``rounds`` times: machine noise (a busy neighbour,
+    a clock change) then falls on all of them alike instead of on whichever ran last. ``settle_s``
+    pauses before each run (ONNX Runtime's worker threads spin for a while after their last job,
+    and a spinning neighbour slows the next run's start)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    found: dict[K, list[T]] = {key: [] for key in jobs}
+    for _ in range(rounds):
+        for key, job in jobs.items():
+            if settle_s > 0:
+                time.sleep(settle_s)
+            found[key].append(job())
+    return found
+
+
+def benchmark_interleaved(cases: Mapping[K, BenchCase], loop: LoopSpec, rounds: int) -> dict[K, BenchResult]:
+    """:func:`benchmark` of every case in turns over ``rounds`` (each round runs ``loop``), the
+    rounds of a case merged into one result: its calls, their wall time and throughput."""
+    jobs = {
+        key: functools.partial(benchmark, c.backend, c.feed, c.batch, c.concurrency, loop)
+        for key, c in cases.items()
+    }
+    runs = interleaved(jobs, rounds)
+    return {key: _merged(results) for key, results in runs.items()}
+
+
+def _merged(results: list[BenchResult]) -> BenchResult:
+    first = results[0]
+    latencies_ms = [x for r in results for x in r.latencies_ms]
+    wall = sum(r.wall_s for r in results)
+    return BenchResult(
+        model=first.model,
+        backend=first.backend,
+        batch=first.batch,
+        concurrency=first.concurrency,
+        iterations=len(latencies_ms),
+        wall_s=wall,
+        latency_ms=summarize([x / 1e3 for x in latencies_ms]),
+        throughput=first.batch * len(latencies_ms) / wall,
+        latencies_ms=latencies_ms,
+    )
+
+
 def _loop(
     backend: Backend,
-    feed: dict,
+    feed: dict[str, np.ndarray],
     loop: LoopSpec,
     out: list[float],
     start: threading.Barrier,
-    budget: itertools.count | None,
+    budget: itertools.count[int] | None,
     total: int,
 ) -> None:
     clock, infer = time.perf_counter, backend.infer

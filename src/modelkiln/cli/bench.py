@@ -8,10 +8,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelkiln.bench.runner import LoopSpec, benchmark, machine_info, synthesize_feed
+from modelkiln.bench.plot import plot_results
+from modelkiln.bench.runner import BenchResult, LoopSpec, benchmark, machine_info
+from modelkiln.delivery.crypto import model_source, resolve_model_key
 from modelkiln.errors import BadInput
 from modelkiln.log import console, err_console
-from modelkiln.runtime.backends import load_backend
+from modelkiln.runtime.backends import BackendKind, load_backend
+from modelkiln.runtime.backends.onnxruntime import OrtOptions
+from modelkiln.runtime.feeds import synthesize_feed
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -49,15 +53,16 @@ def bench(
     shape: list[str] = typer.Option([], "--shape", help="Fix an input's shape: name:1x3x224x224."),
     json_out: Path = typer.Option(None, "--json", help="Write a JSON array, one object per configuration."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of latency percentiles and throughput."),
+    model_key: Path = typer.Option(
+        None,
+        "--model-key",
+        help="Key file for an encrypted model (default: KILN_MODEL_KEY_FILE or KILN_MODEL_KEY).",
+    ),
 ) -> None:
     """Latency min/mean/median/p90/p95/p99 and throughput for every batch × concurrency."""
     loop = LoopSpec(warmup=warmup, iterations=None if duration else (iterations or 100), duration=duration)
-    options = None
-    if backend == "onnxruntime":
-        from modelkiln.runtime.backends.onnxruntime import OrtOptions
-
-        options = OrtOptions(intra_op_threads=threads)
-    runner = load_backend(model, backend, options)
+    options = OrtOptions(intra_op_threads=threads) if backend == BackendKind.ONNXRUNTIME else None
+    runner = load_backend(model_source(model, resolve_model_key(model_key)), backend, options)
     fixed = _shapes(shape)
     results = []
     machine = machine_info(threads)
@@ -74,12 +79,10 @@ def bench(
         json_out.write_text(json.dumps([r.to_dict() for r in results], indent=1))
         console.print(f"wrote {json_out}")
     if plot:
-        from modelkiln.bench.plot import plot_results
-
         console.print(f"wrote {plot_results(results, plot)}")
 
 
-def _print(results: list) -> None:
+def _print(results: list[BenchResult]) -> None:
     table = Table(title=f"{results[0].model} on {results[0].backend}" if results else "bench")
     for col in ("batch", "conc.", "calls", "min", "mean", "median", "p90", "p95", "p99", "items/s"):
         table.add_column(col, justify="right")

@@ -3,11 +3,19 @@ conversation read from stdin (each line a turn, the whole conversation the conte
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
 
+from modelkiln.delivery.crypto import resolve_model_key
+from modelkiln.errors import BadInput
+from modelkiln.genai.chat import ChatModel, add_turn
+from modelkiln.genai.engine import Sampling
 from modelkiln.log import console, err_console
+from modelkiln.zoo.images import read_image
 
 
 def chat_cmd(
@@ -30,20 +38,19 @@ def chat_cmd(
         "--vision-int8",
         help="Use the folder's weight-only INT8 vision graphs (kiln deploy writes them).",
     ),
+    model_key: Path = typer.Option(
+        None,
+        "--model-key",
+        help="Key file for graphs encrypted with kiln encrypt (default: KILN_MODEL_KEY_FILE or KILN_MODEL_KEY).",
+    ),
 ) -> None:
     """Chat with a Qwen2-VL model on ONNX Runtime (our decoder step, vision encoder and KV cache)."""
-    from modelkiln.genai.chat import ChatModel
-    from modelkiln.genai.engine import Sampling
-    from modelkiln.genai.images import read_rgb
-
     if prompt is not None and not prompt.strip():
-        from modelkiln.errors import BadInput
-
         raise BadInput("chat: the prompt is empty")
     if image is not None:
-        read_rgb(image)  # bad images fail before the model is built
+        read_image(image, rgb=True)  # bad images fail before the model is built
     with err_console.status(f"loading {model}…"):
-        chat = ChatModel.open(model, decoder, threads, vision_int8)
+        chat = ChatModel.open(model, decoder, threads, vision_int8, resolve_model_key(model_key))
     sampling = Sampling(temperature, top_p, seed)
     if prompt is not None:
         _turn(chat, [], [], prompt, image, max_new_tokens, sampling)
@@ -51,10 +58,16 @@ def chat_cmd(
         _conversation(chat, image, max_new_tokens, sampling)
 
 
-def _turn(chat, messages: list, images: list, text: str, image, max_new_tokens: int, sampling) -> str:
+def _turn(
+    chat: ChatModel,
+    messages: list[dict[str, Any]],
+    images: list[np.ndarray],
+    text: str,
+    image: Path | None,
+    max_new_tokens: int,
+    sampling: Sampling,
+) -> str:
     """One user turn: the answer streamed to stdout, stats to stderr; both turns kept in ``messages``."""
-    from modelkiln.genai.chat import add_turn
-
     add_turn(messages, images, text, image)
     answer = chat.answer(
         messages,
@@ -69,13 +82,11 @@ def _turn(chat, messages: list, images: list, text: str, image, max_new_tokens: 
     return answer
 
 
-def _conversation(chat, image, max_new_tokens: int, sampling) -> None:
+def _conversation(chat: ChatModel, image: Path | None, max_new_tokens: int, sampling: Sampling) -> None:
     """Read user turns from stdin until EOF or an empty line; --image goes with the first turn.
     The whole conversation is the prompt of every answer."""
-    import sys
-
-    messages: list = []
-    images: list = []
+    messages: list[dict[str, Any]] = []
+    images: list[np.ndarray] = []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:

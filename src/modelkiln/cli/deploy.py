@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
+from modelkiln.deploy import DeployOptions, DeploySummary, deploy
+from modelkiln.deploy.report import machine_lines, table_rows
 from modelkiln.log import console, err_console
 
 
@@ -36,10 +39,14 @@ def deploy_cmd(
         3.0, "--bench-seconds", help="Timed seconds per precision and batch."
     ),
     eval_limit: int = typer.Option(None, "--eval-limit", help="At most this many evaluation images."),
+    sign_key: Path = typer.Option(
+        None, "--sign-key", help="Ed25519 private key (PEM, from kiln keygen): sign the manifest."
+    ),
+    encrypt_key: Path = typer.Option(
+        None, "--encrypt-key", help="AES-256 key file (from kiln keygen): encrypt the served models."
+    ),
 ) -> None:
     """Take a model to a served, verified deployment and report what each precision gains and costs."""
-    from modelkiln.deploy import DeployOptions, deploy
-
     opts = DeployOptions(
         model,
         out,
@@ -53,16 +60,14 @@ def deploy_cmd(
         bench_seconds,
         eval_limit=eval_limit,
         cpu=cpu,
+        sign_key=sign_key,
+        encrypt_key=encrypt_key,
         command="kiln deploy " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     )
     with err_console.status("deploying…") as status:
         summary = deploy(opts, status=lambda text: status.update(text))
-    from rich.table import Table
-
-    if summary.task == "generation":
+    if summary.is_chat:
         return _print_chat(summary, out)
-    from modelkiln.deploy.report import table_rows
-
     head, rows = table_rows(summary)
     table = Table(title=f"{summary.model}: deployment")
     for h in head:
@@ -70,32 +75,32 @@ def deploy_cmd(
     for r in rows:
         table.add_row(*r)
     console.print(table)
-    from modelkiln.deploy.report import machine_lines
-
     for line in machine_lines(summary):
         console.print(line, markup=False)
     for note in summary.notes:
         console.print(note, style="yellow")
-    console.print(f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}")
-    console.print(f"serve it: kiln serve {out / 'repository'}   (Triton: {out / 'triton'})")
+    console.print(
+        f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}, {out / 'manifest.json'}"
+    )
+    console.print(f"check it on the target: kiln verify {out}")
+    key = f" --model-key {encrypt_key}" if encrypt_key else ""
+    console.print(f"serve it: kiln serve {out / 'repository'}{key}   (Triton: {out / 'triton'})")
 
 
-def _print_chat(summary, out: Path) -> None:
+def _print_chat(summary: DeploySummary, out: Path) -> None:
     """The chat-model deployment: speed and INT8 quality per precision."""
-    from rich.table import Table
-
     table = Table(title=f"{summary.model}: deployment")
     for h in ("precision", "decoder MB", "first token ms", "decode tok/s", "cosine vs fp32", "top-1 agree"):
         table.add_column(h, justify="left" if h == "precision" else "right")
-    for name, p in summary.precisions.items():
-        b, q = p.get("bench", {}), p.get("quality") or {}
+    for name, p in summary.chat_precisions().items():
+        b, q = p.bench, p.quality
         table.add_row(
             name,
-            str(p.get("size_mb", "")),
-            str(b.get("ttft_ms_median", "")),
-            str(b.get("decode_tok_s_median", "")),
-            f"{q['logit_cosine_mean']:.5f}" if q else "-",
-            f"{q['top1_agreement']:.1%}" if q else "-",
+            str(p.size_mb if p.size_mb is not None else ""),
+            str(b.ttft_ms_median if b else ""),
+            str(b.decode_tok_s_median if b else ""),
+            f"{q.logit_cosine_mean:.5f}" if q else "-",
+            f"{q.top1_agreement:.1%}" if q else "-",
         )
     console.print(table)
     for note in summary.notes:

@@ -6,14 +6,25 @@ report."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from modelkiln.deploy.run import DeployOptions, DeploySummary, Stages
+import numpy as np
+
+from modelkiln.deploy.options import DeployOptions
+from modelkiln.deploy.stages import Stages, Status
+from modelkiln.deploy.summary import ChatQuality, ChatSpeed, DeploySummary
+from modelkiln.export import export
+from modelkiln.genai.chat import ChatModel
+from modelkiln.genai.engine import Engine
+from modelkiln.genai.measure import speed, teacher_forced
+from modelkiln.genai.spec import GenaiSpec
 from modelkiln.onnx_io import model_bytes
+from modelkiln.quant.config import QuantConfig, WeightKernel
+from modelkiln.quant.quantize import quantize
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.serve.config import GenAIConfig, ModelConfig, ModelKind, dump_config
 from modelkiln.zoo import ZooModel
 
 #: Prompts the INT8 decoder is compared and timed on (text-only chats).
@@ -24,9 +35,12 @@ PROMPTS = (
 )
 NEW_TOKENS = 32
 ROUNDS = 3
+#: A prompt as the decoder takes it: embeddings [seq, hidden], M-RoPE positions [3, seq], delta.
+PromptInput = tuple[np.ndarray, np.ndarray, int]
 
 
-def deploy_genai(opts: DeployOptions, entry: ZooModel, status: Any = None) -> DeploySummary:
+def deploy_genai(opts: DeployOptions, entry: ZooModel, status: Status | None = None) -> DeploySummary:
+    """Export, weight-only INT8, quality and speed of both, a serve repository and a report."""
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     summary = DeploySummary(opts.model, entry.name, entry.task, command=opts.command)
@@ -35,41 +49,30 @@ def deploy_genai(opts: DeployOptions, entry: ZooModel, status: Any = None) -> De
     if "fp16" in opts.precisions:
         summary.notes.append("fp16 is not offered for chat models here (CPU): fp32 and weight-only int8 only")
     with stage("export"):
-        from modelkiln.export import export
-
         if folder.exists():
             shutil.rmtree(folder)
         result = export(entry, folder, weights=opts.weights)
         summary.files["exported"] = str(folder)
-        summary.precisions["fp32"] = {"parity_max_abs": max(p.max_abs for p in result.parity)}
+        summary.chat_figures("fp32").parity_max_abs = max(p.max_abs for p in result.parity)
     decoders = {"fp32": "decoder.onnx"}
     if "int8" in opts.precisions:
         with stage("int8"):
-            from modelkiln.quant.config import QuantConfig, WeightKernel
-            from modelkiln.quant.quantize import quantize
-
-            config = QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS)
-            quantize(folder / "decoder.onnx", folder / "decoder.int8.onnx", None, config=config)
-            for graph in _vision_graphs(folder):
-                quantize(graph, graph.with_suffix(".int8.onnx"), None, config=config)
-            decoders["int8"] = "decoder.int8.onnx"
-            summary.files["int8"] = str(folder / "decoder.int8.onnx")
+            decoders["int8"] = _weight_only_int8(folder)
+            summary.files["int8"] = str(folder / decoders["int8"])
             summary.int8 = {"kernel": "MatMulNBits (8-bit, per output channel, accuracy level 4)"}
     with stage("compare"):
         engines, prompts = _engines(folder, decoders)
         if "int8" in engines:
-            from modelkiln.genai.measure import teacher_forced
-
-            summary.precisions.setdefault("int8", {})["quality"] = teacher_forced(
-                engines["fp32"], engines["int8"], prompts, NEW_TOKENS
+            int8 = summary.chat_figures("int8")
+            int8.quality = ChatQuality.from_dict(
+                teacher_forced(engines["fp32"], engines["int8"], prompts, NEW_TOKENS)
             )
-            summary.precisions["int8"]["vision_cosine_min"] = _vision_cosine(folder)
+            int8.vision_cosine_min = _vision_cosine(folder)
     with stage("bench"):
-        from modelkiln.genai.measure import speed
-
         for name, figures in speed(engines, *prompts[0], NEW_TOKENS, ROUNDS).items():
-            summary.precisions.setdefault(name, {})["bench"] = figures
-            summary.precisions[name]["size_mb"] = round(model_bytes(folder / decoders[name]) / 1e6, 1)
+            found = summary.chat_figures(name)
+            found.bench = ChatSpeed.from_dict(figures)
+            found.size_mb = round(model_bytes(folder / decoders[name]) / 1e6, 1)
     with stage("repository"):
         summary.files["repository"] = str(_repository(out, folder, entry, decoders))
     with stage("report"):
@@ -77,17 +80,33 @@ def deploy_genai(opts: DeployOptions, entry: ZooModel, status: Any = None) -> De
     return summary
 
 
-def _engines(folder: Path, decoders: dict[str, str]) -> tuple[dict[str, Any], list[tuple]]:
+def _threads() -> int:
+    """Chat models are measured and served on every core of the machine."""
+    return os.cpu_count() or 1
+
+
+def _weight_only_int8(folder: Path) -> str:
+    """Weight-only INT8 (MatMulNBits, per channel) of the decoder and of every vision graph, beside
+    them as ``*.int8.onnx``; returns the INT8 decoder's file name. Deploy's only quantization of
+    chat models."""
+    config = QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS)
+    decoder = folder / GenaiSpec.load(folder).decoder
+    for graph in (decoder, *_vision_graphs(folder)):
+        quantize(graph, _int8_file(graph), None, config=config)
+    return _int8_file(decoder).name
+
+
+def _int8_file(graph: Path) -> Path:
+    return graph.with_suffix(".int8.onnx")
+
+
+def _engines(folder: Path, decoders: dict[str, str]) -> tuple[dict[str, Engine], list[PromptInput]]:
     """The FP32 engine (inside a ChatModel, for the prompt processing), the INT8 one beside it on
     the same embedding, and the built-in prompts as (embeds, positions, delta)."""
-    from modelkiln.genai.chat import ChatModel
-    from modelkiln.genai.engine import Engine
-
-    threads = os.cpu_count() or 1
-    chat = ChatModel(folder, threads=threads)
+    chat = ChatModel(folder, threads=_threads())
     engines = {"fp32": chat.engine}
     if "int8" in decoders:
-        engines["int8"] = Engine(folder / decoders["int8"], chat.embed, threads=threads)
+        engines["int8"] = Engine(folder / decoders["int8"], chat.embed, threads=_threads())
     prompts = []
     for text in PROMPTS:
         p = chat.prompt([{"role": "user", "content": text}])
@@ -96,23 +115,19 @@ def _engines(folder: Path, decoders: dict[str, str]) -> tuple[dict[str, Any], li
 
 
 def _vision_graphs(folder: Path) -> list[Path]:
-    spec = json.loads((folder / "genai.json").read_text(encoding="utf-8"))
-    return [folder / f for f in spec["vision"].values()]
+    return [folder / f for f in GenaiSpec.load(folder).vision.values()]
 
 
 def _vision_cosine(folder: Path, seed: int = 0) -> float:
     """Worst cosine of INT8 to FP32 image embeddings over the buckets (random pixel input)."""
-    import numpy as np
-
-    from modelkiln.runtime.session import ort_session
-
     rng = np.random.default_rng(seed)
     worst = 1.0
     for graph in _vision_graphs(folder):
-        fp32, int8 = ort_session(graph), ort_session(graph.with_suffix(".int8.onnx"))
-        shape = [int(d) for d in fp32.get_inputs()[0].shape]
-        x = {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
-        a, b = fp32.run(None, x)[0].ravel(), int8.run(None, x)[0].ravel()
+        fp32, int8 = cpu_backend(graph), cpu_backend(_int8_file(graph))
+        shape = [int(d) if isinstance(d, int) else 1 for d in fp32.input_metadata[0].shape]
+        x = {fp32.input_metadata[0].name: rng.standard_normal(shape).astype(np.float32)}
+        a = next(iter(fp32.infer(x).values())).ravel()
+        b = next(iter(int8.infer(x).values())).ravel()
         worst = min(worst, float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
     return round(worst, 6)
 
@@ -120,8 +135,6 @@ def _vision_cosine(folder: Path, seed: int = 0) -> float:
 def _repository(out: Path, folder: Path, entry: ZooModel, decoders: dict[str, str]) -> Path:
     """``OUT/repository/<name>``: the folder as version 1, serving the INT8 decoder and vision
     graphs when there are some."""
-    from modelkiln.serve.config import GenAIConfig, ModelConfig, dump_config
-
     name = entry.name.replace("-", "_").replace(".", "_")
     target = out / "repository" / name
     if target.exists():
@@ -129,8 +142,8 @@ def _repository(out: Path, folder: Path, entry: ZooModel, decoders: dict[str, st
     shutil.copytree(folder, target / "1")
     config = ModelConfig(
         name,
-        backend="genai",
-        threads_per_instance=os.cpu_count() or 1,
+        backend=ModelKind.GENERATION,
+        threads_per_instance=_threads(),
         genai=GenAIConfig(decoder=decoders.get("int8"), vision_int8="int8" in decoders),
     )
     (target / "config.yaml").write_text(dump_config(config))
@@ -146,19 +159,19 @@ def _report(out: Path, summary: DeploySummary) -> Path:
         "| precision | decoder MB | first token ms (median) | decode tokens/s (median) | logit cosine vs fp32 (mean / min) | top-1 agreement |",
         "|---|---|---|---|---|---|",
     ]
-    for name, p in summary.precisions.items():
-        bench, quality = p.get("bench", {}), p.get("quality")
+    for name, p in summary.chat_precisions().items():
+        quality = p.quality
         q = (
-            f"{quality['logit_cosine_mean']:.5f} / {quality['logit_cosine_min']:.5f} | {quality['top1_agreement']:.1%}"
+            f"{quality.logit_cosine_mean:.5f} / {quality.logit_cosine_min:.5f} | {quality.top1_agreement:.1%}"
             if quality
             else "reference | reference"
         )
-        if "vision_cosine_min" in p:
-            q += f" (vision embeddings cosine >= {p['vision_cosine_min']:.5f})"
-        lines.append(
-            f"| {name} | {p.get('size_mb', '')} | {bench.get('ttft_ms_median', '')} | "
-            f"{bench.get('decode_tok_s_median', '')} | {q} |"
-        )
+        if p.vision_cosine_min is not None:
+            q += f" (vision embeddings cosine >= {p.vision_cosine_min:.5f})"
+        ttft = p.bench.ttft_ms_median if p.bench else ""
+        rate = p.bench.decode_tok_s_median if p.bench else ""
+        size = p.size_mb if p.size_mb is not None else ""
+        lines.append(f"| {name} | {size} | {ttft} | {rate} | {q} |")
     lines += [
         "",
         (

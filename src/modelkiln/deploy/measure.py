@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from modelkiln.zoo import ZooModel
+from modelkiln.accuracy.compare import compare_models, plot_layers
+from modelkiln.accuracy.evaluate import evaluate
+from modelkiln.bench.runner import BenchCase, LoopSpec, benchmark_interleaved
+from modelkiln.data.feeds import model_feeds
+from modelkiln.deploy.summary import Agreement, BatchFigures, LayerAgreement, LayerSnr, OutputAgreement
+from modelkiln.runtime.backends.onnxruntime import OrtBackend
+from modelkiln.zoo import Task, ZooModel
+
+#: Batch sizes deploy times every precision at.
+BENCH_BATCHES = (1, 8)
 
 
 def _feeds(
     path: Path, data: Path, entry: ZooModel | None, limit: int, batch: int
 ) -> list[dict[str, np.ndarray]]:
-    from modelkiln.onnx_io import load_model
-    from modelkiln.quant.data import batches, list_samples
-    from modelkiln.quant.quantize import input_names
-
-    return list(batches(list_samples(data, limit), input_names(load_model(path)), entry, batch))
+    return list(model_feeds(path, data, entry, batch, limit))
 
 
 def calibration_feed(model: Path, data: Path, entry: ZooModel | None, batch: int) -> dict[str, np.ndarray]:
@@ -30,80 +35,54 @@ def calibration_feed(model: Path, data: Path, entry: ZooModel | None, batch: int
 
 def agreement(
     fp32: Path, candidate: Path, data: Path, entry: ZooModel | None, out: Path, name: str
-) -> dict[str, Any]:
+) -> Agreement:
     """Per-output cosine/SNR/top-k agreement vs FP32; for INT8 also per-layer SNR (plotted)."""
-    from modelkiln.accuracy.compare import compare, plot_layers
-
     per_layer = name == "int8"
-    result = compare(
+    result = compare_models(
         fp32,
         candidate,
         _feeds(fp32, data, entry, 32, 8),
         per_layer=per_layer,
-        classifier=entry is not None and entry.task == "classification",
+        classifier=entry is not None and entry.task == Task.CLASSIFICATION,
     )
-    found: dict[str, Any] = {
-        "samples": result.samples,
-        "outputs": [
-            {
-                "name": o.name,
-                "cosine": o.cosine,
-                "snr_db": o.snr_db,
-                "max_abs": o.max_abs,
-                "topk_agreement": o.topk_agreement,
-            }
-            for o in result.outputs
-        ],
-    }
+    outputs = tuple(
+        OutputAgreement(o.name, o.cosine, o.snr_db, o.max_abs, o.topk_agreement) for o in result.outputs
+    )
+    layers = None
     if per_layer:
         (out / "plots").mkdir(exist_ok=True)
-        found["layer_plot"] = str(plot_layers(result, out / "plots" / "int8_layer_snr.png"))
-        found["first_collapse"] = result.first_collapse
+        plot = str(plot_layers(result, out / "plots" / "int8_layer_snr.png"))
         worst = sorted(result.layers, key=lambda x: x.snr_db)[:10]
-        found["worst_layers"] = [{"name": x.name, "snr_db": x.snr_db} for x in worst]
-    return found
+        layers = LayerAgreement(plot, result.first_collapse, tuple(LayerSnr(x.name, x.snr_db) for x in worst))
+    return Agreement(result.samples, outputs, layers)
 
 
 def task_metrics(
     model: Path, entry: ZooModel, data: Path, labels: Path | None, limit: int | None
 ) -> dict[str, float]:
-    from modelkiln.accuracy.evaluate import evaluate
-
-    if labels is None and (data / "labels.csv").is_file():
-        labels = data / "labels.csv"
-    return evaluate(model, entry.name, data, labels, limit=limit).metrics
+    """The zoo task's metrics (top-1/top-5, mAP) of ``model`` on labelled ``data``."""
+    return dict(evaluate(model, entry.name, data, labels, limit=limit).metrics)
 
 
 def bench(
-    models: dict[str, Path], data: Path, entry: ZooModel | None, seconds: float, rounds: int = 3
-) -> dict[str, dict[str, Any]]:
+    models: Mapping[str, Path], data: Path, entry: ZooModel | None, seconds: float, rounds: int = 3
+) -> dict[str, dict[int, BatchFigures]]:
     """p50/p99 latency and throughput at batch 1 and 8 on real (calibration/eval) inputs, every
     precision timed in turns over ``rounds`` so machine noise falls on all of them alike."""
-    from modelkiln.bench.runner import LoopSpec, benchmark, summarize
-    from modelkiln.runtime.backends.onnxruntime import OrtBackend
-
     backends = {name: OrtBackend.load(path) for name, path in models.items()}
-    feeds = {
-        (name, batch): calibration_feed(path, data, entry, batch)
+    cases = {
+        (name, batch): BenchCase(backends[name], calibration_feed(path, data, entry, batch), batch)
         for name, path in models.items()
-        for batch in (1, 8)
+        for batch in BENCH_BATCHES
     }
-    samples: dict[tuple[str, int], list[float]] = {key: [] for key in feeds}
-    walls: dict[tuple[str, int], float] = dict.fromkeys(feeds, 0.0)
     loop = LoopSpec(warmup=2, iterations=None, duration=seconds / rounds)
-    for _ in range(rounds):
-        for (name, batch), feed in feeds.items():
-            r = benchmark(backends[name], feed, batch, 1, loop)
-            samples[(name, batch)].extend(x / 1e3 for x in r.latencies_ms)
-            walls[(name, batch)] += r.wall_s
-    found: dict[str, dict[str, Any]] = {name: {} for name in models}
-    for (name, batch), lat in samples.items():
-        stats = summarize(lat)
-        found[name][f"batch{batch}"] = {
-            "p50_ms": stats["median"],
-            "p99_ms": stats["p99"],
-            "min_ms": stats["min"],
-            "throughput": batch * len(lat) / walls[(name, batch)],
-            "iterations": len(lat),
-        }
+    found: dict[str, dict[int, BatchFigures]] = {name: {} for name in models}
+    for (name, batch), r in benchmark_interleaved(cases, loop, rounds).items():
+        found[name][batch] = BatchFigures(
+            p50_ms=r.latency_ms["median"],
+            p99_ms=r.latency_ms["p99"],
+            min_ms=r.latency_ms["min"],
+            throughput=r.throughput,
+            iterations=r.iterations,
+        )
     return found

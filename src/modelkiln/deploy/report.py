@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln._deps import require
+from modelkiln.deploy.summary import BatchFigures, DeploySummary, PrecisionFigures
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -19,9 +20,15 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def table_rows(summary: Any) -> tuple[list[str], list[list[str]]]:
+def _batch(p: PrecisionFigures, batch: int, key: str) -> float | None:
+    figures: BatchFigures | None = p.bench.get(batch)
+    return None if figures is None else float(getattr(figures, key))
+
+
+def table_rows(summary: DeploySummary) -> tuple[list[str], list[list[str]]]:
     """One row per precision: task metric, agreement, latency, throughput, size."""
-    task_keys = sorted({k for p in summary.precisions.values() for k in (p.get("task") or {})})
+    precisions = summary.image_precisions()
+    task_keys = sorted({k for p in precisions.values() for k in (p.task or {})})
     head = [
         "precision",
         *task_keys,
@@ -35,24 +42,23 @@ def table_rows(summary: Any) -> tuple[list[str], list[list[str]]]:
         "size MB",
     ]
     rows = []
-    for name, p in summary.precisions.items():
-        out = (p.get("agreement") or {}).get("outputs") or [{}]
-        b = p.get("bench") or {}
+    for name, p in precisions.items():
+        agree = p.agreement
         rows.append(
             [
                 name,
-                *(_fmt((p.get("task") or {}).get(k)) for k in task_keys),
-                _fmt(out[0].get("cosine"), 5),
-                _fmt((out[0].get("topk_agreement") or {}).get("top1"), 3),
-                *(_fmt(b.get(f"batch{n}", {}).get(k), 2) for n in (1, 8) for k in ("p50_ms", "p99_ms")),
-                _fmt(b.get("batch8", {}).get("throughput"), 1),
-                _fmt(p.get("size_mb"), 2),
+                *(_fmt((p.task or {}).get(k)) for k in task_keys),
+                _fmt(agree.first_cosine if agree else None, 5),
+                _fmt(agree.first_top1 if agree else None, 3),
+                *(_fmt(_batch(p, n, k), 2) for n in (1, 8) for k in ("p50_ms", "p99_ms")),
+                _fmt(_batch(p, 8, "throughput"), 1),
+                _fmt(p.size_mb, 2),
             ]
         )
     return head, rows
 
 
-def _plots(summary: Any, out: Path) -> dict[str, Path]:
+def _plots(summary: DeploySummary, out: Path) -> dict[str, Path]:
     mpl = require("matplotlib", "deploy report plots")
     mpl.use("Agg")
     plt = require("matplotlib.pyplot", "deploy report plots")
@@ -60,18 +66,15 @@ def _plots(summary: Any, out: Path) -> dict[str, Path]:
     folder.mkdir(exist_ok=True)
     plots: dict[str, Path] = {}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, p in summary.precisions.items():
-        task = p.get("task") or {}
-        y = (
-            next(iter(task.values()), None)
-            if task
-            else (p.get("agreement") or {}).get("outputs", [{}])[0].get("cosine")
-        )
-        x = (p.get("bench") or {}).get("batch8", {}).get("p50_ms")
+    precisions = summary.image_precisions()
+    for name, p in precisions.items():
+        y = p.first_task_metric if p.task else (p.agreement.first_cosine if p.agreement else None)
+        x = _batch(p, 8, "p50_ms")
         if x is not None and y is not None:
             ax.scatter([x], [y], s=60)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4))
-    metric = next(iter(next(iter(summary.precisions.values())).get("task") or {}), "cosine vs FP32")
+    first = next(iter(precisions.values()), PrecisionFigures())
+    metric = next(iter(first.task or {}), "cosine vs FP32")
     ax.set_xlabel("latency p50 at batch 8 (ms)")
     ax.set_ylabel(metric)
     ax.set_title("accuracy vs latency")
@@ -96,32 +99,33 @@ def _plots(summary: Any, out: Path) -> dict[str, Path]:
         plots["op_histogram"] = folder / "op_histogram.png"
         fig.savefig(plots["op_histogram"], dpi=110)
         plt.close(fig)
-    layer_plot = (summary.precisions.get("int8", {}).get("agreement") or {}).get("layer_plot")
-    if layer_plot:
-        plots["int8_layer_snr"] = Path(layer_plot)
+    int8 = precisions.get("int8")
+    layers = int8.agreement.layers if int8 is not None and int8.agreement is not None else None
+    if layers is not None:
+        plots["int8_layer_snr"] = Path(layers.plot)
     return plots
 
 
-def _kept_float(summary: Any) -> list[tuple[str, str]]:
+def _kept_float(summary: DeploySummary) -> list[tuple[str, str]]:
     return sorted((summary.int8.get("kept_float") or {}).items())
 
 
-def machine_lines(summary: Any) -> list[str]:
+def machine_lines(summary: DeploySummary) -> list[str]:
     """The CPU the figures were measured on and the INT8 format the file states (INT8 numerics and
     speed depend on both)."""
     lines = [f"measured on: {summary.cpu.get('description', 'unknown')}"]
     fmt = summary.int8_format
-    if fmt:
-        needs = "runs on any CPU" if fmt["requires"] == "" else f"needs {fmt['requires']}"
-        asked = f"; asked --cpu {fmt['requested']}" if fmt.get("requested") else ""
+    if fmt is not None:
+        needs = "runs on any CPU" if fmt.requires == "" else f"needs {fmt.requires}"
+        asked = f"; asked --cpu {fmt.requested}" if fmt.requested else ""
         lines.append(
-            f"INT8 format: {fmt['format']} (weights {fmt['weights']}, activations {fmt['activations']}; "
-            f"{needs}{asked})"
+            f"INT8 format: {fmt.format} (weights {fmt.weights}, activations {fmt.activations}; {needs}{asked})"
         )
     return lines
 
 
-def write_reports(summary: Any, out: Path) -> dict[str, str]:
+def write_reports(summary: DeploySummary, out: Path) -> dict[str, str]:
+    """``report.md`` and ``report.html`` (plots inlined) in ``out``; returns their paths by kind."""
     plots = _plots(summary, out)
     head, rows = table_rows(summary)
     md = [f"# Deployment report: {summary.model}", ""]
@@ -154,7 +158,13 @@ def write_reports(summary: Any, out: Path) -> dict[str, str]:
     return {"report_md": str(out / "report.md"), "report_html": str(out / "report.html")}
 
 
-def _html(summary: Any, head: list[str], rows: list[list[str]], plots: dict[str, Path], kept: list) -> str:
+def _html(
+    summary: DeploySummary,
+    head: list[str],
+    rows: list[list[str]],
+    plots: dict[str, Path],
+    kept: list[tuple[str, str]],
+) -> str:
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kiln deploy report</title>",

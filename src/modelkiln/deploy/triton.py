@@ -6,6 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from google.protobuf import text_format
+
+from modelkiln._deps import require
 from modelkiln.errors import ConfigError
 from modelkiln.serve.config import ModelConfig
 from modelkiln.serve.model import TensorInfo
@@ -50,10 +53,6 @@ def config_pbtxt(config: ModelConfig, inputs: list[TensorInfo], outputs: list[Te
 
 def validate_pbtxt(text: str) -> object:
     """Parse into Triton's own ModelConfig protobuf (shipped in tritonclient[grpc])."""
-    from google.protobuf import text_format
-
-    from modelkiln._deps import require
-
     pb = require(
         "tritonclient.grpc.model_config_pb2", "validating Triton configs (pip install tritonclient[grpc])"
     )

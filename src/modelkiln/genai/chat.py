@@ -22,14 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from modelkiln.delivery.crypto import ModelKey, model_source
 from modelkiln.errors import BadInput, ModelNotFound
+from modelkiln.export import export
 from modelkiln.genai.engine import Engine, Generation, Sampling
 from modelkiln.genai.images import resize_to_bucket
 from modelkiln.genai.measure import decode_rate
 from modelkiln.genai.mrope import mrope_positions
 from modelkiln.genai.processor import QwenVLProcessor
+from modelkiln.genai.spec import SPEC_FILE, Bucket, GenaiSpec
+from modelkiln.runtime.backends.base import Backend
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
 from modelkiln.runtime.memory_pool import MemoryPool
-from modelkiln.runtime.session import ort_session
+from modelkiln.zoo.images import read_image
 
 log = logging.getLogger(__name__)
 
@@ -56,42 +61,45 @@ class ChatModel:
         threads: int | None = None,
         pool: MemoryPool | None = None,
         vision_int8: bool = False,
+        key: ModelKey | None = None,
     ) -> None:
         """``vision_int8``: run the weight-only INT8 vision graphs (``vision_HxW.int8.onnx``, written
-        by ``kiln deploy`` or ``kiln quantize --weight-only --kernel matmulnbits``)."""
+        by ``kiln deploy`` or ``kiln quantize --weight-only --kernel matmulnbits``). ``key`` opens
+        graphs encrypted with ``kiln encrypt`` (``*.onnx.enc``), in memory only."""
         folder = Path(folder)
-        spec = json.loads((folder / "genai.json").read_text(encoding="utf-8"))
-        self.name = spec["model"]
+        self.spec = spec = GenaiSpec.load(folder)
+        self.name = spec.model
         self.processor = QwenVLProcessor.from_folder(folder)
         self.tokenizer = self.processor.tokenizer
-        self.context, self.merge = int(spec["context"]), int(spec["merge"])
-        self.stop, self.image_token = set(spec["stop"]), int(spec["image_token"])
-        self.buckets = [tuple(b) for b in spec["buckets"]]
-        self.vision = {
-            tuple(int(v) for v in k.split("x")): ort_session(
-                _vision_file(folder, f, vision_int8), threads=threads
-            )
-            for k, f in spec["vision"].items()
+        self.context, self.merge = spec.context, spec.merge
+        self.stop, self.image_token = set(spec.stop), spec.image_token
+        self.buckets: list[Bucket] = list(spec.buckets)
+        self.vision: dict[Bucket, Backend] = {
+            bucket: cpu_backend(model_source(_vision_file(folder, f, vision_int8), key), threads=threads)
+            for bucket, f in spec.vision.items()
         }
-        self._embed = ort_session(folder / spec["embed"], threads=1)
-        self.engine = Engine(folder / (decoder or spec["decoder"]), self.embed, pool, threads)
+        self._embed = cpu_backend(model_source(folder / spec.embed, key), threads=1)
+        self.engine = Engine(model_source(folder / (decoder or spec.decoder), key), self.embed, pool, threads)
         self.last_stats: ReplyStats | None = None  # of the last reply()
 
     @classmethod
     def open(
-        cls, name: str, decoder: str | None = None, threads: int | None = None, vision_int8: bool = False
+        cls,
+        name: str,
+        decoder: str | None = None,
+        threads: int | None = None,
+        vision_int8: bool = False,
+        model_key: ModelKey | None = None,
     ) -> ChatModel:
         """An exported folder, or ``qwen2-vl-tiny`` / a Qwen2-VL weights folder or hub id, exported
         here first (into a temporary folder, parity-checked)."""
         path = Path(name)
-        if (path / "genai.json").is_file():
-            return cls(path, decoder, threads, vision_int8=vision_int8)
+        if (path / SPEC_FILE).is_file():
+            return cls(path, decoder, threads, vision_int8=vision_int8, key=model_key)
         if path.exists() and not (path / "config.json").is_file():
             raise ModelNotFound(
-                f"chat: {name} is neither an exported folder (genai.json) nor a Qwen2-VL folder"
+                f"chat: {name} is neither an exported folder ({SPEC_FILE}) nor a Qwen2-VL folder"
             )
-        from modelkiln.export import export
-
         out = Path(tempfile.mkdtemp(prefix="kiln-chat-"))
         atexit.register(shutil.rmtree, out, True)  # sessions hold the graphs; the folder is scratch
         key = name.lower().replace("_", "-")
@@ -104,7 +112,8 @@ class ChatModel:
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [n] -> embeddings [n, hidden] through the exported embedding graph."""
-        return self._embed.run(None, {"input_ids": np.asarray(ids, np.int64)[None]})[0][0]
+        out: np.ndarray = _only(self._embed.infer({"input_ids": np.asarray(ids, np.int64)[None]}))[0]
+        return out
 
     def prompt(self, messages: Sequence[dict[str, Any]], images: Sequence[np.ndarray] = ()) -> Prompt:
         """Apply the chat template, preprocess images into their buckets, run the vision encoder and
@@ -121,7 +130,7 @@ class ChatModel:
         embeds = self.embed(ids).copy()
         is_image = ids == self.image_token
         slots = np.flatnonzero(is_image)  # image k fills the k-th run of image tokens
-        grids = [tuple(int(v) for v in g) for g in inputs.get("image_grid_thw", [])]
+        grids = [_grid(g) for g in inputs.get("image_grid_thw", [])]
         pixel_row = token = 0
         patch = self.processor.patch_size
         for img, grid in zip(sized, grids, strict=True):
@@ -131,7 +140,7 @@ class ChatModel:
                 )
             patches = int(np.prod(grid))
             pixels = np.asarray(inputs["pixel_values"][pixel_row : pixel_row + patches], np.float32)
-            out = self.vision[img.shape[:2]].run(None, {"pixel_values": pixels})[0]
+            out = _only(self.vision[(img.shape[0], img.shape[1])].infer({"pixel_values": pixels}))
             embeds[slots[token : token + len(out)]] = out
             pixel_row, token = pixel_row + patches, token + len(out)
         positions, delta = mrope_positions(is_image.astype(int).tolist(), grids, self.merge)
@@ -163,7 +172,8 @@ class ChatModel:
         """One user turn (optionally about an image file); ``on_text`` gets each new piece of text."""
         if not prompt or not prompt.strip():
             raise BadInput("chat: the prompt is empty")
-        messages, images = [], []
+        messages: list[dict[str, Any]] = []
+        images: list[np.ndarray] = []
         add_turn(messages, images, prompt, image)
         return self.answer(messages, images, max_new_tokens, Sampling(temperature, top_p, seed), on_text)
 
@@ -196,11 +206,9 @@ def add_turn(
     messages: list[dict[str, Any]], images: list[np.ndarray], text: str, image: str | Path | None = None
 ) -> None:
     """Append a user turn (text, optionally about an image file) to a conversation."""
-    from modelkiln.genai.images import read_rgb
-
     content: list[dict[str, str]] = [{"type": "text", "text": text}]
     if image is not None:
-        images.append(read_rgb(image))
+        images.append(read_image(image, rgb=True))
         content.insert(0, {"type": "image"})
     messages.append({"role": "user", "content": content})
 
@@ -235,7 +243,7 @@ class TextStream:
         if token in self.stop:
             return ""
         self.tokens.append(token)
-        now = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        now = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
         if now.endswith("\ufffd"):
             return ""
         piece, self.text = now[len(self.text) :], now
@@ -243,7 +251,7 @@ class TextStream:
 
     def flush(self) -> str:
         """At the end: whatever was held back (an incomplete character decodes as U+FFFD)."""
-        now = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        now = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
         piece, self.text = now[len(self.text) :], now
         return piece
 
@@ -252,7 +260,7 @@ def _vision_file(folder: Path, name: str, int8: bool) -> Path:
     if not int8:
         return folder / name
     path = folder / name.replace(".onnx", ".int8.onnx")
-    if not path.is_file():
+    if not (path.is_file() or path.with_name(path.name + ".enc").is_file()):
         raise ModelNotFound(
             f"chat: {path.name} not found in {folder}; write it with `kiln quantize {folder / name} -o {path} "
             "--weight-only --kernel matmulnbits` (kiln deploy does it for every bucket)"
@@ -268,6 +276,17 @@ def _family_of(folder: Path) -> str:
         kind = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
         return "qwen2.5-vl" if "2_5" in kind else "qwen2-vl"
     return "qwen2.5-vl" if "2.5" in str(folder) else "qwen2-vl"
+
+
+def _grid(g: Sequence[int]) -> tuple[int, int, int]:
+    """An image's (temporal, rows, columns) patch grid from the processor."""
+    t, h, w = (int(v) for v in g)
+    return t, h, w
+
+
+def _only(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The output of a one-output graph (embedding, vision encoder)."""
+    return next(iter(outputs.values()))
 
 
 def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:

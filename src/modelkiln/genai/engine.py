@@ -12,16 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from modelkiln.errors import BadInput
 from modelkiln.genai.kv_cache import KVCache
-from modelkiln.runtime.memory_pool import MemoryPool
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.base import ModelSource
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.runtime.memory_pool import MemoryPool, PooledArray
 
 Embed = Callable[[np.ndarray], np.ndarray]  # token ids [n] -> embeddings [n, hidden]
+#: ``IOBinding.bind_input`` / ``bind_output``: (name, device, device id, dtype, shape, pointer).
+BindFn = Callable[[str, str, int, Any, list[int], int], None]
 
 
 @dataclass(frozen=True)
@@ -57,16 +60,19 @@ class Engine:
     """The decoder step session, the token embedding and the pool sequences take caches from."""
 
     def __init__(
-        self, step: str | Path, embed: Embed, pool: MemoryPool | None = None, threads: int | None = None
+        self, step: ModelSource, embed: Embed, pool: MemoryPool | None = None, threads: int | None = None
     ) -> None:
-        self.session = ort_session(step, threads=threads)
+        self.backend = cpu_backend(step, threads=threads)
+        #: The raw ONNX Runtime session: the KV cache is bound into it (I/O binding) in place.
+        self.session: Any = self.backend.session
         self.embed = embed
         self.pool = pool or MemoryPool()
-        inputs = self.session.get_inputs()
+        inputs = self.backend.input_metadata
         self.past_names = [i.name for i in inputs[3:]]
         self.present_names = [n.replace("past", "present", 1) for n in self.past_names]
-        self.kv_heads, self.head_dim = inputs[3].shape[1], inputs[3].shape[3]
-        self.vocab = int(self.session.get_outputs()[0].shape[-1])
+        name = self.backend.model_name
+        self.kv_heads, self.head_dim = _static(inputs[3].shape[1], name), _static(inputs[3].shape[3], name)
+        self.vocab = _static(self.backend.output_metadata[0].shape[-1], name)
 
     def start(
         self,
@@ -83,7 +89,7 @@ class Engine:
         )
 
     def generate(
-        self, input_ids: list[int], max_new_tokens: int, stop: set[int] | None = None, **kw
+        self, input_ids: list[int], max_new_tokens: int, stop: set[int] | None = None, **kw: Any
     ) -> list[int]:
         """Continuation of a text prompt (text M-RoPE: the same index on all 3 axes)."""
         positions = np.broadcast_to(np.arange(len(input_ids), dtype=np.int64), (3, len(input_ids)))
@@ -130,9 +136,10 @@ class Generation:
         self.rng = np.random.default_rng(sampling.seed)
         self.tokens: list[int] = []
         self.done = False
+        self._closed = False
         capacity = embeds.shape[0] + max_new_tokens
         self.cache = KVCache(engine.pool, engine.past_names, engine.kv_heads, engine.head_dim, capacity)
-        self.logits = engine.pool.acquire((1, 1, engine.vocab))
+        self.logits: PooledArray = engine.pool.acquire((1, 1, engine.vocab))
         self.mask = np.ones((1, capacity), np.int64)
         self._embeds = np.ascontiguousarray(embeds[None], np.float32)
         self._positions = np.ascontiguousarray(positions[:, None, :], np.int64)
@@ -192,12 +199,20 @@ class Generation:
 
     def close(self) -> None:
         """Give the cache and logits buffers back to the pool (idempotent)."""
-        if self.cache is not None:
+        if not self._closed:
+            self._closed = True
             self.cache.release()
             self.logits.release()
-            self.cache = None  # type: ignore[assignment]
             self.done = True
 
 
-def _bind(bind, name: str, array: np.ndarray) -> None:
+def _bind(bind: BindFn, name: str, array: np.ndarray) -> None:
+    """Bind a float32 CPU buffer by pointer: ONNX Runtime reads or writes it in place."""
     bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+
+
+def _static(dim: int | str | None, step: str) -> int:
+    """A dimension the decoder graph must fix (KV heads, head size, vocabulary)."""
+    if not isinstance(dim, int):
+        raise BadInput(f"{step}: expected a fixed KV-cache/vocabulary dimension, got {dim!r}")
+    return dim

@@ -4,12 +4,14 @@ Used by ``kiln deploy`` for chat models and by benchmarks/qwen_generate.py."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from modelkiln.bench.runner import interleaved
 from modelkiln.genai.engine import Engine
 
 #: Pause before each timed run: ONNX Runtime's (and torch's) worker threads spin for a while after
@@ -38,13 +40,12 @@ def speed(
     engines: dict[str, Engine], embeds: np.ndarray, positions: np.ndarray, delta: int, new: int, rounds: int
 ) -> dict[str, dict[str, float]]:
     """Each engine in interleaved rounds (after one warm-up each): TTFT and decode rate, median and best."""
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in engines}
     for engine in engines.values():
         timed_greedy(engine, embeds, positions, delta, 4)
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            time.sleep(SETTLE_S)
-            runs[name].append(timed_greedy(engine, embeds, positions, delta, new)[:2])
+    jobs = {
+        name: functools.partial(timed_greedy, e, embeds, positions, delta, new) for name, e in engines.items()
+    }
+    runs = interleaved(jobs, rounds, settle_s=SETTLE_S)
     return {
         name: {
             "ttft_ms_median": round(statistics.median(r[0] for r in rs), 2),

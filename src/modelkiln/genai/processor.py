@@ -41,8 +41,10 @@ class QwenVLProcessor:
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         """The prompt text with an open assistant turn, images as vision_start/pad/end."""
-        return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        return str(
+            self.tokenizer.apply_chat_template(
+                list(messages), chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+            )
         )
 
     def __call__(self, text: str, images: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
@@ -74,7 +76,7 @@ def _chat_template(folder: Path, tokenizer: Any) -> str:
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if (folder / "chat_template.json").is_file():
-        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))["chat_template"]
+        return str(json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))["chat_template"])
     if tokenizer.chat_template:
-        return tokenizer.chat_template
+        return str(tokenizer.chat_template)
     raise FileNotFoundError(f"{folder}: no chat template (chat_template.jinja/.json or in the tokenizer)")
