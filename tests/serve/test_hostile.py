@@ -260,7 +260,7 @@ def chat(*images: bytes, text: str = "hi", **extra) -> dict:
 
 CHAT_CASES = [
     pytest.param(chat(png_header(16000, 16000)), 413, "max_image_pixels", id="png-256MP"),
-    pytest.param(chat(png_header(60000, 60000)), 413, "decompression-bomb", id="png-3600MP"),
+    pytest.param(chat(png_header(60000, 60000)), 413, "60000x60000 pixels; the limit is", id="png-3600MP"),
     pytest.param(chat(*[png_header(4000, 4000)] * 9), 413, "max_images", id="9-images"),
     pytest.param(chat(*[png_header(4000, 4000)] * 3), 413, "max_request_pixels", id="48MP-together"),
     pytest.param(chat(text="x" * (70 << 10)), 413, "max_prompt_bytes", id="70KiB-prompt"),

@@ -79,7 +79,7 @@ def test_pipeline_rejects_a_bad_image_and_keeps_serving(pipeline_server) -> None
 def test_clip_zero_shot_pipeline_caches_label_embeddings(tmp_path: Path) -> None:
     """Random-weight CLIP: the pipeline's probabilities equal the towers run by hand."""
     from modelkiln.export import export
-    from modelkiln.runtime.session import model_metadata, ort_session
+    from modelkiln.runtime.backends.onnxruntime import cpu_backend
     from modelkiln.serve.config import dump_config
     from modelkiln.zoo import get
 
@@ -107,11 +107,11 @@ def test_clip_zero_shot_pipeline_caches_label_embeddings(tmp_path: Path) -> None
         inp.set_data_from_numpy(image)
         probs = c.infer("zero_shot", [inp]).as_numpy("probs")
         entry = get("clip-vit-b-32")
-        image_session = ort_session(tmp_path / "clip" / "image.onnx")
-        entry.configure(model_metadata(image_session))  # the exported logit scale
-        img = image_session.run(None, entry.preprocess([image]).feed)[0]
+        image_tower = cpu_backend(tmp_path / "clip" / "image.onnx")
+        entry.configure(image_tower.metadata)  # the exported logit scale
+        img = image_tower.infer(entry.preprocess([image]).feed)["image_embeds"]
         ids = entry.tokenize([f"a photo of a {x}." for x in labels])
-        txt = ort_session(tmp_path / "clip" / "text.onnx").run(None, {"input_ids": ids})[0]
+        txt = cpu_backend(tmp_path / "clip" / "text.onnx").infer({"input_ids": ids})["text_embeds"]
         img, txt = img / np.linalg.norm(img), txt / np.linalg.norm(txt, axis=1, keepdims=True)
         logits = entry.logit_scale * img @ txt.T
         ref = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()

@@ -9,7 +9,8 @@ import typer
 
 from modelkiln.errors import BadInput
 from modelkiln.log import console
-from modelkiln.serve.config import DynamicBatching, GenAIConfig, ModelConfig, dump_config
+from modelkiln.runtime.backends.base import BackendKind
+from modelkiln.serve.config import DynamicBatching, GenAIConfig, ModelConfig, ModelKind, dump_config
 from modelkiln.serve.repository import GENAI_FILE, MODEL_FILE
 
 app = typer.Typer(help="Build model repositories.", no_args_is_help=True)
@@ -65,7 +66,7 @@ def add(
         instance_count=instances,
         threads_per_instance=threads,
         priority=priority,
-        backend="genai" if genai else "onnxruntime",
+        backend=ModelKind.GENERATION if genai else BackendKind.ONNXRUNTIME,
         genai=GenAIConfig(max_sequences, max_new_tokens, decoder, continuous, vision_int8) if genai else None,
         allow_cpu_mismatch=allow_cpu_mismatch,
     )

@@ -6,6 +6,13 @@ from pathlib import Path
 
 import typer
 
+from modelkiln.delivery.crypto import resolve_model_key
+from modelkiln.errors import KilnError
+from modelkiln.serve.guard import ServeLimits
+from modelkiln.serve.http import serve
+from modelkiln.serve.model import LoadPolicy
+from modelkiln.serve.security import ADMIN_KEY_ENV, API_KEY_ENV, Security, read_key
+
 
 def serve_cmd(
     repository: Path = typer.Argument(
@@ -62,13 +69,19 @@ def serve_cmd(
     keep_alive_s: float = typer.Option(5.0, "--keep-alive-s", help="Seconds an idle connection stays open."),
     ssl_certfile: Path = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM): serve HTTPS."),
     ssl_keyfile: Path = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM)."),
+    model_key: Path = typer.Option(
+        None,
+        "--model-key",
+        help="Key file for encrypted models (model.onnx.enc; default: KILN_MODEL_KEY_FILE or "
+        "KILN_MODEL_KEY): decrypted in memory only.",
+    ),
+    require_manifest: bool = typer.Option(
+        False,
+        "--require-manifest",
+        help="Refuse models no package manifest lists (a listed model whose hash differs is always refused).",
+    ),
 ) -> None:
     """Serve many models in one process (dynamic batching, priorities, Prometheus /metrics)."""
-    from modelkiln.errors import KilnError
-    from modelkiln.serve.guard import ServeLimits
-    from modelkiln.serve.http import serve
-    from modelkiln.serve.security import ADMIN_KEY_ENV, API_KEY_ENV, Security, read_key
-
     try:
         limits = ServeLimits(
             max_body_bytes=int(max_body_mb * (1 << 20)),
@@ -89,6 +102,7 @@ def serve_cmd(
             allowed_hosts=tuple(allowed_host or ()),
             allowed_origins=tuple(allowed_origin or ()),
         )
+        policy = LoadPolicy(allow_cpu_mismatch, resolve_model_key(model_key), require_manifest)
     except KilnError as exc:
         raise typer.BadParameter(str(exc)) from None
     if (ssl_certfile is None) != (ssl_keyfile is None):
@@ -103,4 +117,5 @@ def serve_cmd(
         security=security,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+        policy=policy,
     )

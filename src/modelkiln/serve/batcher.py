@@ -17,38 +17,36 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from modelkiln.errors import DeadlineExceeded, ModelUnavailable, QueueFull
-
-if TYPE_CHECKING:
-    from modelkiln.serve.model import ServedModel
-    from modelkiln.serve.scheduler import Scheduler
+from modelkiln.serve.model import ServedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InferRequest:
-    feed: dict[str, np.ndarray]
-    batch: int = 1
-    deadline: float | None = None  # time.monotonic() instant
-    enqueued: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
-
-    def signature(self) -> tuple:
-        """What must match for two requests to share a batch: every non-batch dim and dtype."""
-        return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(self.feed.items()))
+Feed = dict[str, np.ndarray]
 
 
 @dataclass
 class InferResponse:
-    outputs: dict[str, np.ndarray]
+    outputs: Feed
     queue_s: float
     compute_s: float
     batch_size: int
+
+
+@dataclass
+class InferRequest:
+    feed: Feed
+    batch: int = 1
+    deadline: float | None = None  # time.monotonic() instant
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[InferResponse] = field(default_factory=Future)
+
+    def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        """What must match for two requests to share a batch: every non-batch dim and dtype."""
+        return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(self.feed.items()))
 
 
 class ModelQueue(Protocol):
@@ -58,15 +56,24 @@ class ModelQueue(Protocol):
 
     name: str
 
-    def submit(self, request: InferRequest) -> Future: ...
+    def submit(self, request: Any) -> Future[Any]:
+        """Queue ``request`` (an InferRequest; a ChatJob for a generative model)."""
 
     def depth(self) -> int: ...
 
     def close(self, drain: bool = True) -> None: ...
 
 
+class BatchExecutor(Protocol):
+    """Where a batcher runs its formed batches (the scheduler): a protocol, so the batcher does
+    not depend on the scheduler that creates it."""
+
+    def execute(self, batcher: DynamicBatcher, batch: list[InferRequest], done: Callable[[], None]) -> None:
+        """Run ``batch`` and answer its requests; call ``done`` when the instance is free again."""
+
+
 class DynamicBatcher:
-    def __init__(self, model: ServedModel, scheduler: Scheduler) -> None:
+    def __init__(self, model: ServedModel, scheduler: BatchExecutor) -> None:
         self.model, self.scheduler = model, scheduler
         self.name = model.name
         cfg = model.config
@@ -84,7 +91,7 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: InferRequest) -> Future:
+    def submit(self, request: InferRequest) -> Future[InferResponse]:
         with self._cond:
             if self._closed:
                 raise ModelUnavailable(f"model '{self.name}' is unloading")
@@ -114,7 +121,7 @@ class DynamicBatcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
+                self._cond.wait_for(lambda: bool(self._queue) or self._closed)
                 if not self._queue:
                     return
             self._slots.acquire()  # requests keep queueing while every instance is busy
@@ -174,12 +181,12 @@ class DynamicBatcher:
 def run_batch(
     model: ServedModel,
     batch: list[InferRequest],
-    concat: Callable[[list[np.ndarray]], Any],
-    release: Callable,
+    concat: Callable[[list[np.ndarray]], np.ndarray],
+    release: Callable[[np.ndarray], None],
 ) -> None:
     """Run ``batch`` as one inference and answer every request (errors go to each request)."""
     start = time.monotonic()
-    buffers: list[Any] = []
+    buffers: list[np.ndarray] = []
     try:
         if len(batch) == 1:
             feed = batch[0].feed

@@ -1,7 +1,8 @@
 """A served model's configuration (``<repo>/<model>/config.yaml``): frozen dataclasses validated
 on load, so a typo is an error naming the file and the key, never a silently ignored option.
 
-    backend: onnxruntime          # the only backend served today
+    backend: onnxruntime          # the runtime of a plain model (the only one served today),
+                                  # or pipeline / genai for the other kinds of served model
     max_batch_size: 8             # 0: the model has no batch axis (requests run as they come)
     dynamic_batching:             # omit to run each request alone
       preferred_batch_sizes: [4, 8]
@@ -25,6 +26,7 @@ A generative model (``backend: genai``) has a folder from ``kiln export qwen2-vl
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,28 @@ from typing import Any
 import yaml
 
 from modelkiln.errors import ConfigError
+from modelkiln.runtime.backends.base import BackendKind
 
 PRIORITY_LEVELS = 3
+
+
+class ModelKind(str, enum.Enum):
+    """What a repository entry serves; the server keeps one loader per kind. The value of the two
+    kinds that are not plain models is what ``backend:`` says in config.yaml."""
+
+    MODEL = "model"  # one ONNX file per version on a runtime backend, dynamically batched
+    PIPELINE = "pipeline"  # other served models chained with the zoo's pre/post-processing
+    GENERATION = "genai"  # an exported chat folder per version, decoded token by token
+
+
+#: Runtimes a plain model can be served on (serve/model.py has a loader for each).
+SERVED_BACKENDS: tuple[BackendKind, ...] = (BackendKind.ONNXRUNTIME,)
+#: config.yaml ``backend:`` values: a served runtime, or a kind of model that is not a plain one.
+BACKEND_VALUES: dict[str, BackendKind | ModelKind] = {
+    **{kind.value: kind for kind in SERVED_BACKENDS},
+    ModelKind.PIPELINE.value: ModelKind.PIPELINE,
+    ModelKind.GENERATION.value: ModelKind.GENERATION,
+}
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -104,7 +126,8 @@ class GenAIConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    backend: str = "onnxruntime"
+    #: A plain model's runtime, or ModelKind.PIPELINE / GENERATION; strings are converted on init.
+    backend: BackendKind | ModelKind = BackendKind.ONNXRUNTIME
     max_batch_size: int = 0
     dynamic_batching: DynamicBatching | None = None
     instance_count: int = 1
@@ -120,13 +143,17 @@ class ModelConfig:
     allow_cpu_mismatch: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in ("onnxruntime", "pipeline", "genai"):
+        value = self.backend.value if isinstance(self.backend, enum.Enum) else self.backend
+        backend = BACKEND_VALUES.get(value) if isinstance(value, str) else None
+        if backend is None:
             raise ConfigError(
-                f"model '{self.name}': backend must be onnxruntime, pipeline or genai, got {self.backend!r}"
+                f"model '{self.name}': config key 'backend' must be one of {list(BACKEND_VALUES)}, "
+                f"got {value!r}"
             )
-        if self.backend == "genai" and self.genai is None:
+        object.__setattr__(self, "backend", backend)  # frozen: the string becomes its enum once here
+        if backend is ModelKind.GENERATION and self.genai is None:
             object.__setattr__(self, "genai", GenAIConfig())  # frozen: defaults filled in once here
-        if self.genai is not None and self.backend != "genai":
+        if self.genai is not None and backend is not ModelKind.GENERATION:
             raise ConfigError(f"model '{self.name}': a genai section needs backend: genai")
         if self.max_batch_size < 0:
             raise ConfigError(f"model '{self.name}': max_batch_size must be >= 0, got {self.max_batch_size}")
@@ -151,6 +178,19 @@ class ModelConfig:
     @property
     def threads(self) -> int:
         return self.instance_count * self.threads_per_instance
+
+    @property
+    def kind(self) -> ModelKind:
+        """A pipeline section makes a pipeline whatever ``backend`` says (as it always has)."""
+        if self.pipeline is not None:
+            return ModelKind.PIPELINE
+        return ModelKind.GENERATION if self.backend is ModelKind.GENERATION else ModelKind.MODEL
+
+    @property
+    def runtime(self) -> BackendKind:
+        """The runtime of a plain model (a ``backend: pipeline`` without a pipeline section is
+        served as an ONNX Runtime model, as it always has been)."""
+        return self.backend if isinstance(self.backend, BackendKind) else BackendKind.ONNXRUNTIME
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -215,6 +255,7 @@ def dump_config(config: ModelConfig) -> str:
     """YAML for ``config`` (what ``kiln repo add`` writes)."""
     data = dataclasses.asdict(config)
     data.pop("name")
+    data["backend"] = config.backend.value
     for key in ("pipeline", "genai"):
         if getattr(config, key) is None:
             data.pop(key)
@@ -226,4 +267,5 @@ def dump_config(config: ModelConfig) -> str:
         data["dynamic_batching"]["preferred_batch_sizes"] = list(
             data["dynamic_batching"]["preferred_batch_sizes"]
         )
-    return yaml.safe_dump(data, sort_keys=False)
+    text: str = yaml.safe_dump(data, sort_keys=False)
+    return text

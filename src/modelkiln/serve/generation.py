@@ -21,17 +21,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from modelkiln.errors import BadInput, ModelUnavailable, QueueFull
+from modelkiln.delivery.crypto import ModelKey
+from modelkiln.errors import BadInput, ConfigError, ModelUnavailable, QueueFull
+from modelkiln.genai import batch as genai_batch  # the module: decode_batch is looked up per round
+from modelkiln.genai.chat import ChatModel, TextStream
 from modelkiln.genai.engine import Generation, Sampling
-
-if TYPE_CHECKING:
-    from modelkiln.genai.chat import ChatModel
-    from modelkiln.serve.config import ModelConfig
-    from modelkiln.serve.scheduler import Scheduler
+from modelkiln.serve.config import GenAIConfig, ModelConfig
+from modelkiln.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ChatJob:
     emit: Callable[[str], None] | None = None  # called from pool threads with each new text piece
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+    future: Future[ChatResult] = field(default_factory=Future)
 
 
 @dataclass
@@ -59,23 +59,39 @@ class ChatResult:
     total_s: float
 
 
+def genai_section(config: ModelConfig) -> GenAIConfig:
+    """The genai section of a generative model's config (ModelConfig fills it in for backend genai)."""
+    if config.genai is None:
+        raise ConfigError(f"model '{config.name}': a generative model needs backend: genai")
+    return config.genai
+
+
 class GenerativeModel:
     """One loaded version of a genai model (an exported folder run by ChatModel)."""
 
     def __init__(self, config: ModelConfig, version: int, folder: Path, chat: ChatModel) -> None:
         self.config, self.version, self.folder, self.chat = config, version, folder, chat
         self.name = config.name
+        self.genai = genai_section(config)
 
     @classmethod
-    def load(cls, config: ModelConfig, version: int, folder: Path, scheduler: Scheduler) -> GenerativeModel:
-        from modelkiln.genai.chat import ChatModel
-
+    def load(
+        cls,
+        config: ModelConfig,
+        version: int,
+        folder: Path,
+        scheduler: Scheduler,
+        key: ModelKey | None = None,
+    ) -> GenerativeModel:
+        """The exported folder's graphs (decrypted in memory with ``key`` where encrypted)."""
+        genai = genai_section(config)
         chat = ChatModel(
             folder,
-            config.genai.decoder,
+            genai.decoder,
             config.threads_per_instance,
             scheduler.memory,
-            vision_int8=config.genai.vision_int8,
+            vision_int8=genai.vision_int8,
+            key=key,
         )
         chat.processor.max_tokens = chat.context  # refuse long prompts before embedding them
         model = cls(config, version, folder, chat)
@@ -104,9 +120,9 @@ class GenerationQueue:
     def __init__(self, model: GenerativeModel, scheduler: Scheduler) -> None:
         self.model, self.scheduler = model, scheduler
         self.name = model.name
-        self.max_sequences = model.config.genai.max_sequences
+        self.max_sequences = model.genai.max_sequences
         self.capacity = model.config.queue.max_queue_size
-        self.batching = model.config.genai.continuous_batching
+        self.batching = model.genai.continuous_batching
         self._waiting: collections.deque[ChatJob] = collections.deque()
         self._ready: list[_Sequence] = []  # prefilled, waiting for the next batched decode step
         self._decoding = False  # a decode round is scheduled or running
@@ -114,8 +130,8 @@ class GenerationQueue:
         self._closed = False
         self._cond = threading.Condition()
 
-    def submit(self, job: ChatJob) -> Future:
-        limit = self.model.config.genai.max_new_tokens
+    def submit(self, job: ChatJob) -> Future[ChatResult]:
+        limit = self.model.genai.max_new_tokens
         if job.max_new_tokens is not None and job.max_new_tokens > limit:
             raise BadInput(
                 f"model '{self.name}': max_tokens {job.max_new_tokens} exceeds this server's limit of {limit}"
@@ -168,14 +184,12 @@ class GenerationQueue:
             self.scheduler.budget.give(cores)
 
     def _begin(self, job: ChatJob) -> None:
-        from modelkiln.genai.chat import TextStream
-
         chat = self.model.chat
         started = time.monotonic()
         prompt = chat.prompt(job.messages, job.images)
         wanted = job.max_new_tokens
         if wanted is None:
-            wanted = max(1, min(self.model.config.genai.max_new_tokens, chat.context - prompt.tokens))
+            wanted = max(1, min(self.model.genai.max_new_tokens, chat.context - prompt.tokens))
         gen = chat.start(prompt, wanted, job.sampling)
         state = _Sequence(job, gen, TextStream(chat.tokenizer, chat.stop), prompt.tokens, started)
         self._schedule(self._step, state)
@@ -232,8 +246,6 @@ class GenerationQueue:
 
     def _decode_round(self) -> None:
         """One token for every prefilled sequence, in one batched run of the decoder step."""
-        from modelkiln.genai.batch import decode_batch
-
         batch = self._take_ready()
         try:
             live = []
@@ -242,7 +254,7 @@ class GenerationQueue:
                     self._finish(state, "cancelled")
                 else:
                     live.append(state)
-            tokens = decode_batch(self.model.chat.engine, [s.gen for s in live]) if live else []
+            tokens = genai_batch.decode_batch(self.model.chat.engine, [s.gen for s in live]) if live else []
             kept = [s for s, t in zip(live, tokens, strict=True) if not self._took(s, t)]
         except Exception as exc:  # noqa: BLE001 - the step failed: answer its unfinished sequences
             self._fail_round([s for s in batch if not s.job.future.done()], exc)
@@ -301,7 +313,7 @@ class GenerationQueue:
 class _Sequence:
     job: ChatJob
     gen: Generation
-    stream: Any  # TextStream
+    stream: TextStream
     prompt_tokens: int
     started: float
     first_token: float | None = None

@@ -15,9 +15,10 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,11 +26,13 @@ from starlette.routing import Route
 
 from modelkiln import __version__
 from modelkiln.serve import openai
+from modelkiln.serve.connection import guarded_h11
 from modelkiln.serve.context import Context, status_of
 from modelkiln.serve.guard import ServeLimits
 from modelkiln.serve.metrics import ServerMetrics
+from modelkiln.serve.model import LoadPolicy
 from modelkiln.serve.protocol import encode_response, header_length, parse_request
-from modelkiln.serve.security import Security, SecurityMiddleware, cors
+from modelkiln.serve.security import Security, SecurityMiddleware, cors, parse_ip
 from modelkiln.serve.server import ModelServer
 
 __all__ = ["create_app", "serve", "status_of"]
@@ -53,7 +56,7 @@ def create_app(
     ctx = Context(server, limits, ServerMetrics())
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: Any):
+    async def lifespan(_: Any) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(server.shutdown)  # queued requests are answered before exit
 
@@ -130,7 +133,7 @@ def kserve_routes(ctx: Context) -> list[Route]:
                 row["reason"] = ctx.redact(row["reason"])
         return JSONResponse(rows)
 
-    def repository_action(action: Callable[[str], Any]) -> Callable:
+    def repository_action(action: Callable[[str], Any]) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
             try:
                 await asyncio.to_thread(action, request.path_params["model"])
@@ -202,19 +205,17 @@ def serve(
     security: Security | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    policy: LoadPolicy | None = None,
 ) -> None:
     """Load every model in ``repository`` and serve until SIGTERM/SIGINT (in-flight requests are
-    answered first); ``allow_cpu_mismatch`` serves INT8 models this CPU cannot run exactly."""
-    import uvicorn
-
-    from modelkiln.serve.connection import guarded_h11
-
+    answered first); ``allow_cpu_mismatch`` serves INT8 models this CPU cannot run exactly;
+    ``policy`` adds the manifest check and the key for encrypted models."""
     limits = limits or ServeLimits()
     security = security or Security()
     # The event loop waits this long at most for the GIL behind a worker thread running Python
     # (default 5 ms); shorter keeps health probes and small requests prompt under load.
     sys.setswitchinterval(GIL_SWITCH_S)
-    server = ModelServer(repository, cores, allow_cpu_mismatch)
+    server = ModelServer(repository, cores, allow_cpu_mismatch, policy)
     server.load_all()
     if not server.loaded():
         log.warning(
@@ -228,7 +229,7 @@ def serve(
         port=port,
         log_level="warning",
         timeout_graceful_shutdown=30,
-        timeout_keep_alive=limits.keep_alive_s,
+        timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]  # float seconds work (call_later)
         http=guarded_h11(limits.header_timeout_s),
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
@@ -239,8 +240,6 @@ def serve(
 
 
 def _warn_if_exposed(host: str, security: Security) -> None:
-    from modelkiln.serve.security import parse_ip
-
     ip = parse_ip(host)
     if security.api_key is None and not (ip is not None and ip.is_loopback) and host != "localhost":
         log.warning(

@@ -5,19 +5,58 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from modelkiln import zoo
+from modelkiln.delivery.crypto import ModelKey, model_source
+from modelkiln.delivery.errors import IntegrityError
+from modelkiln.delivery.manifest import check_file_against_manifest
 from modelkiln.errors import BadInput, ConfigError, CpuMismatch
-from modelkiln.runtime.backends.base import Backend, TensorMeta
+from modelkiln.runtime.backends.base import Backend, BackendKind, ModelSource, TensorMeta
 from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
 from modelkiln.runtime.cpu import unmet_requirement
-from modelkiln.runtime.session import model_metadata
 from modelkiln.serve.config import ModelConfig, TensorConfig
 
 log = logging.getLogger(__name__)
+
+
+def _onnxruntime(model: ModelSource, config: ModelConfig) -> Backend:
+    """One ONNX Runtime session with the config's intra-op threads (instances run side by side)."""
+    return OrtBackend.load(
+        model, OrtOptions(intra_op_threads=config.threads_per_instance, inter_op_threads=1)
+    )
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What the server demands of a model file before serving it.
+
+    ``allow_cpu_mismatch``: serve INT8 models this CPU cannot run as built. ``model_key``: opens
+    encrypted models (``model.onnx.enc``), in memory only. ``require_manifest``: refuse a model no
+    package manifest lists; a model a manifest lists with another hash is always refused."""
+
+    allow_cpu_mismatch: bool = False
+    model_key: ModelKey | None = None
+    require_manifest: bool = False
+
+
+def open_model(path: Path, policy: LoadPolicy) -> ModelSource:
+    """The model to hand a backend: its hash checked against the package manifest when one lists
+    it, decrypted in memory when encrypted."""
+    if check_file_against_manifest(path) is None and policy.require_manifest:
+        raise IntegrityError(f"{path}: no package manifest lists this file (kiln serve --require-manifest)")
+    return model_source(path, policy.model_key)
+
+
+#: How one instance of a plain model is loaded on each served runtime (config.SERVED_BACKENDS).
+BACKEND_LOADERS: dict[BackendKind, Callable[[ModelSource, ModelConfig], Backend]] = {
+    BackendKind.ONNXRUNTIME: _onnxruntime,
+}
 
 #: numpy dtype name -> KServe v2 datatype
 KSERVE_DTYPES = {
@@ -45,7 +84,7 @@ class TensorInfo:
     def datatype(self) -> str:
         return KSERVE_DTYPES[self.dtype]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
@@ -92,22 +131,29 @@ class ServedModel:
 
     @classmethod
     def load(
-        cls, config: ModelConfig, version: int, path: Path, allow_cpu_mismatch: bool = False
+        cls,
+        config: ModelConfig,
+        version: int,
+        path: Path,
+        allow_cpu_mismatch: bool = False,
+        policy: LoadPolicy | None = None,
     ) -> ServedModel:
         """Sessions for ``path``; a model this CPU cannot run as built is refused (a server must
-        not quietly serve worse answers) unless the config or ``allow_cpu_mismatch`` says so."""
-        options = OrtOptions(intra_op_threads=config.threads_per_instance, inter_op_threads=1)
-        first = OrtBackend.load(path, options)
-        properties = model_metadata(first.session)
+        not quietly serve worse answers) unless the config or ``allow_cpu_mismatch`` says so, and
+        so is a file its package manifest lists with another hash (``policy``)."""
+        policy = policy or LoadPolicy(allow_cpu_mismatch)
+        allow_cpu_mismatch = allow_cpu_mismatch or policy.allow_cpu_mismatch
+        load = BACKEND_LOADERS[config.runtime]
+        source = open_model(path, policy)  # decrypted once, shared by the instances
+        first = load(source, config)
+        properties = first.metadata
         reason = unmet_requirement(properties)
         if reason is not None and not (allow_cpu_mismatch or config.allow_cpu_mismatch):
             raise CpuMismatch(
                 f"model '{config.name}' v{version} ({path}) refused: {reason}; or serve it anyway with "
                 "allow_cpu_mismatch: true in its config.yaml, or kiln serve --allow-cpu-mismatch"
             )
-        backends: list[Backend] = [first] + [
-            OrtBackend.load(path, options) for _ in range(config.instance_count - 1)
-        ]
+        backends = [first] + [load(source, config) for _ in range(config.instance_count - 1)]
         model = cls(config, version, backends)
         model.properties = properties
         if config.warmup:
@@ -164,21 +210,17 @@ class ServedModel:
         finally:
             self._idle.put(backend)
 
-    def zoo_entry(self):
+    def zoo_entry(self) -> zoo.ZooModel:
         """The zoo family this file was exported from (its pre/post-processing), from metadata."""
-        from modelkiln import zoo
-
-        name = self.properties.get("modelkiln.zoo")
-        if not name:
+        size = zoo.input_image_size(t.shape for t in self.inputs)
+        entry = zoo.entry_from_metadata(self.properties, size)
+        if entry is None:
             raise ConfigError(
                 f"model '{self.name}' carries no modelkiln.zoo metadata; pipelines need zoo exports"
             )
-        size = next((t.shape[-1] for t in self.inputs if len(t.shape) == 4 and t.shape[-1] > 0), None)
-        entry = zoo.get(name, size)
-        entry.configure(self.properties)
         return entry
 
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "versions": [str(self.version)],

@@ -30,10 +30,11 @@ from starlette.routing import Route
 
 from modelkiln.errors import BadInput, PayloadTooLarge
 from modelkiln.genai.engine import Sampling
-from modelkiln.genai.images import FORMATS, decode_rgb, image_size
 from modelkiln.serve.context import Context
 from modelkiln.serve.generation import ChatJob, ChatResult
 from modelkiln.serve.guard import ClientGone, ServeLimits, finite_number, load_json, shown
+from modelkiln.zoo.image_header import read_header
+from modelkiln.zoo.images import FORMATS, decode_image
 
 ROLES = ("system", "user", "assistant")
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed chat checks that its client is there
@@ -197,12 +198,8 @@ def _decode_images(encoded: list[tuple[bytes, str]], limits: ServeLimits) -> lis
         )
     total = 0
     for data, where in encoded:
-        try:
-            width, height = image_size(data, where)
-        except PayloadTooLarge as exc:  # over Pillow's own bomb limit, far over ours
-            raise PayloadTooLarge(
-                f"{exc}; the limit is {limits.max_image_pixels} pixels (max_image_pixels)"
-            ) from None
+        header = read_header(data, where)  # the header only: no pixel is decoded yet
+        width, height = header.width, header.height
         if width * height > limits.max_image_pixels:
             raise PayloadTooLarge(
                 f"chat completions: image {where} is {width}x{height} pixels; the limit is "
@@ -214,7 +211,7 @@ def _decode_images(encoded: list[tuple[bytes, str]], limits: ServeLimits) -> lis
             f"chat completions: the images have {total} pixels together; the limit is "
             f"{limits.max_request_pixels} pixels per request (max_request_pixels)"
         )
-    return [decode_rgb(data, where, limits.max_image_pixels) for data, where in encoded]
+    return [decode_image(data, where, limits.max_image_pixels, rgb=True) for data, where in encoded]
 
 
 def completion(model: str, cid: str, result: ChatResult) -> dict[str, Any]:
@@ -243,7 +240,11 @@ def usage(result: ChatResult) -> dict[str, int]:
 
 
 def chunk(
-    model: str, cid: str, delta: dict[str, str] | None, finish: str | None = None, tokens: dict | None = None
+    model: str,
+    cid: str,
+    delta: dict[str, str] | None,
+    finish: str | None = None,
+    tokens: dict[str, int] | None = None,
 ) -> bytes:
     """One server-sent event; ``delta`` None is the usage-only chunk (no choices)."""
     body: dict[str, Any] = {
@@ -319,7 +320,11 @@ def _stream(ctx: Context, req: ChatRequest, cid: str) -> Response:
     name, job = req.model, req.job
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str | None] = asyncio.Queue()
-    job.emit = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+    def emit(piece: str) -> None:
+        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+    job.emit = emit
     future = server.chat(name, job)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
 

@@ -123,7 +123,7 @@ def parse_request(
     return InferMessage(request_id, inputs, outputs, bool(params.get("binary_data_output", False)), params)
 
 
-def _parameters(obj: dict, where: str) -> dict[str, Any]:
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     """An object's ``parameters`` (absent or null: none); BadInput when it is not an object."""
     params = obj.get("parameters")
     if params is None:
@@ -256,7 +256,9 @@ def cut_numeric_arrays(head: bytes) -> tuple[bytes, dict[str, NumericSpan]]:
     fraction of the time and memory. The rest of the JSON is parsed as before."""
     if len(head) < MIN_CUT:
         return head, {}
-    pieces, arrays, pos, after = [], {}, 0, 0
+    pieces: list[bytes] = []
+    arrays: dict[str, NumericSpan] = {}
+    pos, after = 0, 0
     while (match := _DATA_KEY.search(head, after)) is not None:
         start = match.end()
         end = head.find(b"]", start)
@@ -306,7 +308,9 @@ def encode_response(
             f"model '{model}': the response would be up to {size} bytes; the limit is {max_bytes} bytes "
             "(max_output_bytes; binary outputs are smaller)"
         )
-    tensors, blobs, texts = [], [], {}
+    tensors: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    texts: dict[str, Any] = {}
     for name, arr in arrays.items():
         entry: dict[str, Any] = {"name": name, "datatype": KS_TYPES[arr.dtype.name], "shape": list(arr.shape)}
         if wanted[name]:

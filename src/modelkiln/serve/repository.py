@@ -8,13 +8,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelkiln.delivery.crypto import ENC_SUFFIX
 from modelkiln.errors import ConfigError, ModelNotFound
+from modelkiln.genai.spec import SPEC_FILE
 from modelkiln.serve.config import ModelConfig, load_config
 from modelkiln.serve.guard import shown
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
-GENAI_FILE = "genai.json"  # a generative model's version is a folder from kiln export
+ENCRYPTED_MODEL_FILE = MODEL_FILE + ENC_SUFFIX  # AES-256-GCM (kiln deploy --encrypt-key), opened in memory
+GENAI_FILE = SPEC_FILE  # a generative model's version is a folder from kiln export
 MAX_NAME_BYTES = 200  # a model name is one folder name; the OS refuses components over 255 bytes
 
 
@@ -75,12 +78,14 @@ def valid_name(name: str) -> bool:
 
 
 def _versions(folder: Path) -> dict[int, Path]:
-    found = {}
+    found: dict[int, Path] = {}
     for sub in folder.iterdir():
         if not (sub.is_dir() and sub.name.isdigit() and int(sub.name) > 0):
             continue
         if (sub / MODEL_FILE).is_file():
             found[int(sub.name)] = sub / MODEL_FILE
+        elif (sub / ENCRYPTED_MODEL_FILE).is_file():
+            found[int(sub.name)] = sub / ENCRYPTED_MODEL_FILE
         elif (sub / GENAI_FILE).is_file():
             found[int(sub.name)] = sub
     return found

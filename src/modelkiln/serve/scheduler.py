@@ -14,7 +14,7 @@ import numpy as np
 
 from modelkiln.runtime.memory_pool import MemoryPool
 from modelkiln.runtime.thread_pool import ThreadPool
-from modelkiln.serve.batcher import DynamicBatcher, InferRequest, ModelQueue, run_batch
+from modelkiln.serve.batcher import DynamicBatcher, InferRequest, run_batch
 from modelkiln.serve.config import PRIORITY_LEVELS
 from modelkiln.serve.model import ServedModel
 
@@ -58,7 +58,7 @@ class Scheduler:
         self.memory = MemoryPool(limit_bytes=memory_limit_bytes)
         self.budget = CoreBudget(self.cores)
 
-    def queue_for(self, model: ServedModel) -> ModelQueue:
+    def queue_for(self, model: ServedModel) -> DynamicBatcher:
         threads = model.config.threads
         if threads > self.cores:
             log.warning(

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
 from modelkiln.errors import ConfigError
@@ -169,8 +170,6 @@ def cors(app: Any, security: Security) -> Any:
     """``app`` answering CORS for the allowed origins (none: unchanged, browsers get no access)."""
     if not security.allowed_origins:
         return app
-    from starlette.middleware.cors import CORSMiddleware
-
     return CORSMiddleware(
         app,
         allow_origins=list(security.allowed_origins),

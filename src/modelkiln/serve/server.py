@@ -6,36 +6,73 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
-
-from modelkiln.errors import BadInput, ModelNotFound, ModelUnavailable
-from modelkiln.serve.batcher import InferRequest, ModelQueue
+from modelkiln.errors import BadInput, ConfigError, ModelNotFound, ModelUnavailable
+from modelkiln.serve.batcher import Feed, InferRequest, InferResponse, ModelQueue
+from modelkiln.serve.config import ModelConfig, ModelKind
+from modelkiln.serve.generation import ChatJob, ChatResult, GenerationQueue, GenerativeModel
 from modelkiln.serve.guard import shown
-from modelkiln.serve.repository import Repository
+from modelkiln.serve.model import LoadPolicy, ServedModel
+from modelkiln.serve.pipeline import build_pipeline
+from modelkiln.serve.repository import RepoEntry, Repository
 from modelkiln.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 
+class Servable(Protocol):
+    """What the server and its routes read of a loaded model of any kind (ServedModel, Pipeline,
+    GenerativeModel)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def validate(self, feed: Feed) -> int:
+        """A request's batch size; BadInput when its tensors do not fit the model."""
+
+    def metadata(self) -> dict[str, Any]:
+        """KServe v2 model metadata."""
+
+
 @dataclass
 class Loaded:
-    model: Any  # ServedModel or Pipeline: name, version, config, inputs, outputs, validate, metadata
+    model: Servable
     queue: ModelQueue
 
 
 class ModelServer:
-    def __init__(self, repository: str, cores: int | None = None, allow_cpu_mismatch: bool = False) -> None:
+    def __init__(
+        self,
+        repository: str,
+        cores: int | None = None,
+        allow_cpu_mismatch: bool = False,
+        policy: LoadPolicy | None = None,
+    ) -> None:
         self.repository = Repository(repository)
+        #: What a model file must satisfy to be served (CPU fit, manifest hash, decryption key).
+        self.policy = policy or LoadPolicy(allow_cpu_mismatch)
         #: Serve every model even where this CPU lacks what its INT8 format needs (kiln serve flag).
-        self.allow_cpu_mismatch = allow_cpu_mismatch
+        self.allow_cpu_mismatch = allow_cpu_mismatch or self.policy.allow_cpu_mismatch
         self.scheduler = Scheduler(cores)
         self._models: dict[str, dict[int, Loaded]] = {}
         self._lock = threading.RLock()
         self._failed: dict[str, str] = {}
+        #: How each kind of repository entry becomes its loaded versions.
+        self._loaders: dict[ModelKind, Callable[[RepoEntry], dict[int, Loaded]]] = {
+            ModelKind.MODEL: self._load_models,
+            ModelKind.PIPELINE: self._load_pipeline,
+            ModelKind.GENERATION: self._load_generative,
+        }
 
     # --- lifecycle -------------------------------------------------------------------------------
     def load_all(self) -> None:
@@ -44,7 +81,7 @@ class ModelServer:
         pipelines = set()
         for name in names:
             try:
-                if self.repository.entry(name).config.pipeline is not None:
+                if self.repository.entry(name).config.kind is ModelKind.PIPELINE:
                     pipelines.add(name)
             except Exception as exc:  # noqa: BLE001 - reported again when its load fails below
                 log.debug("%s: config unreadable: %s", name, exc)
@@ -58,47 +95,7 @@ class ModelServer:
         """(Re)load every version of ``name``; new versions serve before old ones are drained."""
         try:
             entry = self.repository.entry(name)
-            loaded: dict[int, Loaded] = {}
-            if entry.config.pipeline is not None:
-                from modelkiln.serve.pipeline import build_pipeline
-
-                pipe = build_pipeline(entry.config, self)
-                loaded[entry.latest] = Loaded(pipe, pipe)
-                log.info("loaded pipeline %s (%s: %s)", name, pipe.kind, entry.config.pipeline.steps)
-            elif entry.config.backend == "genai":
-                from modelkiln.serve.generation import GenerationQueue, GenerativeModel
-
-                for version, folder in sorted(entry.versions.items()):
-                    t = time.perf_counter()
-                    gen_model = GenerativeModel.load(entry.config, version, folder, self.scheduler)
-                    loaded[version] = Loaded(gen_model, GenerationQueue(gen_model, self.scheduler))
-                    log.info(
-                        "loaded %s v%d (%s; genai, %d sequence(s) x %d thread(s)) in %.2fs",
-                        name,
-                        version,
-                        folder,
-                        entry.config.genai.max_sequences,
-                        entry.config.threads_per_instance,
-                        time.perf_counter() - t,
-                    )
-            else:
-                from modelkiln.serve.model import ServedModel
-
-                for version, path in sorted(entry.versions.items()):
-                    t = time.perf_counter()
-                    model = ServedModel.load(entry.config, version, path, self.allow_cpu_mismatch)
-                    loaded[version] = Loaded(model, self.scheduler.queue_for(model))
-                    log.info(
-                        "loaded %s v%d (%s; batch<=%d, %d instance(s) x %d thread(s), priority %d) in %.2fs",
-                        name,
-                        version,
-                        path,
-                        entry.config.max_batch_size,
-                        entry.config.instance_count,
-                        entry.config.threads_per_instance,
-                        entry.config.priority,
-                        time.perf_counter() - t,
-                    )
+            loaded = self._loaders[entry.config.kind](entry)
         except Exception as exc:
             if self.repository.has(name):  # junk names must not grow this table
                 self._failed[name] = str(exc)
@@ -110,6 +107,49 @@ class ModelServer:
         for item in old.values():
             item.queue.close(drain=True)
         return sorted(loaded)
+
+    def _load_pipeline(self, entry: RepoEntry) -> dict[int, Loaded]:
+        pipe = build_pipeline(entry.config, self)
+        log.info("loaded pipeline %s (%s: %s)", entry.name, pipe.kind, pipe.spec.steps)
+        return {entry.latest: Loaded(pipe, pipe)}
+
+    def _load_generative(self, entry: RepoEntry) -> dict[int, Loaded]:
+        loaded: dict[int, Loaded] = {}
+        config = entry.config
+        for version, folder in sorted(entry.versions.items()):
+            t = time.perf_counter()
+            gen_model = GenerativeModel.load(config, version, folder, self.scheduler, self.policy.model_key)
+            loaded[version] = Loaded(gen_model, GenerationQueue(gen_model, self.scheduler))
+            log.info(
+                "loaded %s v%d (%s; genai, %d sequence(s) x %d thread(s)) in %.2fs",
+                entry.name,
+                version,
+                folder,
+                gen_model.genai.max_sequences,
+                config.threads_per_instance,
+                time.perf_counter() - t,
+            )
+        return loaded
+
+    def _load_models(self, entry: RepoEntry) -> dict[int, Loaded]:
+        loaded: dict[int, Loaded] = {}
+        config = entry.config
+        for version, path in sorted(entry.versions.items()):
+            t = time.perf_counter()
+            model = ServedModel.load(config, version, path, self.allow_cpu_mismatch, self.policy)
+            loaded[version] = Loaded(model, self.scheduler.queue_for(model))
+            log.info(
+                "loaded %s v%d (%s; batch<=%d, %d instance(s) x %d thread(s), priority %d) in %.2fs",
+                entry.name,
+                version,
+                path,
+                config.max_batch_size,
+                config.instance_count,
+                config.threads_per_instance,
+                config.priority,
+                time.perf_counter() - t,
+            )
+        return loaded
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -150,6 +190,15 @@ class ModelServer:
         with self._lock:
             return name in self._models
 
+    def step_model(self, name: str) -> ServedModel:
+        """The newest loaded version of plain model ``name`` (a pipeline's step)."""
+        model = self.get(name).model
+        if not isinstance(model, ServedModel):
+            raise ConfigError(
+                f"model '{name}' is a {model.config.kind.value} model; a pipeline step must be a plain model"
+            )
+        return model
+
     def ready(self, name: str, version: str | None = None) -> bool:
         try:
             self.get(name, version)
@@ -174,12 +223,13 @@ class ModelServer:
             return [item for versions in self._models.values() for item in versions.values()]
 
     # --- inference -------------------------------------------------------------------------------
-    def chat(self, name: str, job: Any) -> Future:
-        """Queue a chat (a ``serve.generation.ChatJob``) on a generative model."""
+    def chat(self, name: str, job: ChatJob) -> Future[ChatResult]:
+        """Queue a chat on a generative model."""
         item = self.get(name)
-        if item.model.config.backend != "genai":
+        if item.model.config.kind is not ModelKind.GENERATION:
             raise BadInput(f"model '{name}' is not a generative model; use the KServe infer endpoint")
-        return item.queue.submit(job)
+        future: Future[ChatResult] = item.queue.submit(job)
+        return future
 
     def generative(self) -> list[str]:
         """Names of the loaded generative models."""
@@ -187,16 +237,16 @@ class ModelServer:
             return sorted(
                 n
                 for n, v in self._models.items()
-                if v and next(iter(v.values())).model.config.backend == "genai"
+                if v and next(iter(v.values())).model.config.kind is ModelKind.GENERATION
             )
 
     def infer(
         self,
         name: str,
-        feed: dict[str, np.ndarray],
+        feed: Feed,
         version: str | None = None,
         timeout_s: float | None = None,
-    ) -> Future:
+    ) -> Future[InferResponse]:
         """Validate and queue a request; the future gives an InferResponse or the typed error."""
         item = self.get(name, version)
         batch = item.model.validate(feed)
@@ -206,4 +256,5 @@ class ModelServer:
         if timeout_s is not None and timeout_s <= 0:
             raise BadInput(f"timeout must be > 0, got {timeout_s}")
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        return item.queue.submit(InferRequest(feed, batch, deadline))
+        future: Future[InferResponse] = item.queue.submit(InferRequest(feed, batch, deadline))
+        return future
