@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 from modelkiln.bench.runner import machine_info, synthesize_feed
-from modelkiln.runtime.backends.onnxruntime import tensor_metas
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.onnxruntime import cpu_backend, tensor_metas
 
 
 def main() -> None:
@@ -24,7 +23,7 @@ def main() -> None:
     args = ap.parse_args()
     for path in args.models:
         for threads in (1, 2):
-            session = ort_session(path, threads=threads)
+            session = cpu_backend(path, threads=threads).session
             metas = tensor_metas(session.get_inputs())
             found = {}
             for batch in (1, 4, 8):

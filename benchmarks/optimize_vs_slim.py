@@ -22,7 +22,7 @@ import onnx
 from modelkiln.bench.runner import machine_info
 from modelkiln.graph import optimize
 from modelkiln.graph.optimize import check_parity
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 ZOO = {
@@ -49,7 +49,7 @@ def exports(folder: Path) -> dict[str, Path]:
 
 
 def latency_ms(path: Path, feed: dict, rounds: int, iters: int) -> list[float]:
-    session = ort_session(path, threads=2, optimization="all")
+    session = cpu_backend(path, threads=2).session
     for _ in range(3):
         session.run(None, feed)
     out = []
@@ -87,7 +87,7 @@ def compare(name: str, src: Path, work: Path, rounds: int, iters: int) -> dict:
         for k, p in variants.items()
         if k != "original"
     }
-    session = ort_session(src)
+    session = cpu_backend(src).session
     feed = {}
     rng = np.random.default_rng(0)
     for i in session.get_inputs():

@@ -28,7 +28,7 @@ import numpy as np
 from modelkiln.bench.runner import machine_info
 from modelkiln.export import export
 from modelkiln.quant.quantize import quantize
-from modelkiln.runtime.session import ort_session
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
 from modelkiln.serve.config import DynamicBatching, ModelConfig, dump_config
 
 HERE = Path(__file__).resolve().parent
@@ -170,7 +170,7 @@ def drive(port: int, clients: int, seconds: float, batch: int) -> dict:
 
 
 def bare_loop(model: Path, batch: int, seconds: float) -> dict:
-    s = ort_session(model, threads=2)
+    s = cpu_backend(model, threads=2).session
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     name = s.get_inputs()[0].name
     for _ in range(3):
@@ -186,8 +186,8 @@ def mixed(port: int, server: Server, total: int, tmp: Path) -> dict:
     rng = np.random.default_rng(1)
     lite_x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
     yolo_x = rng.random((1, 3, 640, 640), np.float32)
-    lite_ref = ort_session(tmp / "lite0_int8.onnx").run(None, {"input": lite_x})[0]
-    yolo_ref = ort_session(tmp / "yolo.onnx").run(None, {"images": yolo_x})[0]
+    lite_ref = cpu_backend(tmp / "lite0_int8.onnx").session.run(None, {"input": lite_x})[0]
+    yolo_ref = cpu_backend(tmp / "yolo.onnx").session.run(None, {"images": yolo_x})[0]
     plan = ["yolo" if rng.random() < 0.2 else "lite0" for _ in range(total)]
     seen: dict[str, int] = {}
     wrong: list[str] = []

@@ -54,9 +54,9 @@ def overhead(n: int, repeats: int) -> dict:
 
 
 def onnx_saturation(model: str, seconds: float, repeats: int) -> dict:
-    from modelkiln.runtime.session import ort_session
+    from modelkiln.runtime.backends.onnxruntime import cpu_backend
 
-    session = ort_session(model, threads=1)
+    session = cpu_backend(model, threads=1).session
     inp = session.get_inputs()[0]
     x = np.random.default_rng(0).random([d if isinstance(d, int) else 1 for d in inp.shape], dtype=np.float32)
     feed = {inp.name: x}

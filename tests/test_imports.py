@@ -24,10 +24,11 @@ SRC = ROOT / "src" / "modelkiln"
 #: Equal ranks are siblings that must not import each other.
 RANKS: dict[str, float] = {
     "errors": 0,
+    "numerics": 0.2,
     "_deps": 0.1,
     "log": 0,
     "onnx_io": 0.5,
-    "data": 0.6,
+    "data": 2.5,  # sample files to feeds: reads them with the zoo's preprocessing
     "runtime": 1,
     "zoo": 2,
     "export": 3,
@@ -38,7 +39,7 @@ RANKS: dict[str, float] = {
     "bench": 7,
     "genai": 8,
     "serve": 9,
-    "delivery": 9.5,
+    "delivery": 1.5,  # manifest, golden outputs, signing, encryption: runtime only, so every stage can open sealed models
     "deploy": 10,
     "cli": 11,
     "__main__": 12,
@@ -90,11 +91,11 @@ def test_imports_run_down_the_pipeline() -> None:
 def test_no_module_import_circles() -> None:
     modules = _modules()
     graph = {
-        m: sorted({i for i, _ in _top_level_imports(p) if i in modules and i != m}) for m, p in modules.items()
+        m: sorted({i for i, _ in _top_level_imports(p) if i in modules and i != m})
+        for m, p in modules.items()
     }
     # a package's __init__ re-exporting its submodules is not a circle with them
-    for m in graph:
-        graph[m] = [i for i in graph[m] if not m.startswith(i + ".")]
+    graph = {m: [i for i in found if not m.startswith(i + ".")] for m, found in graph.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
     circles: list[str] = []
@@ -129,6 +130,7 @@ def test_lint_rules_hold() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
