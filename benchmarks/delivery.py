@@ -25,6 +25,7 @@ import numpy as np
 from modelkiln.bench.runner import machine_info
 from modelkiln.delivery.crypto import encrypt_model, generate_model_key
 from modelkiln.delivery.verify import verify_package
+from modelkiln.runtime.backends.onnxruntime import cpu_backend
 from modelkiln.runtime.feeds import synthesize_feed
 from modelkiln.serve.config import ModelConfig
 from modelkiln.serve.model import LoadPolicy, ServedModel
@@ -40,12 +41,14 @@ def _emit(row: dict[str, object]) -> None:
         f.write(line + "\n")
 
 
-def load_cost(model: Path, rounds: int) -> dict[str, object]:
-    """Interleaved load times (ms) of ``model`` as plaintext and encrypted, and output equality."""
+def load_cost(model: Path, rounds: int, warmup: bool) -> dict[str, object]:
+    """Interleaved load times (ms) of ``model`` as plaintext and encrypted, and output equality;
+    ``warmup``: with kiln serve's default warm-up inference (what a load costs a server), else
+    the session alone (the decryption's share at its largest)."""
     with tempfile.TemporaryDirectory() as tmp:
         key = generate_model_key(Path(tmp) / "model.key")
         enc = encrypt_model(model, Path(tmp) / "model.onnx.enc", key)[0]
-        config = ModelConfig("m", warmup=False)
+        config = ModelConfig("m", warmup=warmup)
         policy = LoadPolicy(model_key=key)
         times: dict[str, list[float]] = {"plain": [], "encrypted": []}
         loaded = {}
@@ -54,9 +57,8 @@ def load_cost(model: Path, rounds: int) -> dict[str, object]:
                 t = time.perf_counter()
                 loaded[kind] = ServedModel.load(config, 1, path, policy=policy)
                 times[kind].append((time.perf_counter() - t) * 1e3)
-        backend = loaded["plain"].backends[0]
-        feed = synthesize_feed(backend.input_metadata, 1)
-        a, b = (loaded[k].backends[0].infer(feed) for k in ("plain", "encrypted"))
+        feed = synthesize_feed(cpu_backend(model).input_metadata, 1)
+        a, b = (loaded[k].run(feed) for k in ("plain", "encrypted"))
         identical = all(np.array_equal(a[n], b[n]) for n in a)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
@@ -64,6 +66,7 @@ def load_cost(model: Path, rounds: int) -> dict[str, object]:
         "model": model.name,
         "size_mb": round(model.stat().st_size / 1e6, 2),
         "rounds": rounds,
+        "warmup": warmup,
         "plain_ms": {"median": round(med["plain"], 2), "min": round(min(times["plain"]), 2)},
         "encrypted_ms": {"median": round(med["encrypted"], 2), "min": round(min(times["encrypted"]), 2)},
         "ratio_median": round(med["encrypted"] / med["plain"], 4),
@@ -80,7 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     machine = machine_info(None)
     for model in args.models:
-        _emit({**load_cost(model, args.rounds), "machine": machine})
+        for warmup in (False, True):
+            _emit({**load_cost(model, args.rounds, warmup), "machine": machine})
     if args.package is not None:
         t = time.perf_counter()
         report = verify_package(args.package)

@@ -207,12 +207,10 @@ def test_compare_models_names_files_and_reads_them(files: tuple[Path, Path]) -> 
     assert {"name", "max_abs", "mean_abs", "cosine", "snr_db", "topk_agreement"} <= set(as_dict["outputs"][0])
 
 
-def test_paths_to_compare_still_work_but_warn(files: tuple[Path, Path]) -> None:
+def test_compare_refuses_model_files(files: tuple[Path, Path]) -> None:
     ref, cand = files
-    with pytest.warns(DeprecationWarning, match="compare_models"):
-        old = compare(ref, cand, FEEDS, per_layer=True)
-    new = compare_models(ref, cand, FEEDS, per_layer=True)
-    assert old.to_dict() == new.to_dict()
+    with pytest.raises(ConfigError, match="compare_models"):
+        compare(ref, cand, FEEDS)  # type: ignore[arg-type]
 
 
 def test_per_layer_needs_onnxruntime_on_both_sides(files: tuple[Path, Path]) -> None:

@@ -10,7 +10,6 @@ convenience for callers holding model files.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,8 +154,8 @@ def _load(model: ModelSource, kind: BackendKind, expose: tuple[str, ...]) -> Bac
 
 
 def compare(
-    reference: Backend | str | Path,
-    candidate: Backend | str | Path,
+    reference: Backend,
+    candidate: Backend,
     feeds: Iterable[Feed],
     *,
     layers: Sequence[tuple[str, str]] = (),
@@ -170,24 +169,10 @@ def compare(
 
     Outputs are the reference's outputs other than the reference names in ``layers`` (pairs of
     (reference tensor, candidate tensor) that both backends expose, see ``load_pair``).
-    ``names`` label the two sides in the result (default: the backends' model names).
-    Paths in place of backends, with ``per_layer``, are the old form (deprecated: use
-    ``compare_models``)."""
+    ``names`` label the two sides in the result (default: the backends' model names). For model
+    files, ``compare_models`` loads the pair."""
     if not isinstance(reference, Backend) or not isinstance(candidate, Backend):
-        warnings.warn(
-            "compare() takes backends; for model files use compare_models()", DeprecationWarning, stacklevel=2
-        )
-        if isinstance(reference, Backend) or isinstance(candidate, Backend):
-            raise ConfigError("compare() takes two backends or (deprecated) two model files, not a mix")
-        return compare_models(
-            reference,
-            candidate,
-            feeds,
-            per_layer=per_layer,
-            classifier=classifier,
-            collapse_db=collapse_db,
-            min_cosine=min_cosine,
-        )
+        raise ConfigError("compare() takes two loaded backends; for model files use compare_models()")
     if per_layer and not layers:
         raise ConfigError("per_layer needs the models: use load_pair(..., per_layer=True) or compare_models")
     layer_names = {a for a, _ in layers}
