@@ -54,3 +54,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("m") / "tiny.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_export(tmp_path_factory: pytest.TempPathFactory):  # -> (folder, ExportReport)
+    """``kiln export qwen2-vl-tiny`` once per run (every part parity-checked against torch); the
+    folder is shared, so tests that write into it work on a copy."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from modelkiln.export import export
+
+    out = tmp_path_factory.mktemp("qwen2-vl-tiny")
+    return out, export("qwen2-vl-tiny", out)

@@ -17,12 +17,10 @@ pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(qwen_tiny_export) -> Path:
     """``kiln export qwen2-vl-tiny`` (every part parity-checked against torch)."""
-    from modelkiln.export import export
-
-    out = tmp_path_factory.mktemp("qwen2-vl-tiny")
-    assert export("qwen2-vl-tiny", out).passed
+    out, result = qwen_tiny_export
+    assert result.passed
     return out
 
 

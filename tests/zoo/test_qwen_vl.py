@@ -43,12 +43,9 @@ def test_chat_template_and_image_tokens() -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(qwen_tiny_export) -> Path:
     """``kiln export qwen2-vl-tiny``: every part parity-checked against torch."""
-    from modelkiln.export import export
-
-    out = tmp_path_factory.mktemp("qwen2-vl-tiny")
-    result = export("qwen2-vl-tiny", out)
+    out, result = qwen_tiny_export
     assert result.passed and max(p.max_abs for p in result.parity) < 1e-5
     return out
 
