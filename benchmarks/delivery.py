@@ -76,7 +76,9 @@ def load_cost(model: Path, rounds: int, warmup: bool) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("models", nargs="*", type=Path)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--package", type=Path, help="A kiln deploy output to time kiln verify on.")
