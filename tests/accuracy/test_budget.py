@@ -9,8 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from modelkiln.accuracy.budget import AccuracyBudget, cosine_scorer, quantize_within_budget
+from modelkiln.accuracy.budget import AccuracyBudget, BudgetResult, cosine_scorer, within_budget
 from modelkiln.errors import BadInput, QuantizationError
+from modelkiln.quant.config import CalibrationData, QuantConfig
+from modelkiln.quant.quantizer import Quantizer
 
 
 def _scale_model(weights: list[float]) -> onnx.ModelProto:
@@ -90,15 +92,29 @@ def _chain(tmp_path: Path) -> tuple[Path, Path, Path]:
     return path, folders[0], folders[1]
 
 
+def _within(
+    src: Path,
+    calib: Path,
+    evald: Path,
+    max_drop: float,
+    out: Path,
+    metric: str = "cosine",
+    batch_size: int = 8,
+) -> BudgetResult:
+    """The budget search as deploy and kiln quantize run it: one Quantizer, one AccuracyBudget."""
+    quantizer = Quantizer(src, QuantConfig(), CalibrationData(calib, None, 100, batch_size))
+    return within_budget(quantizer, AccuracyBudget(evald, max_drop, metric), out)
+
+
 def test_budget_reports_the_layers_it_returned_to_float(tmp_path: Path) -> None:
     src, calib, evald = _chain(tmp_path)
-    full = quantize_within_budget(src, tmp_path / "full.onnx", calib, evald, 1.0)
+    full = _within(src, calib, evald, 1.0, tmp_path / "full.onnx")
     assert full.fallback.kept_float == [] and full.sensitivity == []  # full INT8 met it: no ranking
     assert set(full.latency_ms) == {"fp32", "int8", "chosen"} and full.latency_batch == 8
     full_drop = full.fallback.drop
     assert full_drop > 0
     budget = full_drop / 4
-    result = quantize_within_budget(src, tmp_path / "q.onnx", calib, evald, budget, "cosine", batch_size=4)
+    result = _within(src, calib, evald, budget, tmp_path / "q.onnx", batch_size=4)
     kept = result.fallback.kept_float
     assert kept and result.fallback.drop <= budget
     assert [s.name for s in result.sensitivity][: len(kept)] == kept  # the most sensitive first
@@ -116,7 +132,7 @@ def test_budget_arguments_are_checked_before_calibration(tmp_path: Path) -> None
     with pytest.raises(BadInput, match="--max-drop must be >= 0"):
         AccuracyBudget(evald, -0.01)
     with pytest.raises(BadInput, match="give --zoo"):
-        quantize_within_budget(src, tmp_path / "q.onnx", tmp_path / "nowhere", evald, 0.01, "top1")
+        _within(src, tmp_path / "nowhere", evald, 0.01, tmp_path / "q.onnx", metric="top1")
     with pytest.raises(QuantizationError, match="accuracy budget not met"):
-        quantize_within_budget(src, tmp_path / "q.onnx", calib, evald, 0.0)
+        _within(src, calib, evald, 0.0, tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from modelkiln.accuracy.compare import compare_models
@@ -17,16 +16,12 @@ from modelkiln.errors import BadInput, CalibrationError, ModelNotFound, Quantiza
 from modelkiln.export import export
 from modelkiln.quant.config import Method, QuantConfig, Target
 from modelkiln.quant.quantize import quantize
-from modelkiln.runtime.backends.onnxruntime import cpu_backend
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend, optimized_graph
 from modelkiln.zoo import get
 
 
 def ort_ops(path: Path, tmp: Path) -> Counter:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp / "ort_optimized.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return Counter(n.op_type for n in optimized_graph(path, GraphOptimization.EXTENDED).graph.node)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ from modelkiln.data.feeds import Feed, model_feeds
 from modelkiln.errors import BadInput
 from modelkiln.onnx_io import load_model, save_model
 from modelkiln.quant.build import QuantizeResult
-from modelkiln.quant.config import CalibrationData, QuantConfig
 from modelkiln.quant.mixed_precision import FallbackResult, LayerSensitivity
-from modelkiln.quant.quantizer import ProgressFactory, Quantizer, Scorer
+from modelkiln.quant.quantizer import Quantizer, Scorer
 from modelkiln.runtime.backends.onnxruntime import cpu_backend
 from modelkiln.runtime.timing import interleaved_latency_ms
 from modelkiln.zoo import Task
@@ -42,7 +41,6 @@ __all__ = [
     "Scorer",
     "cosine_scorer",
     "plot_sensitivity",
-    "quantize_within_budget",
     "task_scorer",
     "within_budget",
 ]
@@ -121,30 +119,6 @@ class BudgetResult:
             "latency_ms": self.latency_ms,
             "latency_batch": self.latency_batch,
         }
-
-
-def quantize_within_budget(
-    source: str | Path,
-    output: str | Path,
-    calib: str | Path,
-    eval_data: str | Path,
-    max_drop: float,
-    metric: str = "cosine",
-    zoo_name: str | None = None,
-    labels: str | Path | None = None,
-    config: QuantConfig | None = None,
-    calib_size: int = 100,
-    batch_size: int = 8,
-    sensitivity_samples: int = 32,
-    min_int8: int = 1,
-    progress: ProgressFactory | None = None,
-) -> BudgetResult:
-    """Quantize ``source``; keep the fewest most-sensitive layers in float that bring the metric
-    drop within ``max_drop`` (in the metric's own units: fractions for top-1 and mAP). The
-    loose-argument form of ``within_budget``, for callers that have no Quantizer."""
-    budget = AccuracyBudget(eval_data, max_drop, metric, labels, min_int8, sensitivity_samples)
-    data = CalibrationData(calib, zoo_name, calib_size, batch_size)
-    return within_budget(Quantizer(source, config, data, progress), budget, output)
 
 
 def within_budget(quantizer: Quantizer, budget: AccuracyBudget, output: str | Path) -> BudgetResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ class OrtOptions:
     #: when given, these replace the graph's own outputs.
     expose: tuple[str, ...] = ()
     memory_arena: bool = True  # ORT's CPU arena; off for one-shot sessions over many tensors
+    #: write the graph ONNX Runtime runs, after its own fusions, to this file (see optimized_graph)
+    optimized_model: Path | None = None
 
     def __post_init__(self) -> None:
         for n in (self.intra_op_threads, self.inter_op_threads):
@@ -179,6 +182,8 @@ def _session(model: ModelSource, options: OrtOptions) -> Any:
         so.inter_op_num_threads = options.inter_op_threads
     so.log_severity_level = 3
     so.enable_cpu_mem_arena = options.memory_arena
+    if options.optimized_model is not None:
+        so.optimized_model_filepath = os.fspath(options.optimized_model)
     name = os.fspath(model) if isinstance(model, (str, Path)) else IN_MEMORY
     try:
         session = ort.InferenceSession(source, so, providers=choose_providers(options.providers))
@@ -221,6 +226,20 @@ def warn_cpu_mismatch(name: str, props: dict[str, str]) -> str | None:
     if first:
         log.warning("model %s: %s", name, reason)
     return reason
+
+
+def optimized_graph(
+    model: ModelSource, optimization: GraphOptimization = GraphOptimization.ALL
+) -> onnx.ModelProto:
+    """The graph ONNX Runtime's CPU provider runs for ``model`` after its own fusions: how to see
+    whether QDQ became QLinearConv / MatMulInteger kernels or stayed float."""
+    with tempfile.TemporaryDirectory(prefix="kiln-ort-") as tmp:
+        dump = Path(tmp) / "optimized.onnx"
+        OrtBackend.load(
+            model,
+            OrtOptions(providers=("CPUExecutionProvider",), optimization=optimization, optimized_model=dump),
+        )
+        return onnx.load(dump)
 
 
 def cpu_backend(
