@@ -19,8 +19,9 @@ def encrypt_cmd(
     out: Path = typer.Option(None, "-o", "--out", help="Encrypted file (default: MODEL.enc)."),
     remove: bool = typer.Option(False, "--remove", help="Delete the plaintext model (and its data) after."),
 ) -> None:
-    """Write MODEL encrypted (and each external-data file L as L.enc beside OUT); kiln serve, verify,
-    predict, bench and chat decrypt it in memory with --model-key."""
+    """Encrypt a model with AES-256-GCM; serve, verify, predict, bench and chat open it with --model-key.
+
+    Each external-data file L is written as L.enc beside OUT; decryption happens in memory only."""
     plaintext = model_files(model)
     written = encrypt_model(model, out, load_key(key))
     if remove:

@@ -36,8 +36,10 @@ def verify_cmd(
         help="Key file of encrypted models (else $KILN_MODEL_KEY_FILE or $KILN_MODEL_KEY).",
     ),
 ) -> None:
-    """Check that this machine runs the package as it was built to run; every failure names the
-    model, precision, check, what was expected and what came."""
+    """Check that this machine runs a deploy package as it was built to run (hashes, signature, golden outputs).
+
+    Every failure names the model, precision, check, what was expected and what came; the exit
+    status is 0 only when everything holds."""
     if backend not in [k.value for k in BACKENDS]:
         raise ConfigError(f"--backend must be one of {[k.value for k in BACKENDS]}, got {backend!r}")
     with err_console.status("verifying…"):
