@@ -19,7 +19,7 @@ from modelkiln.errors import CpuMismatch
 from modelkiln.runtime import cpu
 from modelkiln.runtime.cpu import INT8_FORMAT_KEY, INT8_REQUIRES_KEY, INT32_DOT, CpuInfo
 from modelkiln.serve.config import ModelConfig
-from modelkiln.serve.model import ServedModel
+from modelkiln.serve.model import LoadPolicy, ServedModel
 from modelkiln.serve.server import ModelServer
 
 AVX2_ONLY = CpuInfo("x86_64", "AMD EPYC 7B12", frozenset({"avx", "avx2", "fma"}))
@@ -107,7 +107,7 @@ def test_loading_it_through_the_api_is_refused_and_the_server_goes_on(server: Ru
 
 
 def test_the_server_wide_override_serves_it(avx2_only: None, mismatch_repo: Path) -> None:
-    model_server = ModelServer(str(mismatch_repo), cores=1, allow_cpu_mismatch=True)
+    model_server = ModelServer(str(mismatch_repo), cores=1, policy=LoadPolicy(allow_cpu_mismatch=True))
     model_server.load_all()
     try:
         x = np.ones((1, 4), np.float32)
@@ -121,7 +121,7 @@ def test_served_model_load_raises_the_typed_error(avx2_only: None, tmp_path: Pat
     path = vnni_model(tmp_path / "v.onnx")
     with pytest.raises(CpuMismatch, match="model 'm' v3"):
         ServedModel.load(ModelConfig("m"), 3, path)
-    assert ServedModel.load(ModelConfig("m"), 3, path, allow_cpu_mismatch=True).name == "m"
+    assert ServedModel.load(ModelConfig("m"), 3, path, LoadPolicy(allow_cpu_mismatch=True)).name == "m"
 
 
 def test_serve_and_repo_add_have_the_flag(tmp_path: Path) -> None:

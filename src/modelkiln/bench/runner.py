@@ -12,7 +12,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ import numpy as np
 from modelkiln.runtime.backends.base import Backend
 from modelkiln.runtime.cpu import cpu_info
 from modelkiln.runtime.feeds import synthesize_feed
+from modelkiln.runtime.timing import interleaved
 
 __all__ = [
     "BenchCase",
@@ -36,7 +37,6 @@ __all__ = [
 
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99}
 K = TypeVar("K", bound=Hashable)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -153,22 +153,6 @@ class BenchCase:
     feed: dict[str, np.ndarray]
     batch: int = 1
     concurrency: int = 1
-
-
-def interleaved(jobs: Mapping[K, Callable[[], T]], rounds: int, settle_s: float = 0.0) -> dict[K, list[T]]:
-    """Run every job once per round, in turns, ``rounds`` times: machine noise (a busy neighbour,
-    a clock change) then falls on all of them alike instead of on whichever ran last. ``settle_s``
-    pauses before each run (ONNX Runtime's worker threads spin for a while after their last job,
-    and a spinning neighbour slows the next run's start)."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    found: dict[K, list[T]] = {key: [] for key in jobs}
-    for _ in range(rounds):
-        for key, job in jobs.items():
-            if settle_s > 0:
-                time.sleep(settle_s)
-            found[key].append(job())
-    return found
 
 
 def benchmark_interleaved(cases: Mapping[K, BenchCase], loop: LoopSpec, rounds: int) -> dict[K, BenchResult]:

@@ -112,7 +112,6 @@ def serve_cmd(
         host,
         port,
         cores,
-        allow_cpu_mismatch=allow_cpu_mismatch,
         limits=limits,
         security=security,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -179,17 +178,7 @@ def _exportable_attention(torch: Any) -> Iterator[None]:
 
 
 def _set_metadata(proto: onnx.ModelProto, entry: zoo.ZooModel, part: str, weights: str | None) -> None:
-    meta = {
-        "modelkiln.zoo": entry.name,
-        "modelkiln.part": part,
-        "modelkiln.task": str(entry.task),
-        "modelkiln.weights": "random"
-        if weights in (None, "random") and entry.default_weights is None
-        else Path(weights).name
-        if weights and os.sep in weights
-        else str(weights or entry.default_weights),
-    }
-    meta.update(entry.metadata())
+    meta = zoo.export_metadata(entry, part, weights)
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)

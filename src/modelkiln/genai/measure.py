@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from modelkiln.bench.runner import interleaved
 from modelkiln.genai.engine import Engine
+from modelkiln.runtime.timing import interleaved
 
 #: Pause before each timed run: ONNX Runtime's (and torch's) worker threads spin for a while after
 #: their last job, and on a small machine a spinning neighbour slows the next run's first token.

@@ -146,8 +146,8 @@ def _name(value: ir.Value | None) -> str:
 
 
 def _image_size(model: onnx.ModelProto) -> int | None:
-    for inp in model.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if len(dims) == 4 and dims[3].HasField("dim_value"):
-            return int(dims[3].dim_value)
-    return None
+    """The image size the model's inputs fix (the zoo's rule, on the graph's declared shapes)."""
+    return zoo_registry.input_image_size(
+        tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim)
+        for i in model.graph.input
+    )

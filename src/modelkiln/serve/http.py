@@ -30,7 +30,7 @@ from modelkiln.serve.connection import guarded_h11
 from modelkiln.serve.context import Context, status_of
 from modelkiln.serve.guard import ServeLimits
 from modelkiln.serve.metrics import ServerMetrics
-from modelkiln.serve.model import LoadPolicy
+from modelkiln.serve.model import DEFAULT_POLICY, LoadPolicy
 from modelkiln.serve.protocol import encode_response, header_length, parse_request
 from modelkiln.serve.security import Security, SecurityMiddleware, cors, parse_ip
 from modelkiln.serve.server import ModelServer
@@ -200,22 +200,21 @@ def serve(
     port: int = 8000,
     cores: int | None = None,
     max_body: int | None = None,
-    allow_cpu_mismatch: bool = False,
     limits: ServeLimits | None = None,
     security: Security | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
-    policy: LoadPolicy | None = None,
+    policy: LoadPolicy = DEFAULT_POLICY,
 ) -> None:
     """Load every model in ``repository`` and serve until SIGTERM/SIGINT (in-flight requests are
-    answered first); ``allow_cpu_mismatch`` serves INT8 models this CPU cannot run exactly;
-    ``policy`` adds the manifest check and the key for encrypted models."""
+    answered first); ``policy`` says what a model file must satisfy (CPU fit unless
+    allow_cpu_mismatch, manifest hash, the key for encrypted models)."""
     limits = limits or ServeLimits()
     security = security or Security()
     # The event loop waits this long at most for the GIL behind a worker thread running Python
     # (default 5 ms); shorter keeps health probes and small requests prompt under load.
     sys.setswitchinterval(GIL_SWITCH_S)
-    server = ModelServer(repository, cores, allow_cpu_mismatch, policy)
+    server = ModelServer(repository, cores, policy)
     server.load_all()
     if not server.loaded():
         log.warning(

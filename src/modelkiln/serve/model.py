@@ -45,6 +45,10 @@ class LoadPolicy:
     require_manifest: bool = False
 
 
+#: Today's rules with no key: CPU fit required, a listed file must match its manifest.
+DEFAULT_POLICY = LoadPolicy()
+
+
 def open_model(path: Path, policy: LoadPolicy) -> ModelSource:
     """The model to hand a backend: its hash checked against the package manifest when one lists
     it, decrypted in memory when encrypted."""
@@ -135,20 +139,17 @@ class ServedModel:
         config: ModelConfig,
         version: int,
         path: Path,
-        allow_cpu_mismatch: bool = False,
-        policy: LoadPolicy | None = None,
+        policy: LoadPolicy = DEFAULT_POLICY,
     ) -> ServedModel:
         """Sessions for ``path``; a model this CPU cannot run as built is refused (a server must
-        not quietly serve worse answers) unless the config or ``allow_cpu_mismatch`` says so, and
-        so is a file its package manifest lists with another hash (``policy``)."""
-        policy = policy or LoadPolicy(allow_cpu_mismatch)
-        allow_cpu_mismatch = allow_cpu_mismatch or policy.allow_cpu_mismatch
+        not quietly serve worse answers) unless the config or ``policy.allow_cpu_mismatch`` says
+        so, and so is a file its package manifest lists with another hash."""
         load = BACKEND_LOADERS[config.runtime]
         source = open_model(path, policy)  # decrypted once, shared by the instances
         first = load(source, config)
         properties = first.metadata
         reason = unmet_requirement(properties)
-        if reason is not None and not (allow_cpu_mismatch or config.allow_cpu_mismatch):
+        if reason is not None and not (policy.allow_cpu_mismatch or config.allow_cpu_mismatch):
             raise CpuMismatch(
                 f"model '{config.name}' v{version} ({path}) refused: {reason}; or serve it anyway with "
                 "allow_cpu_mismatch: true in its config.yaml, or kiln serve --allow-cpu-mismatch"

@@ -16,7 +16,7 @@ from modelkiln.serve.batcher import Feed, InferRequest, InferResponse, ModelQueu
 from modelkiln.serve.config import ModelConfig, ModelKind
 from modelkiln.serve.generation import ChatJob, ChatResult, GenerationQueue, GenerativeModel
 from modelkiln.serve.guard import shown
-from modelkiln.serve.model import LoadPolicy, ServedModel
+from modelkiln.serve.model import DEFAULT_POLICY, LoadPolicy, ServedModel
 from modelkiln.serve.pipeline import build_pipeline
 from modelkiln.serve.repository import RepoEntry, Repository
 from modelkiln.serve.scheduler import Scheduler
@@ -55,14 +55,11 @@ class ModelServer:
         self,
         repository: str,
         cores: int | None = None,
-        allow_cpu_mismatch: bool = False,
-        policy: LoadPolicy | None = None,
+        policy: LoadPolicy = DEFAULT_POLICY,
     ) -> None:
         self.repository = Repository(repository)
         #: What a model file must satisfy to be served (CPU fit, manifest hash, decryption key).
-        self.policy = policy or LoadPolicy(allow_cpu_mismatch)
-        #: Serve every model even where this CPU lacks what its INT8 format needs (kiln serve flag).
-        self.allow_cpu_mismatch = allow_cpu_mismatch or self.policy.allow_cpu_mismatch
+        self.policy = policy
         self.scheduler = Scheduler(cores)
         self._models: dict[str, dict[int, Loaded]] = {}
         self._lock = threading.RLock()
@@ -136,7 +133,7 @@ class ModelServer:
         config = entry.config
         for version, path in sorted(entry.versions.items()):
             t = time.perf_counter()
-            model = ServedModel.load(config, version, path, self.allow_cpu_mismatch, self.policy)
+            model = ServedModel.load(config, version, path, self.policy)
             loaded[version] = Loaded(model, self.scheduler.queue_for(model))
             log.info(
                 "loaded %s v%d (%s; batch<=%d, %d instance(s) x %d thread(s), priority %d) in %.2fs",
