@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-import cv2
 import numpy as np
 
 from modelkiln._deps import require
@@ -20,7 +19,8 @@ from modelkiln.errors import WeightsError
 from modelkiln.zoo.base import ImageTask, Part, Prepared, Task, TensorSpec
 from modelkiln.zoo.checkpoint import Inert, load_checkpoint, load_into, module_tensors
 from modelkiln.zoo.coco import COCO80_NAMES
-from modelkiln.zoo.nms import yolo_nms
+from modelkiln.zoo.letterbox import letterbox_batch
+from modelkiln.zoo.nms import batched_yolo_nms
 from modelkiln.zoo.weights import is_random, warn_random
 from modelkiln.zoo.yolov5_cfg import SCALES, official_yaml
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-PAD_VALUE = 114
 
 
 @dataclass(frozen=True)
@@ -55,24 +54,6 @@ class Detections:
             f"{b.label:>14s} {b.score:5.2f}  [{b.x1:.0f}, {b.y1:.0f}, {b.x2:.0f}, {b.y2:.0f}]"
             for b in self.boxes
         )
-
-
-def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """Fit the long side to ``size`` (area filter when shrinking), pad to a square with grey 114.
-
-    Returns the padded image, the scale applied and the (left, top) padding, so boxes can be mapped
-    back to the original.
-    """
-    h, w = image.shape[:2]
-    r = min(size / h, size / w)
-    new_w, new_h = min(size, round(w * r)), min(size, round(h * r))
-    if (new_w, new_h) != (w, h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    return image, r, (left, top)
 
 
 class YOLOv5Family(ImageTask):
@@ -164,12 +145,13 @@ class YOLOv5Family(ImageTask):
         )
 
     def preprocess(self, images: list[np.ndarray]) -> Prepared:
-        batch = np.empty((len(images), 3, self.image_size, self.image_size), np.float32)
-        meta = []
-        for i, image in enumerate(images):
-            boxed, gain, pad = letterbox(image, self.image_size)
-            batch[i] = cv2.cvtColor(boxed, cv2.COLOR_BGR2RGB).transpose(2, 0, 1) * np.float32(1 / 255)
-            meta.append({"gain": gain, "pad": pad, "shape": image.shape[:2]})
+        """Letterbox, BGR -> RGB, / 255 and HWC -> CHW in one pass per image, into the batch
+        (``zoo.letterbox.letterbox_batch``)."""
+        batch, fits = letterbox_batch(images, self.image_size, self.name)
+        meta = [
+            {"gain": f.gain, "pad": (f.left, f.top), "shape": image.shape[:2]}
+            for f, image in zip(fits, images, strict=True)
+        ]
         return Prepared({"images": batch}, meta)
 
     def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Detections]:
@@ -178,10 +160,9 @@ class YOLOv5Family(ImageTask):
             rows = np.asarray(outputs["detections"], np.float32)
             per_image = [rows[rows[:, 0] == i][:, 1:] for i in range(len(prepared.meta))]
         else:
-            per_image = [
-                yolo_nms(p, self.conf_threshold, self.iou_threshold, self.max_det, self.multi_label)
-                for p in np.asarray(outputs["output0"], np.float32)
-            ]
+            per_image = batched_yolo_nms(
+                outputs["output0"], self.conf_threshold, self.iou_threshold, self.max_det, self.multi_label
+            )
         return [self._to_original(det, meta) for det, meta in zip(per_image, prepared.meta, strict=True)]
 
     def _to_original(self, det: np.ndarray, meta: dict[str, Any]) -> Detections:
@@ -189,11 +170,11 @@ class YOLOv5Family(ImageTask):
         xyxy = (det[:, :4] - np.array([left, top, left, top], np.float32)) / gain
         xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
         xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
+        names, known = self.class_names, len(self.class_names)
         boxes = [
-            Box(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), int(c), self._label(int(c)))
-            for b, s, c in zip(xyxy, det[:, 4], det[:, 5], strict=True)
+            Box(x1, y1, x2, y2, s, c, names[c] if 0 <= c < known else str(c))
+            for (x1, y1, x2, y2), s, c in zip(
+                xyxy.tolist(), det[:, 4].tolist(), det[:, 5].astype(np.int64).tolist(), strict=True
+            )
         ]
         return Detections(boxes)
-
-    def _label(self, class_id: int) -> str:
-        return self.class_names[class_id] if 0 <= class_id < len(self.class_names) else str(class_id)
