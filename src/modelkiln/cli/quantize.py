@@ -85,7 +85,16 @@ def quantize_cmd(
         "or native (vnni where this CPU has it, else portable).",
     ),
     int8_silu: bool = typer.Option(
-        False, "--int8-silu", help="Run SiLU (Sigmoid, Mul) in int8 too: faster, less exact."
+        False,
+        "--int8-silu",
+        help="Quantize SiLU's Sigmoid and Mul separately (QLinearSigmoid/QLinearMul): less exact; "
+        "by default SiLU between int8 convolutions runs as one exact lookup.",
+    ),
+    standard_ops: bool = typer.Option(
+        False,
+        "--standard-ops",
+        help="Standard ONNX ops only: no modelkiln kernels (the exact int8 lookup for SiLU and other "
+        "activations), for TensorRT and other runtimes.",
     ),
     smoothquant: float = typer.Option(
         None, "--smoothquant", help="SmoothQuant alpha in [0, 1] (0.5 is usual): tame activation outliers."
@@ -153,6 +162,7 @@ def quantize_cmd(
         cpu=_enum(Int8Cpu, cpu, "--cpu"),
         exclude=tuple(exclude),
         int8_silu=int8_silu,
+        custom_kernels=not standard_ops,
         transformer=transformer,
         int8_attention=int8_attention,
         int8_ffn_down=int8_ffn_down,
@@ -247,6 +257,12 @@ def _print_result(source: Path, out: Path, result: QuantizeResult, show_kept: bo
         kinds = sorted(set(result.smoothed.values()))
         counts = ", ".join(f"{sum(v == k for v in result.smoothed.values())} {k}" for k in kinds)
         console.print(f"SmoothQuant: {len(result.smoothed)} tensors smoothed ({counts})")
+    if result.lookups:
+        chains = ", ".join(f"{n} {k}" for k, n in sorted(result.lookups.items()))
+        console.print(
+            f"activations kiln's runtime runs as exact int8 lookups: {chains} "
+            "(the file is standard QDQ; --standard-ops turns this off)"
+        )
     if result.int8_format:
         console.print(
             f"INT8 format: {result.int8_format}; this CPU: {cpu_info().describe()}", highlight=False

@@ -36,7 +36,7 @@ from modelkiln.onnx_io import model_bytes
 from modelkiln.quant.config import CalibrationData, Int8Cpu, QuantConfig, Target
 from modelkiln.quant.formats import format_fields
 from modelkiln.quant.quantizer import Quantizer
-from modelkiln.runtime import cpu
+from modelkiln.runtime import cpu, kernels
 from modelkiln.runtime.backends.onnxruntime import OrtBackend, cpu_backend
 from modelkiln.runtime.timing import interleaved_latency_ms
 from modelkiln.serve.config import DynamicBatching, ModelConfig, dump_config
@@ -284,17 +284,19 @@ class Int8Job:
 
 
 def _int8_candidates(job: Int8Job) -> dict[str, Any]:
-    """INT8 within the budget when one is given. Models with SiLU get two candidates (SiLU float
-    between int8 convolutions, and SiLU in int8): the faster one that meets the budget is kept,
-    timed side by side; without a budget the default placement is kept. Every quantization call of
-    deploy's image models is here, each through one Quantizer per candidate configuration."""
+    """INT8 within the budget when one is given. SiLU between int8 convolutions runs as modelkiln's
+    exact int8 lookup where the kernel library is built (the budget search scores that model);
+    without the library, models with SiLU get two candidates (SiLU float, and SiLU as
+    QLinearSigmoid/QLinearMul) and the faster one that meets the budget is kept, timed side by side.
+    Without a budget the default placement is kept. Every quantization call of deploy's image models
+    is here, each through one Quantizer per candidate configuration."""
     config = QuantConfig(target=Target(job.target), cpu=Int8Cpu(job.cpu))
     data = CalibrationData(job.calib, job.zoo_name, job.calib_size)
     if job.max_drop is None or job.eval_data is None:
         return Quantizer(job.fp32, config, data).save(job.out).to_dict()
     budget = AccuracyBudget(job.eval_data, job.max_drop, job.metric, job.labels)
     candidates = [config]
-    if _has_silu(job.fp32) and config.target is Target.CPU:
+    if _has_silu(job.fp32) and config.target is Target.CPU and not kernels.available():
         candidates.append(dataclasses.replace(config, int8_silu=True))
     found: dict[Path, dict[str, Any]] = {}
     errors = []

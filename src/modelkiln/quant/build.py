@@ -13,12 +13,14 @@ import onnx
 import onnx_ir as ir
 
 from modelkiln.graph.passes.remove_dead import RemoveDead
-from modelkiln.quant.config import QuantConfig
+from modelkiln.quant.config import QuantConfig, Target
 from modelkiln.quant.dynamic import dynamic_candidates, quantize_dynamic_matmuls
 from modelkiln.quant.formats import describe_format, metadata, resolve, stamp
 from modelkiln.quant.prepare import Calibrated
 from modelkiln.quant.qdq import Plan, emit, isolate, layers, mark
 from modelkiln.quant.weight_only import quantize_weights_only
+from modelkiln.runtime import kernels
+from modelkiln.runtime.kernels.lookup import find_chains
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
@@ -40,6 +42,8 @@ class QuantizeResult:
     smoothed: dict[str, str] = field(default_factory=dict)
     #: how the INT8 model computes, as written in its metadata: "portable (weights u8, ...)"
     int8_format: str = ""
+    #: activation chains kiln's runtime runs as one exact int8 lookup (LookupTable), by kind
+    lookups: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -53,6 +57,7 @@ class Built(NamedTuple):
     plan: Plan
     counts: Counter[str]
     config: QuantConfig
+    lookups: Counter[str]
 
 
 def build(cal: Calibrated, config: QuantConfig, only: str | None = None, check: bool = True) -> Built:
@@ -74,11 +79,25 @@ def build(cal: Calibrated, config: QuantConfig, only: str | None = None, check: 
             plan, ranges = isolate(plan, only, ranges)
         counts = emit(model, plan, ranges, config, fmt)
     RemoveDead()(model)  # the float weights the quantized ones replaced
+    chains = find_chains(model.graph) if _use_kernels(config) else []
+    lookups = Counter(c.name for c in chains if not c.clips_only)
     result = ir.to_proto(model)
-    stamp(result, metadata(config, fmt))
+    props = metadata(config, fmt)
+    if lookups:
+        props[kernels.METADATA_KEY] = kernels.LOOKUP_OP
+    stamp(result, props)
     if check:
         onnx.checker.check_model(result)
-    return Built(result, plan, counts, config)
+    return Built(result, plan, counts, config, lookups)
+
+
+def _use_kernels(config: QuantConfig) -> bool:
+    """Whether kiln's runtime should run this model's activation chains as lookups: static INT8
+    for ONNX Runtime CPU, unless standard kernels only were asked for. The file is standard QDQ
+    either way; only its metadata differs."""
+    return (
+        config.custom_kernels and config.target is Target.CPU and not (config.weight_only or config.dynamic)
+    )
 
 
 def quantized_layers(cal: Calibrated, config: QuantConfig) -> list[str]:
@@ -94,7 +113,9 @@ def quantized_layers(cal: Calibrated, config: QuantConfig) -> list[str]:
 def summarize(cal: Calibrated, built: Built, output: str) -> QuantizeResult:
     """What a build did: int8 and float op counts, the nodes kept float and why, sizes."""
     config, result = built.config, built.model
-    float_ops = Counter(n.op_type for n in result.graph.node if n.op_type not in _QDQ_OPS)
+    float_ops = Counter(
+        n.op_type for n in result.graph.node if n.op_type not in _QDQ_OPS and n.domain != kernels.DOMAIN
+    )
     for op, n in built.counts.items():
         float_ops[op] -= n
     return QuantizeResult(
@@ -110,4 +131,5 @@ def summarize(cal: Calibrated, built: Built, output: str) -> QuantizeResult:
         result.ByteSize(),
         smoothed=dict(cal.smoothed),
         int8_format=describe_format({p.key: p.value for p in result.metadata_props}),
+        lookups=dict(built.lookups),
     )

@@ -74,6 +74,12 @@ class QuantConfig:
     #: Also run Sigmoid and activation*activation Mul (SiLU) in int8 (QLinearSigmoid/QLinearMul)
     #: instead of float between dequantize and quantize.
     int8_silu: bool = False
+    #: Element-wise activations between two quantized tensors (SiLU, Sigmoid, Hardswish, GELU...)
+    #: run as one exact 256-entry lookup, modelkiln's ``LookupTable`` kernel, when kiln's runtime
+    #: loads the model on ONNX Runtime CPU (runtime/kernels/lookup.py; the model's metadata asks
+    #: for it). The file stays standard QDQ for every runtime either way. False: standard kernels
+    #: only, in kiln too (``kiln quantize --standard-ops``).
+    custom_kernels: bool = True
     #: Transformer defaults (residual Adds and attention MatMuls stay float, as do LayerNorm,
     #: Softmax and GELU, which no rule quantizes): None detects transformer blocks in the graph.
     transformer: bool | None = None

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 
-from modelkiln.graph.ir_utils import const, new_initializer
+from modelkiln.ir_utils import const, new_initializer
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig
 from modelkiln.quant.formats import WeightStorage, store_weight, weight_storage
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.errors import QuantizationError
-from modelkiln.graph.ir_utils import (
+from modelkiln.ir_utils import (
     attr_float,
     attr_int,
     const,

@@ -16,9 +16,9 @@ import onnx_ir as ir
 from modelkiln import zoo as zoo_registry
 from modelkiln.data.feeds import Feed, list_samples, model_feeds
 from modelkiln.errors import QuantizationError
-from modelkiln.graph.ir_utils import const
 from modelkiln.graph.manager import PassManager
 from modelkiln.graph.pipeline import build_pipeline
+from modelkiln.ir_utils import const
 from modelkiln.onnx_io import load_model
 from modelkiln.quant.calibrators import CALIBRATORS, Calibrator, PercentileCalibrator, Range
 from modelkiln.quant.collect import collect

@@ -17,7 +17,7 @@ from typing import TypeGuard
 import numpy as np
 import onnx_ir as ir
 
-from modelkiln.graph.ir_utils import attr_int, const, new_initializer
+from modelkiln.ir_utils import attr_int, const, new_initializer
 from modelkiln.quant.calibrators.base import Range
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig, Target
 from modelkiln.quant.formats import PLAIN_INT8, WeightStorage, store_weight, weight_storage

@@ -34,7 +34,16 @@ Scorer = Callable[[onnx.ModelProto], float]
 #: QuantConfig fields a build may change from the prepared config: they act on weights, formats
 #: or thresholds only, never on what was calibrated. ``exclude`` may grow (more layers float).
 _BUILD_ONLY_FIELDS = frozenset(
-    {"exclude", "cpu", "weights", "max_range_ratio", "ffn_spread", "weight_kernel", "block_size"}
+    {
+        "exclude",
+        "cpu",
+        "weights",
+        "max_range_ratio",
+        "ffn_spread",
+        "weight_kernel",
+        "block_size",
+        "custom_kernels",
+    }
 )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from modelkiln.graph.ir_utils import attr_int, const
+from modelkiln.ir_utils import attr_int, const
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from modelkiln.errors import ConfigError, QuantizationError
-from modelkiln.graph.ir_utils import attr_int, const, new_initializer, producer
+from modelkiln.ir_utils import attr_int, const, new_initializer, producer
 from modelkiln.quant.collect import collect
 from modelkiln.quant.config import QuantConfig
 from modelkiln.quant.rules import rule_for

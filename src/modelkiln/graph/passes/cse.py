@@ -8,7 +8,7 @@ import hashlib
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import NONDETERMINISTIC, has_subgraph, replace_value
+from modelkiln.ir_utils import NONDETERMINISTIC, has_subgraph, replace_value
 
 _MAX_DEDUP_BYTES = 1 << 16
 

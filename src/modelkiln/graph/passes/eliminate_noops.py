@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import (
+from modelkiln.ir_utils import (
     attr_ints,
     bypass,
     const,

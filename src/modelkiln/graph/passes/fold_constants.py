@@ -11,7 +11,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import (
+from modelkiln.ir_utils import (
     NONDETERMINISTIC,
     attr_int,
     const,

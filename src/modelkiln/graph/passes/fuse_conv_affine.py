@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, is_op, producer, single_consumer
 from modelkiln.graph.passes.fuse_conv_bn import conv_params, set_conv_params
+from modelkiln.ir_utils import bypass, const, is_op, producer, single_consumer
 
 
 def per_channel(c: np.ndarray, channels: int, rank: int) -> np.ndarray | None:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, is_op, new_initializer, producer, single_consumer
+from modelkiln.ir_utils import bypass, const, is_op, new_initializer, producer, single_consumer
 
 
 def conv_params(conv: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, copy_type, is_op, single_consumer
+from modelkiln.ir_utils import bypass, const, copy_type, is_op, single_consumer
 
 
 def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:

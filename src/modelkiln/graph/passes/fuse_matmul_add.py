@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import bypass, const, copy_type, is_op, single_consumer
+from modelkiln.ir_utils import bypass, const, copy_type, is_op, single_consumer
 
 
 class FuseMatMulAdd(GraphPass):

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import attr_ints, const, is_op, remove, single_consumer
+from modelkiln.ir_utils import attr_ints, const, is_op, remove, single_consumer
 
 
 class FusePadConv(GraphPass):

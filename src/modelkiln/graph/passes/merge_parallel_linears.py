@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import const, copy_type, is_op, new_initializer, single_consumer
+from modelkiln.ir_utils import const, copy_type, is_op, new_initializer, single_consumer
 
 #: (weight, bias Add, bias) of one linear; the last two are both None without a bias
 Linear = tuple[np.ndarray, ir.Node | None, np.ndarray | None]

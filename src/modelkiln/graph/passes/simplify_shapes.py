@@ -9,8 +9,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from modelkiln.graph.base import GraphPass
-from modelkiln.graph.ir_utils import attr_int, const, is_op, new_initializer
 from modelkiln.graph.passes.collapse_reshapes import target_shape
+from modelkiln.ir_utils import attr_int, const, is_op, new_initializer
 
 
 def copy_dims_shape(data: ir.Value, out: ir.Value) -> np.ndarray | None:

@@ -6,8 +6,10 @@ Runtime through ``OrtBackend.load``, which is also where the CPU-fit check of IN
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
+import mmap
 import os
 import tempfile
 import threading
@@ -17,10 +19,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from modelkiln.errors import BackendError, ModelNotFound
-from modelkiln.runtime import cpu
+from modelkiln.runtime import cpu, kernels
 from modelkiln.runtime.backends.base import IN_MEMORY, Backend, ModelSource, TensorMeta, source_name
+from modelkiln.runtime.kernels.lookup import fuse_lookups
 from modelkiln.runtime.memory_pool import MemoryPool
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,9 @@ class OrtOptions:
     memory_arena: bool = True  # ORT's CPU arena; off for one-shot sessions over many tensors
     #: write the graph ONNX Runtime runs, after its own fusions, to this file (see optimized_graph)
     optimized_model: Path | None = None
+    #: ONNX Runtime's profiler on: its JSON trace goes to a file starting with this prefix
+    #: (``OrtBackend.end_profiling()`` returns the file; bench/profile.py summarises it per op type)
+    profile_prefix: Path | None = None
 
     def __post_init__(self) -> None:
         for n in (self.intra_op_threads, self.inter_op_threads):
@@ -125,6 +132,12 @@ class OrtBackend(Backend):
         providers: list[str] = self.session.get_providers()
         return providers
 
+    def end_profiling(self) -> Path:
+        """Stop ONNX Runtime's profiler and return its JSON trace (needs ``OrtOptions.profile_prefix``)."""
+        if self.options.profile_prefix is None:
+            raise BackendError(f"{self.model_name}: profiling was not enabled (OrtOptions.profile_prefix)")
+        return Path(self.session.end_profiling())
+
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.options.io_binding:
             return self._infer_bound(feed)
@@ -174,6 +187,28 @@ def _session(model: ModelSource, options: OrtOptions) -> Any:
         source = model
     else:
         source = os.fspath(model)
+    so = _session_options(options)
+    providers = choose_providers(options.providers)
+    name = os.fspath(model) if isinstance(model, (str, Path)) else IN_MEMORY
+    if not options.expose and _asks_for_lookups(model, source):
+        fused = _with_lookups(source, options, providers, name)
+        if fused is not None:
+            source = fused
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized
+            so.optimized_model_filepath = ""
+    try:
+        session = ort.InferenceSession(source, so, providers=providers)
+    except Exception as exc:
+        if kernels.DOMAIN in str(exc) and not kernels.available():
+            raise BackendError(kernels.unavailable_message(name)) from exc
+        raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).splitlines()[0][:300]}") from exc
+    warn_cpu_mismatch(name, dict(session.get_modelmeta().custom_metadata_map))
+    return session
+
+
+def _session_options(options: OrtOptions) -> Any:
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[options.optimization])
     if options.intra_op_threads:
@@ -184,13 +219,70 @@ def _session(model: ModelSource, options: OrtOptions) -> Any:
     so.enable_cpu_mem_arena = options.memory_arena
     if options.optimized_model is not None:
         so.optimized_model_filepath = os.fspath(options.optimized_model)
-    name = os.fspath(model) if isinstance(model, (str, Path)) else IN_MEMORY
-    try:
-        session = ort.InferenceSession(source, so, providers=choose_providers(options.providers))
-    except Exception as exc:
-        raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).splitlines()[0][:300]}") from exc
-    warn_cpu_mismatch(name, dict(session.get_modelmeta().custom_metadata_map))
-    return session
+    if options.profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.fspath(options.profile_prefix)
+    kernels.register(so)
+    return so
+
+
+#: Larger models are not rewritten at load (ONNX Runtime's optimized-model dump is one protobuf).
+_LOOKUP_MAX_BYTES = 1 << 30
+
+
+def _asks_for_lookups(model: ModelSource, source: str | bytes) -> bool:
+    """Whether the model's metadata asks kiln's runtime for lookup kernels (quant/build.py writes
+    the key). A byte search, not a parse, so models without it pay nothing; a false hit only costs
+    the check in _with_lookups."""
+    key = kernels.METADATA_KEY
+    if isinstance(model, onnx.ModelProto):
+        return any(p.key == key for p in model.metadata_props)
+    if isinstance(source, bytes):
+        return len(source) <= _LOOKUP_MAX_BYTES and key.encode() in source
+    path = Path(source)
+    if not 0 < path.stat().st_size <= _LOOKUP_MAX_BYTES:
+        return False
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(key.encode()) >= 0
+
+
+def _with_lookups(source: str | bytes, options: OrtOptions, providers: list[str], name: str) -> bytes | None:
+    """The graph ONNX Runtime would run for ``source``, with every element-wise chain between two
+    quantized tensors replaced by our LookupTable kernel; None where that does not apply (kernel
+    library not built, another provider, a lower optimization level, no chain found).
+
+    The rewrite runs on ONNX Runtime's own optimized graph, after its layout pass: done before it,
+    ONNX Runtime (which cannot know our op is element-wise) would wrap every lookup in NHWC<->NCHW
+    transposes. That graph is specific to this CPU, so it is made at load, never stored."""
+    import onnxruntime as ort
+
+    if providers != ["CPUExecutionProvider"] or options.optimization is not GraphOptimization.ALL:
+        return None
+    if not kernels.available():
+        _warn_once(name, "no-kernels", kernels.unavailable_message(name) + "; running its float path")
+        return None
+    with tempfile.TemporaryDirectory(prefix="kiln-ort-") as tmp:
+        so = _session_options(dataclasses.replace(options, optimized_model=None, profile_prefix=None))
+        so.intra_op_num_threads = 1
+        so.optimized_model_filepath = os.fspath(Path(tmp) / "optimized.onnx")
+        try:
+            ort.InferenceSession(source, so, providers=providers)
+            optimized = onnx.load(so.optimized_model_filepath)
+        except Exception as exc:  # noqa: BLE001 (the normal load that follows reports real errors)
+            log.debug("%s: no lookup rewrite: %s", name, str(exc).splitlines()[0][:200])
+            return None
+    if not any(p.key == kernels.METADATA_KEY for p in optimized.metadata_props):
+        return None
+    graph = ir.from_proto(optimized)
+    fused = fuse_lookups(graph)
+    if not fused:
+        return None
+    log.debug("%s: %s as int8 lookups", name, dict(fused))
+    final = ir.to_proto(graph)
+    if options.optimized_model is not None:
+        onnx.save(final, options.optimized_model)
+    data: bytes = final.SerializeToString()
+    return data
 
 
 _ORT_LEVELS = {
@@ -217,15 +309,19 @@ def warn_cpu_mismatch(name: str, props: dict[str, str]) -> str | None:
     candidates built from a file, e.g. in a budget search: one warning covers them all).
     Returns the reason (None when the CPU fits)."""
     reason = cpu.unmet_requirement(props)
-    if reason is None:
-        return None
+    if reason is not None:
+        _warn_once(name, reason, f"model {name}: {reason}")
+    return reason
+
+
+def _warn_once(name: str, reason: str, message: str) -> None:
+    """Log ``message`` the first time (model, reason) is seen in this process."""
     identity = name if name == IN_MEMORY else os.path.realpath(name)
     with _WARNED_LOCK:
         first = (identity, reason) not in _WARNED
         _WARNED.add((identity, reason))
     if first:
-        log.warning("model %s: %s", name, reason)
-    return reason
+        log.warning("%s", message)
 
 
 def optimized_graph(
