@@ -492,6 +492,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, help="a kiln YOLOv5 export (default: yolov5n from the assets)")
+    parser.add_argument(
+        "--baseline-model",
+        type=Path,
+        help="the model the user's pipeline runs (default: --model); e.g. FP32 here and kiln's INT8 in --model",
+    )
     parser.add_argument("--images", type=Path, default=ASSETS / "coco-tiny" / "val2017")
     parser.add_argument(
         "--annotations", type=Path, default=ASSETS / "coco-tiny" / "annotations" / "instances_val2017.json"
@@ -515,8 +520,14 @@ def main() -> None:
         kiln = KilnPipeline(model, args.threads)
         size = kiln.entry.parts[0].inputs[0].shape[-1]
         assert isinstance(size, int)
-        user = UserPipeline(model, args.threads, size)
-        common = {"bench": "detect_pipeline", "model": model.name, "machine": machine_info(args.threads)}
+        baseline = args.baseline_model or model
+        user = UserPipeline(baseline, args.threads, size)
+        common = {
+            "bench": "detect_pipeline",
+            "model": model.name,
+            "baseline_model": baseline.name,
+            "machine": machine_info(args.threads),
+        }
         rows: list[dict[str, Any]] = []
         if "preprocess" in sections:
             rows.append(

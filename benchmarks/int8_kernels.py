@@ -84,7 +84,7 @@ def accuracy(zoo: str, model: Path) -> dict[str, float]:
         cmd = [*KILN, "evaluate", str(model), "--data", str(data), "--labels", str(labels)]
         subprocess.run([*cmd, "--zoo", zoo, "--json", f.name], check=True, capture_output=True)
         found = json.loads(Path(f.name).read_text())
-    return {k: v for k, v in found.items() if isinstance(v, float)}
+    return {k: float(v) for k, v in found["metrics"].items()}
 
 
 def main() -> None:

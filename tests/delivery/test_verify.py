@@ -24,7 +24,7 @@ from modelkiln.delivery.manifest import (
 )
 from modelkiln.delivery.signing import generate_signing_key
 from modelkiln.delivery.verify import verify_package
-from modelkiln.runtime import cpu
+from modelkiln.runtime import cpu, kernels
 
 
 def failed(report_findings: tuple[Finding, ...], check: str) -> list[Finding]:
@@ -212,6 +212,18 @@ def test_a_vnni_model_on_a_cpu_without_int32_dot_fails_host_fit(
     [f] = failed(verify_package(package).findings, "host")
     assert (f.model, f.precision) == ("clf", "int8") and "int32_dot" in (f.expected or "")
     assert "AVX2-only test CPU" in (f.got or "")
+
+
+def test_a_model_asking_for_lookup_kernels_warns_where_they_are_not_built(
+    package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classifier(package / INT8, int8=True, meta={**INT8_META, kernels.METADATA_KEY: kernels.LOOKUP_OP})
+    reseal(package)
+    assert not [f for f in verify_package(package).findings if f.status is Status.WARN and f.check == "host"]
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    report = verify_package(package)
+    [f] = [f for f in report.findings if f.check == "host" and f.precision == "int8"]
+    assert f.status is Status.WARN and "lookup kernels" in f.message and report.ok  # slower, not wrong
 
 
 def test_encrypted_package_verifies_with_its_key_and_fails_without(

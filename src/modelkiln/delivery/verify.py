@@ -47,7 +47,7 @@ from modelkiln.delivery.manifest import (
 )
 from modelkiln.delivery.signing import verify_manifest
 from modelkiln.errors import ConfigError, KilnError
-from modelkiln.runtime import cpu
+from modelkiln.runtime import cpu, kernels
 from modelkiln.runtime.backends import Backend, BackendKind, ModelSource, load_backend
 from modelkiln.runtime.backends.onnxruntime import OrtOptions
 
@@ -340,6 +340,17 @@ def _host(record: ModelRecord, backend: Backend) -> Finding:
     if reason is not None:
         need = (record.int8_format or {}).get("requires") or "int32_dot"
         return Finding("host", Status.FAIL, reason, m, p, f"a CPU with {need}", cpu.cpu_info().describe())
+    if kernels.METADATA_KEY in backend.metadata and not kernels.available():
+        return Finding(
+            "host",
+            Status.WARN,
+            "the model asks for modelkiln's int8 lookup kernels, which this install did not build "
+            "(no C compiler?): its activations run on ONNX Runtime's float path, slower",
+            m,
+            p,
+            "the kernel library",
+            "not built",
+        )
     fmt = (record.int8_format or {}).get("format")
     return Finding(
         "host", Status.PASS, f"INT8 format '{fmt}' fits this CPU" if fmt else "no INT8 format needs", m, p

@@ -22,10 +22,11 @@ from modelkiln.ir_utils import const
 from modelkiln.onnx_io import load_model
 from modelkiln.quant.calibrators import CALIBRATORS, Calibrator, PercentileCalibrator, Range
 from modelkiln.quant.collect import collect
-from modelkiln.quant.config import CalibrationData, Method, QuantConfig
+from modelkiln.quant.config import CalibrationData, Method, QuantConfig, Target
 from modelkiln.quant.qdq import mark
 from modelkiln.quant.rules import is_ffn_down, transformer_defaults
 from modelkiln.quant.smoothquant import channel_absmax, smooth_model
+from modelkiln.quant.stem import space_to_depth_stem
 
 log = logging.getLogger(__name__)
 Feeds = Callable[[], Iterable[Feed]]
@@ -94,6 +95,10 @@ def prepare(
     entry = zoo_registry.get(data.zoo, _image_size(proto)) if data.zoo else None
     model = ir.from_proto(proto)
     PassManager(build_pipeline("portable"), verify=False).run(model)
+    if config.target is Target.CPU and not (config.weight_only or config.dynamic):
+        stem = space_to_depth_stem(model)
+        if stem is not None:
+            log.info("%s: stem %s runs as SpaceToDepth + a stride-1 convolution", source, stem)
     candidates = mark(model, config)
     if not candidates.weights:
         raise QuantizationError(f"{source}: no Conv/Gemm/MatMul with constant float weights to quantize")
