@@ -1,4 +1,5 @@
-"""``kiln serve REPO``: every model of a repository behind a KServe v2 HTTP API."""
+"""``kiln serve REPO``: every model of a repository behind a KServe v2 HTTP API (and gRPC with
+``--grpc-port``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import typer
 
 from modelkiln.delivery.crypto import resolve_model_key
-from modelkiln.errors import KilnError
+from modelkiln.errors import BadInput, KilnError
+from modelkiln.serve.grpc import require_grpc
 from modelkiln.serve.guard import ServeLimits
 from modelkiln.serve.http import serve
 from modelkiln.serve.model import LoadPolicy
@@ -20,6 +22,12 @@ def serve_cmd(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    grpc_port: int = typer.Option(
+        None,
+        "--grpc-port",
+        help="Also serve KServe v2 gRPC (tritonclient.grpc) on this port, same models, keys and limits "
+        "(needs pip install 'modelkiln[grpc]').",
+    ),
     cores: int = typer.Option(None, "--cores", help="Cores the inference threads may use (default: all)."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (MB)."),
     allow_cpu_mismatch: bool = typer.Option(
@@ -104,9 +112,13 @@ def serve_cmd(
         )
         policy = LoadPolicy(allow_cpu_mismatch, resolve_model_key(model_key), require_manifest)
     except KilnError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise BadInput(str(exc)) from None
+    if grpc_port is not None:
+        if not 1 <= grpc_port <= 65535 or grpc_port == port:
+            raise BadInput(f"--grpc-port must be a port in 1..65535 other than --port, got {grpc_port}")
+        require_grpc()
     if (ssl_certfile is None) != (ssl_keyfile is None):
-        raise typer.BadParameter("--ssl-certfile and --ssl-keyfile go together")
+        raise BadInput("--ssl-certfile and --ssl-keyfile go together")
     serve(
         str(repository),
         host,
@@ -117,4 +129,5 @@ def serve_cmd(
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
         policy=policy,
+        grpc_port=grpc_port,
     )

@@ -28,6 +28,7 @@ from modelkiln import __version__
 from modelkiln.serve import openai
 from modelkiln.serve.connection import guarded_h11
 from modelkiln.serve.context import Context, status_of
+from modelkiln.serve.grpc import GrpcFrontEnd, GrpcOptions
 from modelkiln.serve.guard import ServeLimits
 from modelkiln.serve.metrics import ServerMetrics
 from modelkiln.serve.model import DEFAULT_POLICY, LoadPolicy
@@ -47,24 +48,33 @@ def create_app(
     limits: ServeLimits | None = None,
     security: Security | None = None,
     bound: str = "127.0.0.1",
+    grpc: GrpcOptions | None = None,
 ) -> SecurityMiddleware:
     """The ASGI app: routes behind the security middleware (``bound``: the address served, which
-    a request's Host must name unless ``security.allowed_hosts`` says otherwise)."""
+    a request's Host must name unless ``security.allowed_hosts`` says otherwise); with ``grpc``,
+    the KServe v2 gRPC front end (serve/grpc.py) starts and stops with it."""
     limits = limits or ServeLimits()
     if max_body is not None:
         limits = dataclasses.replace(limits, max_body_bytes=max_body)
     ctx = Context(server, limits, ServerMetrics())
+    security = security or Security()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
+        front = None
+        if grpc is not None:  # its own thread and loop; same model table, metrics and keys
+            front = await asyncio.to_thread(GrpcFrontEnd(ctx, security, grpc).start)
+            app.state.grpc = front
         yield
+        if front is not None:
+            await asyncio.to_thread(front.stop)  # in-flight RPCs finish while the models are loaded
         await asyncio.to_thread(server.shutdown)  # queued requests are answered before exit
 
     app = Starlette(routes=kserve_routes(ctx) + openai.routes(ctx), lifespan=lifespan)
     app.state.metrics = ctx.metrics
     app.state.server = server
     app.state.context = ctx
-    security = security or Security()
+    app.state.grpc = None
     return SecurityMiddleware(cors(app, security), security, bound)
 
 
@@ -205,10 +215,12 @@ def serve(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
     policy: LoadPolicy = DEFAULT_POLICY,
+    grpc_port: int | None = None,
 ) -> None:
     """Load every model in ``repository`` and serve until SIGTERM/SIGINT (in-flight requests are
     answered first); ``policy`` says what a model file must satisfy (CPU fit unless
-    allow_cpu_mismatch, manifest hash, the key for encrypted models)."""
+    allow_cpu_mismatch, manifest hash, the key for encrypted models); ``grpc_port``: KServe v2
+    gRPC on that port too."""
     limits = limits or ServeLimits()
     security = security or Security()
     # The event loop waits this long at most for the GIL behind a worker thread running Python
@@ -223,7 +235,14 @@ def serve(
         )
     _warn_if_exposed(host, security)
     config = uvicorn.Config(
-        create_app(server, max_body, limits, security, host),
+        create_app(
+            server,
+            max_body,
+            limits,
+            security,
+            host,
+            None if grpc_port is None else GrpcOptions(grpc_port, host, ssl_certfile, ssl_keyfile),
+        ),
         host=host,
         port=port,
         log_level="warning",

@@ -1,0 +1,617 @@
+"""KServe v2 over gRPC: Triton's ``GRPCInferenceService``, as ``tritonclient.grpc`` speaks it, on a
+second port beside the HTTP server (``kiln serve REPO --grpc-port N``).
+
+Same model table, same checks, same errors as serve/http.py: a failure becomes the status Triton
+gives it (INVALID_ARGUMENT for a bad request, NOT_FOUND for an unknown model, UNAVAILABLE for a
+full queue or an expired timeout, RESOURCE_EXHAUSTED for a size limit) with the message HTTP
+would send, never a traceback. The server runs grpc's asyncio server on its own thread and event
+loop, so the HTTP event loop never waits for it; inference goes through ``ModelServer.infer``
+futures. grpcio and the generated protos (shipped by tritonclient[grpc]) are imported only when a
+gRPC server starts: ``pip install 'modelkiln[grpc]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import math
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from starlette.datastructures import Headers
+
+from modelkiln import __version__
+from modelkiln.errors import BadInput, MissingDependency, PayloadTooLarge, PoolExhausted
+from modelkiln.serve.context import INLINE_BYTES, Context, status_of
+from modelkiln.serve.guard import ServeLimits, shown
+from modelkiln.serve.metrics import ServerMetrics
+from modelkiln.serve.protocol import MAX_DIM, MAX_DIMS, MAX_ID, MAX_TIMEOUT_US, NP_TYPES
+from modelkiln.serve.security import Security, key_matches
+from modelkiln.serve.server import ModelServer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: KServe v2 datatype -> numpy dtype, little-endian as the protocol's raw bytes are.
+GRPC_TYPES: dict[str, np.dtype[Any]] = {
+    **{k: np.dtype(v).newbyteorder("<") for k, v in NP_TYPES.items()},
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+}
+_OUT_TYPES = {dt.newbyteorder("=").name: k for k, dt in GRPC_TYPES.items()}
+#: The ``InferTensorContents`` field each datatype's typed values travel in (FP16: raw only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_LENGTH = struct.Struct("<I")
+#: gRPC status names by the HTTP status serve/context.py gives an error (Triton's choices).
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "UNAVAILABLE",  # Triton: "Request timeout expired" is UNAVAILABLE
+}
+HEADER_SLACK = 1 << 20  # bytes of a response beyond its tensors (names, shapes) the send limit allows
+DEFAULT_GRACE_S = 30.0
+
+
+def require_grpc() -> None:
+    """Raise MissingDependency naming the ``grpc`` extra unless grpcio and the protos import."""
+    for module in ("grpc", "tritonclient.grpc.service_pb2_grpc"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            raise MissingDependency(module.split(".")[0], "grpc", "kiln serve --grpc-port") from exc
+
+
+# --- tensor codec ---------------------------------------------------------------------------------
+def _shape(shape: Sequence[int], where: str) -> list[int]:
+    dims = list(shape)
+    if len(dims) > MAX_DIMS or not all(0 <= d <= MAX_DIM for d in dims):
+        raise BadInput(
+            f"{where}: shape must have at most {MAX_DIMS} dimensions in [0, {MAX_DIM}], got {shown(dims)}"
+        )
+    return dims
+
+
+def _dtype(datatype: str, where: str) -> np.dtype[Any] | None:
+    """The numpy dtype of a KServe datatype (None for BYTES); BadInput for anything else."""
+    if datatype == "BYTES":
+        return None
+    dtype = GRPC_TYPES.get(datatype)
+    if dtype is None:
+        raise BadInput(
+            f"{where}: datatype must be one of {sorted([*GRPC_TYPES, 'BYTES'])}, got {shown(datatype)}"
+        )
+    return dtype
+
+
+def decode_raw(raw: bytes, datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
+    """An input from its raw bytes (little-endian; BYTES: each element a 4-byte length then its
+    bytes). The byte count must be exactly what the shape and datatype say."""
+    dims = _shape(shape, where)
+    count = math.prod(dims)
+    dtype = _dtype(datatype, where)
+    if dtype is None:
+        return decode_bytes(raw, dims, where)
+    want = count * dtype.itemsize
+    if len(raw) != want:
+        raise BadInput(
+            f"{where}: raw_input_contents holds {len(raw)} bytes, expected {want} ({datatype} {dims})"
+        )
+    return np.frombuffer(raw, dtype).reshape(dims)
+
+
+def decode_bytes(raw: bytes, shape: list[int], where: str) -> np.ndarray:
+    """A BYTES tensor (object array of ``bytes``) from its length-prefixed serialization."""
+    count = math.prod(shape)
+    if count > len(raw) // _LENGTH.size:  # each element takes 4 bytes at least
+        raise BadInput(f"{where}: {len(raw)} bytes cannot hold {count} BYTES elements {shape}")
+    items: list[bytes] = []
+    pos = 0
+    view = memoryview(raw)
+    for i in range(count):
+        if pos + _LENGTH.size > len(raw):
+            raise BadInput(f"{where}: BYTES data ends at element {i} of {count}")
+        (size,) = _LENGTH.unpack_from(raw, pos)
+        pos += _LENGTH.size
+        if pos + size > len(raw):
+            raise BadInput(f"{where}: BYTES element {i} claims {size} bytes, {len(raw) - pos} remain")
+        items.append(bytes(view[pos : pos + size]))
+        pos += size
+    if pos != len(raw):
+        raise BadInput(f"{where}: {len(raw) - pos} bytes after the {count} BYTES elements of shape {shape}")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    """The length-prefixed serialization of a BYTES tensor (``str`` elements as UTF-8)."""
+    parts: list[bytes] = []
+    for item in array.ravel(order="C"):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts += [_LENGTH.pack(len(data)), data]
+    return b"".join(parts)
+
+
+def decode_contents(contents: Any, datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
+    """An input from ``InferTensorContents`` (typed values: ``fp32_contents`` for FP32...)."""
+    dims = _shape(shape, where)
+    count = math.prod(dims)
+    dtype = _dtype(datatype, where)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise BadInput(f"{where}: {datatype} travels only as raw_input_contents, not typed contents")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise BadInput(f"{where}: {field} holds {len(values)} values, expected {count} ({datatype} {dims})")
+    if dtype is None:
+        array = np.empty(count, dtype=object)
+        array[:] = [bytes(v) for v in values]
+        return array.reshape(dims)
+    if dtype.kind in "iu" and dtype.itemsize < 8 and count:
+        wide = np.asarray(values, np.int64)
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise BadInput(f"{where}: values outside the {datatype} range [{info.min}, {info.max}]")
+        return wide.astype(dtype).reshape(dims)
+    return np.asarray(values, dtype).reshape(dims)
+
+
+def encode_output(array: np.ndarray, model: str, name: str) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, raw bytes) of one output."""
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES", list(array.shape), encode_bytes(array)
+    datatype = _OUT_TYPES.get(array.dtype.newbyteorder("=").name)
+    if datatype is None:
+        raise BadInput(
+            f"model '{model}': output '{name}' has dtype {array.dtype}, which KServe v2 cannot carry"
+        )
+    return datatype, list(array.shape), np.ascontiguousarray(array, GRPC_TYPES[datatype]).tobytes()
+
+
+def _parameter(param: Any) -> Any:
+    """The value of an ``InferParameter`` (whichever of its fields is set)."""
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
+
+
+def decode_request(request: Any, limits: ServeLimits) -> tuple[dict[str, np.ndarray], float | None]:
+    """The feed and the ``timeout`` parameter (seconds) of a ``ModelInferRequest``."""
+    model = request.model_name
+    if len(request.id) > MAX_ID:
+        raise BadInput(f"model '{model}': 'id' must be at most {MAX_ID} characters")
+    if not request.inputs:
+        raise BadInput(f"model '{model}': request needs at least one input")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadInput(
+            f"model '{model}': {len(raw)} raw_input_contents for {len(request.inputs)} inputs "
+            "(raw contents must be given for every input or none)"
+        )
+    raw = list(raw)  # each element access copies the bytes out of the message: once only
+    feed: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(request.inputs):
+        where = f"model '{model}': input {shown(spec.name)}"
+        if "shared_memory_region" in spec.parameters:
+            raise BadInput(f"{where}: shared memory is not supported by this server")
+        if spec.name in feed:
+            raise BadInput(f"model '{model}': input '{spec.name}' given twice")
+        if raw:
+            feed[spec.name] = decode_raw(raw[i], spec.datatype, spec.shape, where)
+        else:
+            feed[spec.name] = decode_contents(spec.contents, spec.datatype, spec.shape, where)
+    timeout_s = None
+    if "timeout" in request.parameters:
+        micros = _parameter(request.parameters["timeout"])
+        if (
+            isinstance(micros, bool)
+            or not isinstance(micros, (int, float))
+            or not 0 < micros <= MAX_TIMEOUT_US
+        ):
+            raise BadInput(
+                f"model '{model}': parameter 'timeout' must be a positive number of microseconds "
+                f"(at most {MAX_TIMEOUT_US:.0f}), got {shown(micros)}"
+            )
+        timeout_s = micros / 1e6
+    return feed, timeout_s
+
+
+def requested_outputs(request: Any, outputs: dict[str, np.ndarray]) -> list[str]:
+    """Names of the outputs to send: those asked for, in their order, else all."""
+    model = request.model_name
+    if not request.outputs:
+        return list(outputs)
+    names = []
+    for out in request.outputs:
+        if "shared_memory_region" in out.parameters or "classification" in out.parameters:
+            raise BadInput(
+                f"model '{model}': output {shown(out.name)}: shared memory and classification are not supported"
+            )
+        names.append(out.name)
+    missing = sorted(set(names) - set(outputs))
+    if missing:
+        raise BadInput(f"model '{model}': unknown output(s) {shown(missing)}; it has {sorted(outputs)}")
+    return names
+
+
+def grpc_code(exc: BaseException, status: int | None = None) -> str:
+    """The gRPC status name of an error (``status``: its HTTP status, if already known)."""
+    if isinstance(exc, PoolExhausted):  # memory, not a queue: Triton says RESOURCE_EXHAUSTED
+        return "RESOURCE_EXHAUSTED"
+    return GRPC_CODES.get(status_of(exc) if status is None else status, "INTERNAL")
+
+
+# --- the service ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GrpcOptions:
+    """Where and how the gRPC front end listens (``port`` 0: any free port)."""
+
+    port: int
+    host: str = "127.0.0.1"
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    #: Seconds in-flight RPCs get to finish at shutdown.
+    grace_s: float = DEFAULT_GRACE_S
+
+
+class _Refused(Exception):
+    """An RPC refused before it ran (status name, message)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Service:
+    """The RPCs (names as the proto has them); the rest answer UNIMPLEMENTED."""
+
+    def __init__(self, ctx: Context, security: Security, pb: Any, config_pb: Any, grpc: Any) -> None:
+        self.ctx, self.security, self.pb, self.config_pb, self.grpc = ctx, security, pb, config_pb, grpc
+        self.server: ModelServer = ctx.server
+        #: Decoding typed contents and encoding large responses: two at a time (as HTTP's limiter).
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kiln-grpc")
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if not name[:1].isupper():
+            raise AttributeError(name)
+
+        async def unimplemented(_: Any, context: Any) -> None:
+            await context.abort(self.grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by this server")
+
+        return unimplemented
+
+    # --- plumbing
+    def _check(self, context: Any, control: bool = False) -> None:
+        """API key (or, for model control, the admin key) from the ``authorization`` metadata."""
+        sec = self.security
+        if sec.api_key is None and (not control or (sec.model_control and sec.admin_key is None)):
+            return  # nothing to check: skip reading the metadata
+        headers = Headers({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+        if control:
+            if not sec.model_control:
+                raise _Refused(
+                    "PERMISSION_DENIED",
+                    "model control (load, unload, repository index) is disabled on this server",
+                )
+            key = sec.admin_key or sec.api_key
+            if key is not None and not key_matches(headers, key):
+                raise _Refused(
+                    "PERMISSION_DENIED", "model control needs the admin key: authorization: Bearer <key>"
+                )
+        elif sec.api_key is not None and not key_matches(headers, sec.api_key):
+            raise _Refused("UNAUTHENTICATED", "missing or wrong API key: send authorization: Bearer <key>")
+
+    async def _fail(self, context: Any, exc: BaseException, name: str, route: str) -> None:
+        if isinstance(exc, _Refused):
+            code, message = exc.code, str(exc)
+        else:
+            status, message = self.ctx.fail(exc, name, f"grpc-{route}")
+            code = grpc_code(exc, status)
+        await context.abort(getattr(self.grpc.StatusCode, code), message)
+
+    async def _offload(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        if size <= INLINE_BYTES:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def _guarded(
+        self, context: Any, name: str, route: str, control: bool, fn: Callable[[], Any]
+    ) -> Any:
+        try:
+            self._check(context, control)
+            result = fn()
+            return await result if asyncio.iscoroutine(result) else result
+        except Exception as exc:  # noqa: BLE001 - every failure is answered with a status, none a traceback
+            error = exc
+        await self._fail(context, error, name, route)
+        return None  # not reached: abort raises
+
+    # --- health and metadata (method names are the proto's)
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerReadyResponse(ready=bool(self.server.loaded()))
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        def ready() -> Any:
+            return self.pb.ModelReadyResponse(ready=self.server.ready(request.name, request.version or None))
+
+        return await self._guarded(context, request.name, "ready", False, ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        def meta() -> Any:
+            return self.pb.ServerMetadataResponse(
+                name="modelkiln", version=__version__, extensions=["model_repository"]
+            )
+
+        return await self._guarded(context, "", "metadata", False, meta)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        def meta() -> Any:
+            m = self.server.get(request.name, request.version or None).model.metadata()
+            tensor = self.pb.ModelMetadataResponse.TensorMetadata
+            return self.pb.ModelMetadataResponse(
+                name=m["name"],
+                versions=m.get("versions", []),
+                platform=m.get("platform", ""),
+                inputs=[
+                    tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                    for t in m.get("inputs", [])
+                ],
+                outputs=[
+                    tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                    for t in m.get("outputs", [])
+                ],
+            )
+
+        return await self._guarded(context, request.name, "metadata", False, meta)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        def config() -> Any:
+            model = self.server.get(request.name, request.version or None).model
+            m, cfg = model.metadata(), model.config
+            batched = cfg.max_batch_size > 0
+            pb = self.config_pb
+
+            def dims(shape: list[int]) -> list[int]:
+                return shape[1:] if batched else shape
+
+            def dtype(datatype: str) -> int:
+                return int(pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
+
+            return self.pb.ModelConfigResponse(
+                config=pb.ModelConfig(
+                    name=cfg.name,
+                    platform=m.get("platform", "onnxruntime_onnx"),
+                    max_batch_size=cfg.max_batch_size,
+                    input=[
+                        pb.ModelInput(name=t["name"], data_type=dtype(t["datatype"]), dims=dims(t["shape"]))
+                        for t in m.get("inputs", [])
+                    ],
+                    output=[
+                        pb.ModelOutput(name=t["name"], data_type=dtype(t["datatype"]), dims=dims(t["shape"]))
+                        for t in m.get("outputs", [])
+                    ],
+                )
+            )
+
+        return await self._guarded(context, request.name, "config", False, config)
+
+    # --- inference
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        name = request.model_name
+        label = self.ctx.label(name)
+        start = time.perf_counter()
+        self.ctx.metrics.inflight.labels(label).inc()
+        try:
+            return await self._guarded(
+                context, name, "infer", False, lambda: self._infer(request, context, start)
+            )
+        finally:
+            self.ctx.metrics.inflight.labels(label).dec()
+
+    async def _infer(self, request: Any, context: Any, start: float) -> Any:
+        name = request.model_name
+        # Raw contents decode as views of the message's bytes (cheap: on the loop); typed values
+        # become arrays value by value (on a worker thread when there are many).
+        typed = 0 if request.raw_input_contents else sum(math.prod(t.shape) for t in request.inputs)
+        feed, timeout_s = await self._offload(typed * 4, decode_request, request, self.ctx.limits)
+        remaining = context.time_remaining()  # the client's own deadline bounds the queue wait
+        if remaining is not None and (timeout_s is None or remaining < timeout_s):
+            timeout_s = max(remaining, 1e-6)
+        item = self.server.get(name, request.model_version or None)
+        version = str(item.model.version)  # pin the version that runs
+        result = await asyncio.wrap_future(self.server.infer(name, feed, version, timeout_s))
+        names = requested_outputs(request, result.outputs)
+        arrays = {n: result.outputs[n] for n in names}
+        total = sum(getattr(a, "nbytes", 0) for a in arrays.values())
+        limit = self.ctx.limits.max_output_bytes
+        if total > limit:
+            raise PayloadTooLarge(
+                f"model '{name}': the response would be {total} bytes; the limit is {limit} bytes (max_output_bytes)"
+            )
+        response = await self._offload(total, self._response, request, version, arrays)
+        metrics = self.ctx.metrics
+        metrics.success.labels(name, version).inc()
+        metrics.queue.labels(name, version).observe(result.queue_s)
+        metrics.compute.labels(name, version).observe(result.compute_s)
+        metrics.batch.labels(name, version).observe(result.batch_size)
+        metrics.request.labels(name, version).observe(time.perf_counter() - start)
+        return response
+
+    def _response(self, request: Any, version: str, arrays: dict[str, np.ndarray]) -> Any:
+        response = self.pb.ModelInferResponse(
+            model_name=request.model_name, model_version=version, id=request.id
+        )
+        for out_name, array in arrays.items():
+            datatype, shape, raw = encode_output(np.asarray(array), request.model_name, out_name)
+            response.outputs.add(name=out_name, datatype=datatype, shape=shape)
+            response.raw_output_contents.append(raw)
+        return response
+
+    # --- repository
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        def index() -> Any:
+            rows = self.server.index()
+            entry = self.pb.RepositoryIndexResponse.ModelIndex
+            return self.pb.RepositoryIndexResponse(
+                models=[
+                    entry(
+                        name=r["name"],
+                        version=r["version"],
+                        state=r["state"],
+                        reason=self.ctx.redact(r.get("reason", "")),
+                    )
+                    for r in rows
+                    if not request.ready or r["state"] == "READY"
+                ]
+            )
+
+        return await self._guarded(context, "", "repository", True, index)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        async def load() -> Any:
+            if request.parameters:
+                raise BadInput(
+                    f"model {shown(request.model_name)}: load parameters {sorted(request.parameters)} are not "
+                    "supported (the repository's config.yaml and files are what load)"
+                )
+            await asyncio.to_thread(self.server.load, request.model_name)
+            return self.pb.RepositoryModelLoadResponse()
+
+        return await self._guarded(context, request.model_name, "repository", True, load)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        async def unload() -> Any:
+            await asyncio.to_thread(self.server.unload, request.model_name)
+            return self.pb.RepositoryModelUnloadResponse()
+
+        return await self._guarded(context, request.model_name, "repository", True, unload)
+
+
+class GrpcFrontEnd:
+    """The gRPC server on its own thread and event loop; ``start`` returns once it listens (the
+    bound port in ``port``), ``stop`` lets in-flight RPCs finish within ``grace_s``."""
+
+    def __init__(self, ctx: Context, security: Security, options: GrpcOptions) -> None:
+        require_grpc()
+        self.ctx, self.security, self.options = ctx, security, options
+        self.port = options.port
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._service: _Service | None = None
+
+    @classmethod
+    def standalone(
+        cls,
+        server: ModelServer,
+        options: GrpcOptions,
+        limits: ServeLimits | None = None,
+        security: Security | None = None,
+    ) -> GrpcFrontEnd:
+        """A front end with its own metrics (when no HTTP server shares them)."""
+        return cls(Context(server, limits or ServeLimits(), ServerMetrics()), security or Security(), options)
+
+    def start(self) -> GrpcFrontEnd:
+        self._thread = threading.Thread(target=self._run, name="kiln-grpc", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting RPCs, let in-flight ones finish (``grace_s``); idempotent."""
+        loop, stopping, thread = self._loop, self._stopping, self._thread
+        if loop is None or stopping is None or thread is None:
+            return
+        try:
+            loop.call_soon_threadsafe(stopping.set)
+        except RuntimeError:  # the loop already ended
+            pass
+        thread.join(self.options.grace_s + 10)
+        self._loop = None
+        if self._service is not None:
+            self._service.pool.shutdown(wait=False)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:  # reported to start(), or logged
+            if not self._started.is_set():
+                self._error = exc
+            else:
+                log.error("gRPC server stopped: %s", exc, exc_info=exc)
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        import grpc
+        from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+        limits = self.ctx.limits
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limits.max_body_bytes),
+                ("grpc.max_send_message_length", limits.max_output_bytes + HEADER_SLACK),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._service = _Service(self.ctx, self.security, service_pb2, model_config_pb2, grpc)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._service, server)
+        opts = self.options
+        host = f"[{opts.host}]" if ":" in opts.host and not opts.host.startswith("[") else opts.host
+        address = f"{host}:{opts.port}"
+        try:
+            if opts.ssl_certfile and opts.ssl_keyfile:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(opts.ssl_keyfile).read_bytes(), Path(opts.ssl_certfile).read_bytes())]
+                )
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for gRPC on {address}: {exc}") from None
+        if not port:
+            raise OSError(f"cannot listen for gRPC on {address} (port in use?)")
+        self.port = port
+        await server.start()
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._started.set()
+        log.info("serving KServe v2 gRPC on %s:%d", opts.host, port)
+        await self._stopping.wait()
+        await server.stop(opts.grace_s)
