@@ -9,6 +9,7 @@ import typer
 
 from modelkiln.delivery.crypto import resolve_model_key
 from modelkiln.errors import BadInput, KilnError
+from modelkiln.serve.config import parse_size
 from modelkiln.serve.grpc import require_grpc
 from modelkiln.serve.guard import ServeLimits
 from modelkiln.serve.http import serve
@@ -83,6 +84,13 @@ def serve_cmd(
         help="Key file for encrypted models (model.onnx.enc; default: KILN_MODEL_KEY_FILE or "
         "KILN_MODEL_KEY): decrypted in memory only.",
     ),
+    memory_budget: str = typer.Option(
+        None,
+        "--memory-budget",
+        help="Most memory the models may hold (700MB, 4GB, 1.5GiB): models load on first request "
+        "(pin: true in config.yaml loads at start) and the least recently used idle ones are unloaded "
+        "to make room. Default: every model loaded at start, none unloaded.",
+    ),
     require_manifest: bool = typer.Option(
         False,
         "--require-manifest",
@@ -111,6 +119,7 @@ def serve_cmd(
             allowed_origins=tuple(allowed_origin or ()),
         )
         policy = LoadPolicy(allow_cpu_mismatch, resolve_model_key(model_key), require_manifest)
+        budget = parse_size(memory_budget, "--memory-budget") if memory_budget is not None else None
     except KilnError as exc:
         raise BadInput(str(exc)) from None
     if grpc_port is not None:
@@ -130,4 +139,5 @@ def serve_cmd(
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
         policy=policy,
         grpc_port=grpc_port,
+        memory_budget=budget,
     )

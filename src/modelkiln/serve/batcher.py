@@ -4,8 +4,16 @@ A batcher thread per model waits for an idle instance, then gathers queued reque
 non-batch shape until it reaches the preferred batch size or the oldest request has waited the
 queue delay, concatenates them along the batch axis into memory-pool buffers, runs the batch on
 the scheduler's thread pool and splits the outputs back, one response per request. Expired
-requests are answered with DeadlineExceeded instead of run; a failing batch fails only its own
-requests; a full queue refuses new requests (QueueFull) instead of growing.
+requests are answered with DeadlineExceeded instead of run (``timeout_action: reject``) or kept
+at the back of the queue (``delay``); a failing batch fails only its own requests; a full queue
+refuses new requests (QueueFull) instead of growing.
+
+Order: each request has a priority level (0 most urgent; its own ``priority`` parameter, else the
+model's) and is served in order of its *rank*: the instant it was queued plus one ``aging_ms`` per
+level. That is strict priority among requests queued within ``aging_ms`` of each other, and FIFO
+beyond: a waiting request gains one level per ``aging_ms`` of wait, so a low-priority request
+waits at most about ``levels x aging_ms`` behind a stream of urgent ones (plus the work already
+ahead of it). The scheduler runs formed batches of all models by the same rank.
 """
 
 from __future__ import annotations
@@ -21,11 +29,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from modelkiln.errors import DeadlineExceeded, ModelUnavailable, QueueFull
+from modelkiln.errors import BadInput, DeadlineExceeded, ModelUnavailable, QueueFull
+from modelkiln.serve.config import PRIORITY_LEVELS, QueuePolicy
 from modelkiln.serve.model import ServedModel
 
 log = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
+#: Seconds per level when aging is off (aging_ms: 0): far beyond any wait, so strict priority.
+STRICT_S = 1e9
+#: The level of a request whose timeout expired under ``timeout_action: delay`` (after all others).
+DELAYED = PRIORITY_LEVELS
+
+
+def aging_s(policy: QueuePolicy) -> float:
+    """Seconds of wait that buy one priority level."""
+    return policy.aging_ms / 1e3 if policy.aging_ms > 0 else STRICT_S
 
 
 @dataclass
@@ -36,13 +54,30 @@ class InferResponse:
     batch_size: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (a queue removes one; feeds are arrays)
 class InferRequest:
     feed: Feed
     batch: int = 1
     deadline: float | None = None  # time.monotonic() instant
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[InferResponse] = field(default_factory=Future)
+    #: 0 most urgent .. PRIORITY_LEVELS-1 (DELAYED once timed out under delay); None: the model's.
+    priority: int | None = None
+    #: Serving order (lower first): set when queued, from ``enqueued``, priority and aging.
+    rank: float = 0.0
+
+    def level(self) -> int:
+        return 1 if self.priority is None else self.priority
+
+    @staticmethod
+    def check_level(priority: object, model: str) -> None:
+        """BadInput unless ``priority`` is None or a level 0..PRIORITY_LEVELS-1."""
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < PRIORITY_LEVELS
+        ):
+            raise BadInput(
+                f"model '{model}': priority level must be an integer 0..{PRIORITY_LEVELS - 1}, got {priority!r}"
+            )
 
     def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         """What must match for two requests to share a batch: every non-batch dim and dtype."""
@@ -73,7 +108,9 @@ class BatchExecutor(Protocol):
 
 
 class DynamicBatcher:
-    def __init__(self, model: ServedModel, scheduler: BatchExecutor) -> None:
+    def __init__(
+        self, model: ServedModel, scheduler: BatchExecutor, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.model, self.scheduler = model, scheduler
         self.name = model.name
         cfg = model.config
@@ -83,6 +120,9 @@ class DynamicBatcher:
         self.target = max(batching.preferred_batch_sizes or (self.max_batch,)) if batching else 1
         self.delay = batching.max_queue_delay_us / 1e6 if batching else 0.0
         self.capacity = cfg.queue.max_queue_size
+        self.policy = cfg.queue
+        self.aging = aging_s(cfg.queue)
+        self.clock = clock  # time.monotonic; tests pass a fake one
         self._queue: collections.deque[InferRequest] = collections.deque()
         self._cond = threading.Condition()
         self._slots = threading.Semaphore(cfg.instance_count)
@@ -97,6 +137,9 @@ class DynamicBatcher:
                 raise ModelUnavailable(f"model '{self.name}' is unloading")
             if len(self._queue) >= self.capacity:
                 raise QueueFull(f"model '{self.name}': queue full ({self.capacity} requests waiting)")
+            if request.priority is None:
+                request.priority = self.model.config.priority
+            request.rank = request.enqueued + request.priority * self.aging
             self._queue.append(request)
             self._cond.notify()
         return request.future
@@ -141,31 +184,46 @@ class DynamicBatcher:
 
     def _gather(self) -> list[InferRequest]:
         with self._cond:
-            if self.delay > 0 and not self._closed:
-                oldest = self._queue[0].enqueued
+            if self.delay > 0 and not self._closed and self._queue:
+                oldest = min(r.enqueued for r in self._queue)
                 self._cond.wait_for(
-                    lambda: self._closed or self._ready_size() >= self.target,
+                    lambda: self._closed or not self._queue or self._ready_size() >= self.target,
                     timeout=max(oldest + self.delay - time.monotonic(), 0),
                 )
             return self._take()
 
     def _ready_size(self) -> int:
-        sig = self._queue[0].signature()
+        sig = min(self._queue, key=lambda r: r.rank).signature()
         return sum(r.batch for r in self._queue if r.signature() == sig)
 
+    def _expire(self, now: float) -> None:
+        """Requests whose timeout passed: failed (reject) or sent behind every other (delay)."""
+        for r in list(self._queue):
+            if r.deadline is None or now <= r.deadline:
+                continue
+            waited_ms = (now - r.enqueued) * 1e3
+            if self.policy.timeout_action == "delay":
+                r.deadline, r.priority = None, DELAYED  # stays queued; runs when nothing else waits
+                r.rank = now + DELAYED * self.aging
+                continue
+            self._queue.remove(r)
+            r.future.set_exception(
+                DeadlineExceeded(
+                    f"model '{self.name}': request timed out in the queue after {waited_ms:.0f} ms "
+                    "(timeout_action: reject)"
+                )
+            )
+
     def _take(self) -> list[InferRequest]:
-        """Requests matching the oldest one's shapes, up to max_batch (a request is never split)."""
-        now = time.monotonic()
+        """Requests matching the first-ranked one's shapes, taken in rank order up to max_batch
+        (a request is never split)."""
+        self._expire(self.clock())
+        ordered = sorted(self._queue, key=lambda r: r.rank)  # stable: FIFO among equal ranks
+        self._queue.clear()
         taken: list[InferRequest] = []
         kept: collections.deque[InferRequest] = collections.deque()
         size, sig = 0, None
-        while self._queue:
-            r = self._queue.popleft()
-            if r.deadline is not None and now > r.deadline:
-                r.future.set_exception(
-                    DeadlineExceeded(f"model '{self.name}': request timed out in the queue")
-                )
-                continue
+        for r in ordered:
             if sig is None:
                 sig = r.signature()
             fits = not taken or (size + r.batch <= self.max_batch and size < self.target)
@@ -174,7 +232,7 @@ class DynamicBatcher:
                 size += r.batch
             else:
                 kept.append(r)
-        self._queue.extendleft(reversed(kept))
+        self._queue.extend(kept)
         return taken
 
 

@@ -13,6 +13,7 @@ on load, so a typo is an error naming the file and the key, never a silently ign
     queue: {max_queue_size: 64, default_timeout_us: 0}
     warmup: true                  # one random inference per instance before ready
     allow_cpu_mismatch: false     # serve an INT8 model this CPU cannot run exactly (else refused)
+    pin: false                    # with kiln serve --memory-budget: load at start, never evict
     inputs: [{name: images, dtype: float32, dims: [3, 640, 640]}]   # optional: read from the model
     pipeline: {kind: detect_classify, steps: {detector: yolo, classifier: lite0}}   # instead of a file
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,14 +75,36 @@ class DynamicBatching:
 
 @dataclass(frozen=True)
 class QueuePolicy:
+    """Triton's queue policy (docs/serving.md, "Priority and queue policy"), plus aging."""
+
     max_queue_size: int = 64
     default_timeout_us: int = 0  # 0: no timeout
+    #: Whether a request's own ``timeout`` parameter replaces default_timeout_us (else ignored).
+    allow_timeout_override: bool = True
+    #: reject: a request whose timeout expires in the queue fails; delay: it stays queued, last.
+    timeout_action: str = "reject"
+    #: A waiting request gains one priority level per aging_ms of wait (0: strict priority).
+    aging_ms: int = 100
 
     def __post_init__(self) -> None:
+        for key in ("max_queue_size", "default_timeout_us", "aging_ms"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"queue.{key} must be an integer, got {value!r}")
         if self.max_queue_size < 1:
             raise ConfigError(f"queue.max_queue_size must be >= 1, got {self.max_queue_size}")
         if self.default_timeout_us < 0:
             raise ConfigError(f"queue.default_timeout_us must be >= 0, got {self.default_timeout_us}")
+        if self.aging_ms < 0:
+            raise ConfigError(f"queue.aging_ms must be >= 0 (0: no aging), got {self.aging_ms}")
+        if not isinstance(self.allow_timeout_override, bool):  # YAML "no" in quotes would be truthy
+            raise ConfigError(
+                f"queue.allow_timeout_override must be true or false, got {self.allow_timeout_override!r}"
+            )
+        if self.timeout_action not in ("reject", "delay"):
+            raise ConfigError(
+                f"queue.timeout_action must be 'reject' or 'delay', got {self.timeout_action!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -141,6 +165,8 @@ class ModelConfig:
     genai: GenAIConfig | None = None
     #: Serve a model even when this CPU lacks what its INT8 format needs (it runs, less accurately).
     allow_cpu_mismatch: bool = False
+    #: Under ``kiln serve --memory-budget``: loaded at start and never evicted (no effect without one).
+    pin: bool = False
 
     def __post_init__(self) -> None:
         value = self.backend.value if isinstance(self.backend, enum.Enum) else self.backend
@@ -157,10 +183,11 @@ class ModelConfig:
             raise ConfigError(f"model '{self.name}': a genai section needs backend: genai")
         if self.max_batch_size < 0:
             raise ConfigError(f"model '{self.name}': max_batch_size must be >= 0, got {self.max_batch_size}")
-        if not isinstance(self.allow_cpu_mismatch, bool):  # YAML "no" in quotes would be truthy
-            raise ConfigError(
-                f"model '{self.name}': allow_cpu_mismatch must be true or false, got {self.allow_cpu_mismatch!r}"
-            )
+        for key in ("allow_cpu_mismatch", "pin"):
+            if not isinstance(getattr(self, key), bool):  # YAML "no" in quotes would be truthy
+                raise ConfigError(
+                    f"model '{self.name}': {key} must be true or false, got {getattr(self, key)!r}"
+                )
         if self.instance_count < 1 or self.threads_per_instance < 1:
             raise ConfigError(f"model '{self.name}': instance_count and threads_per_instance must be >= 1")
         if not 0 <= self.priority < PRIORITY_LEVELS:
@@ -191,6 +218,39 @@ class ModelConfig:
         """The runtime of a plain model (a ``backend: pipeline`` without a pipeline section is
         served as an ONNX Runtime model, as it always has been)."""
         return self.backend if isinstance(self.backend, BackendKind) else BackendKind.ONNXRUNTIME
+
+
+#: Size units of --memory-budget: decimal (kB, MB, GB, TB) and binary (KiB, MiB, GiB, TiB).
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes from ``700MB``, ``4GB``, ``1.5GiB`` or a plain byte count. Strict (no negative, empty,
+    zero or unknown unit): a budget that silently meant something else would be worse than none."""
+    match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in SIZE_UNITS:
+        raise ConfigError(
+            f"{what}: expected a size such as 700MB, 4GB or 1.5GiB (units {', '.join(u for u in SIZE_UNITS if u)}), "
+            f"got {text!r}"
+        )
+    number = float(match.group(1))
+    size = int(number * SIZE_UNITS[unit])
+    if size < 1 or (unit in ("", "B") and not number.is_integer()):
+        raise ConfigError(f"{what}: must be a whole number of bytes >= 1, got {text!r}")
+    return size
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -33,7 +33,7 @@ from modelkiln.errors import BadInput, MissingDependency, PayloadTooLarge, PoolE
 from modelkiln.serve.context import INLINE_BYTES, Context, status_of
 from modelkiln.serve.guard import ServeLimits, shown
 from modelkiln.serve.metrics import ServerMetrics
-from modelkiln.serve.protocol import MAX_DIM, MAX_DIMS, MAX_ID, MAX_TIMEOUT_US, NP_TYPES
+from modelkiln.serve.protocol import MAX_DIM, MAX_DIMS, MAX_ID, MAX_TIMEOUT_US, NP_TYPES, request_priority
 from modelkiln.serve.security import Security, key_matches
 from modelkiln.serve.server import ModelServer
 
@@ -243,6 +243,14 @@ def decode_request(request: Any, limits: ServeLimits) -> tuple[dict[str, np.ndar
     return feed, timeout_s
 
 
+def decode_priority(request: Any) -> int | None:
+    """The level of a ``ModelInferRequest``'s ``priority`` parameter (tritonclient.grpc sends it
+    as a uint64; Triton's numbering, serve/protocol.request_priority)."""
+    if "priority" not in request.parameters:
+        return None
+    return request_priority(_parameter(request.parameters["priority"]), request.model_name)
+
+
 def requested_outputs(request: Any, outputs: dict[str, np.ndarray]) -> list[str]:
     """Names of the outputs to send: those asked for, in their order, else all."""
     model = request.model_name
@@ -445,12 +453,13 @@ class _Service:
         # become arrays value by value (on a worker thread when there are many).
         typed = 0 if request.raw_input_contents else sum(math.prod(t.shape) for t in request.inputs)
         feed, timeout_s = await self._offload(typed * 4, decode_request, request, self.ctx.limits)
+        priority = decode_priority(request)
         remaining = context.time_remaining()  # the client's own deadline bounds the queue wait
         if remaining is not None and (timeout_s is None or remaining < timeout_s):
             timeout_s = max(remaining, 1e-6)
         item = self.server.get(name, request.model_version or None)
         version = str(item.model.version)  # pin the version that runs
-        result = await asyncio.wrap_future(self.server.infer(name, feed, version, timeout_s))
+        result = await asyncio.wrap_future(self.server.infer(name, feed, version, timeout_s, priority))
         names = requested_outputs(request, result.outputs)
         arrays = {n: result.outputs[n] for n in names}
         total = sum(getattr(a, "nbytes", 0) for a in arrays.values())
@@ -542,7 +551,10 @@ class GrpcFrontEnd:
         security: Security | None = None,
     ) -> GrpcFrontEnd:
         """A front end with its own metrics (when no HTTP server shares them)."""
-        return cls(Context(server, limits or ServeLimits(), ServerMetrics()), security or Security(), options)
+        ctx = Context(server, limits or ServeLimits(), ServerMetrics())
+        if server.memory is not None:
+            ctx.metrics.watch_memory(server, server.memory.budget)
+        return cls(ctx, security or Security(), options)
 
     def start(self) -> GrpcFrontEnd:
         self._thread = threading.Thread(target=self._run, name="kiln-grpc", daemon=True)

@@ -57,6 +57,8 @@ def create_app(
     if max_body is not None:
         limits = dataclasses.replace(limits, max_body_bytes=max_body)
     ctx = Context(server, limits, ServerMetrics())
+    if server.memory is not None:  # resident bytes, loads and evictions per model under a budget
+        ctx.metrics.watch_memory(server, server.memory.budget)
     security = security or Security()
 
     @contextlib.asynccontextmanager
@@ -182,7 +184,8 @@ async def _infer(ctx: Context, request: Request, name: str) -> tuple[str, Any, b
     msg = await ctx.offload(parse_request, raw, head, name, ctx.limits, size=len(raw))
     item = ctx.server.get(name, request.path_params.get("version"))
     version = str(item.model.version)  # pin the version that runs
-    result = await asyncio.wrap_future(ctx.server.infer(name, msg.inputs, version, msg.timeout_s))
+    infer = ctx.server.infer(name, msg.inputs, version, msg.timeout_s, msg.priority_level(name))
+    result = await asyncio.wrap_future(infer)
     size = sum(getattr(v, "nbytes", 0) for v in result.outputs.values())
     payload, head_len = await ctx.offload(
         encode_response, name, version, msg, result.outputs, ctx.limits.max_output_bytes, size=size
@@ -216,17 +219,19 @@ def serve(
     ssl_keyfile: str | None = None,
     policy: LoadPolicy = DEFAULT_POLICY,
     grpc_port: int | None = None,
+    memory_budget: int | None = None,
 ) -> None:
     """Load every model in ``repository`` and serve until SIGTERM/SIGINT (in-flight requests are
     answered first); ``policy`` says what a model file must satisfy (CPU fit unless
     allow_cpu_mismatch, manifest hash, the key for encrypted models); ``grpc_port``: KServe v2
-    gRPC on that port too."""
+    gRPC on that port too; ``memory_budget`` (bytes): models load on first use and the least
+    recently used idle ones are unloaded to stay within it (serve/budget.py)."""
     limits = limits or ServeLimits()
     security = security or Security()
     # The event loop waits this long at most for the GIL behind a worker thread running Python
     # (default 5 ms); shorter keeps health probes and small requests prompt under load.
     sys.setswitchinterval(GIL_SWITCH_S)
-    server = ModelServer(repository, cores, policy)
+    server = ModelServer(repository, cores, policy, memory_budget=memory_budget)
     server.load_all()
     if not server.loaded():
         log.warning(

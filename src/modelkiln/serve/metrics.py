@@ -5,9 +5,59 @@ name before it reaches here, so junk names cannot grow /metrics."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from modelkiln.serve.budget import ModelMemory
+
+
+class MemorySource(Protocol):
+    """What the memory metrics read at each scrape (the ModelServer)."""
+
+    def memory_stats(self) -> list[ModelMemory]: ...
+
+
+class _MemoryCollector(Collector):
+    """Read at scrape time, so the budget's thread never touches Prometheus objects."""
+
+    def __init__(self, source: MemorySource, budget_bytes: int | None) -> None:
+        self.source, self.budget_bytes = source, budget_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self.source.memory_stats()
+        resident = GaugeMetricFamily(
+            "kiln_model_resident_bytes",
+            "Memory a model holds now (its measured cost when loaded)",
+            labels=["model"],
+        )
+        cost = GaugeMetricFamily(
+            "kiln_model_cost_bytes",
+            "A model's measured cost at its last load (estimated before)",
+            labels=["model"],
+        )
+        loads = CounterMetricFamily("kiln_model_loads", "Loads under the memory budget", labels=["model"])
+        evictions = CounterMetricFamily(
+            "kiln_model_evictions", "Unloads to make room under the memory budget", labels=["model"]
+        )
+        seconds = CounterMetricFamily(
+            "kiln_model_load_seconds", "Time spent loading (sessions and warm-up)", labels=["model"]
+        )
+        for r in rows:
+            resident.add_metric([r.name], r.resident_bytes)
+            cost.add_metric([r.name], r.cost_bytes)
+            loads.add_metric([r.name], r.loads)
+            evictions.add_metric([r.name], r.evictions)
+            seconds.add_metric([r.name], r.load_seconds)
+        yield from (resident, cost, loads, evictions, seconds)
+        if self.budget_bytes is not None:
+            yield GaugeMetricFamily(
+                "kiln_memory_budget_bytes", "kiln serve --memory-budget", value=self.budget_bytes
+            )
+
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -71,6 +121,10 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+    def watch_memory(self, source: MemorySource, budget_bytes: int | None) -> None:
+        """Export a memory-budgeted server's per-model bytes, loads, evictions and load time."""
+        self.registry.register(_MemoryCollector(source, budget_bytes))
 
     def observe_chat(self, model: str, result: Any) -> None:
         """A finished chat completion (a serve.generation.ChatResult)."""

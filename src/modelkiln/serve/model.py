@@ -16,7 +16,7 @@ from modelkiln import zoo
 from modelkiln.delivery.crypto import ModelKey, model_source
 from modelkiln.delivery.errors import IntegrityError
 from modelkiln.delivery.manifest import check_file_against_manifest
-from modelkiln.errors import BadInput, ConfigError, CpuMismatch
+from modelkiln.errors import BadInput, ConfigError, CpuMismatch, ModelUnavailable
 from modelkiln.runtime.backends.base import Backend, BackendKind, ModelSource, TensorMeta
 from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
 from modelkiln.runtime.cpu import unmet_requirement
@@ -118,6 +118,7 @@ class ServedModel:
     def __init__(self, config: ModelConfig, version: int, backends: list[Backend]) -> None:
         self.config, self.version = config, version
         self._idle: queue.SimpleQueue[Backend] = queue.SimpleQueue()
+        self._released = False
         for b in backends:
             self._idle.put(b)
         first = backends[0]
@@ -204,7 +205,20 @@ class ServedModel:
             )
         return batch or 1
 
+    def release(self) -> None:
+        """Drop every session (what a memory budget's eviction frees) but keep the inputs,
+        outputs and metadata, so requests can still be validated while the model is not resident.
+        Only call it when no inference runs (the batcher closed)."""
+        self._released = True
+        while True:
+            try:
+                self._idle.get_nowait()
+            except queue.Empty:
+                return
+
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._released:
+            raise ModelUnavailable(f"model '{self.name}' v{self.version} was unloaded")
         backend = self._idle.get()
         try:
             return backend.infer(feed)

@@ -33,6 +33,7 @@ from modelkiln.genai.engine import Sampling
 from modelkiln.serve.context import Context
 from modelkiln.serve.generation import ChatJob, ChatResult
 from modelkiln.serve.guard import ClientGone, ServeLimits, finite_number, load_json, shown
+from modelkiln.serve.protocol import request_priority
 from modelkiln.zoo.image_header import read_header
 from modelkiln.zoo.images import FORMATS, decode_image
 
@@ -51,6 +52,9 @@ class ChatRequest:
     job: ChatJob
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with token counts
+    #: The chat's priority level (0 most urgent; None: the model's), from an optional ``priority``
+    #: field numbered as Triton's parameter (serve/protocol.request_priority).
+    priority: int | None = None
 
 
 def parse_chat(data: Any, limits: ServeLimits = DEFAULT_LIMITS) -> ChatRequest:
@@ -88,7 +92,8 @@ def parse_chat(data: Any, limits: ServeLimits = DEFAULT_LIMITS) -> ChatRequest:
     if not isinstance(options, dict):
         raise BadInput("chat completions: 'stream_options' must be an object")
     usage = bool(options.get("include_usage", False))
-    return ChatRequest(model, ChatJob(messages, images, max_tokens, sampling), stream, usage)
+    priority = request_priority(data.get("priority"), model)
+    return ChatRequest(model, ChatJob(messages, images, max_tokens, sampling), stream, usage, priority)
 
 
 def _temperature(value: Any) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from modelkiln.errors import BadInput, PayloadTooLarge
+from modelkiln.serve.config import PRIORITY_LEVELS
 from modelkiln.serve.guard import ServeLimits, check_json_shape, finite_number, load_json, shown
 
 NP_TYPES = {
@@ -67,6 +68,24 @@ class InferMessage:
         if micros <= 0:
             raise BadInput(f"parameter 'timeout' must be a positive number of microseconds, got {shown(t)}")
         return micros / 1e6
+
+    def priority_level(self, model: str) -> int | None:
+        """The level of Triton's ``priority`` parameter (see request_priority)."""
+        return request_priority(self.parameters.get("priority"), model)
+
+
+def request_priority(value: Any, model: str) -> int | None:
+    """A request's ``priority`` as Triton numbers it, turned into our level: 0 (or absent) is the
+    model's own priority (None), 1 the most urgent .. PRIORITY_LEVELS the least (level value-1).
+    tritonclient sends ``priority=N`` as this parameter, over HTTP and gRPC alike."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= PRIORITY_LEVELS:
+        raise BadInput(
+            f"model {shown(model)}: parameter 'priority' must be an integer 0..{PRIORITY_LEVELS} "
+            f"(0: the model's own priority; 1 most urgent, as in Triton), got {shown(value)}"
+        )
+    return None if value == 0 else value - 1
 
 
 def header_length(value: str | None) -> int | None:

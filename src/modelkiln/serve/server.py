@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from modelkiln.errors import BadInput, ConfigError, ModelNotFound, ModelUnavailable
 from modelkiln.serve.batcher import Feed, InferRequest, InferResponse, ModelQueue
+from modelkiln.serve.budget import CostMeasurer, LazyModel, MemoryBudget, ModelMemory, Slot, rss_cost
 from modelkiln.serve.config import ModelConfig, ModelKind
 from modelkiln.serve.generation import ChatJob, ChatResult, GenerationQueue, GenerativeModel
 from modelkiln.serve.guard import shown
@@ -56,7 +57,12 @@ class ModelServer:
         repository: str,
         cores: int | None = None,
         policy: LoadPolicy = DEFAULT_POLICY,
+        memory_budget: int | None = None,
+        measure: CostMeasurer = rss_cost,
     ) -> None:
+        """``memory_budget`` (bytes): load plain models on first request and unload the least
+        recently used idle ones to stay within it (serve/budget.py); None: all loaded at start.
+        ``measure``: how a load's cost is measured (tests pass a fake)."""
         self.repository = Repository(repository)
         #: What a model file must satisfy to be served (CPU fit, manifest hash, decryption key).
         self.policy = policy
@@ -70,6 +76,16 @@ class ModelServer:
             ModelKind.PIPELINE: self._load_pipeline,
             ModelKind.GENERATION: self._load_generative,
         }
+        #: Under a budget: plain models load lazily; chat models and pipelines are always resident
+        #: (measured and counted), and the steps of pipelines are pinned.
+        self.memory = MemoryBudget(memory_budget, measure) if memory_budget is not None else None
+        self._pipeline_steps: set[str] = set()
+        if self.memory is not None:
+            self._loaders = {
+                ModelKind.MODEL: self._load_budgeted,
+                ModelKind.PIPELINE: lambda e: self._fixed(e, self._load_pipeline),
+                ModelKind.GENERATION: lambda e: self._fixed(e, self._load_generative),
+            }
 
     # --- lifecycle -------------------------------------------------------------------------------
     def load_all(self) -> None:
@@ -78,8 +94,11 @@ class ModelServer:
         pipelines = set()
         for name in names:
             try:
-                if self.repository.entry(name).config.kind is ModelKind.PIPELINE:
+                config = self.repository.entry(name).config
+                if config.kind is ModelKind.PIPELINE:
                     pipelines.add(name)
+                    assert config.pipeline is not None
+                    self._pipeline_steps.update(config.pipeline.steps.values())
             except Exception as exc:  # noqa: BLE001 - reported again when its load fails below
                 log.debug("%s: config unreadable: %s", name, exc)
         for name in [n for n in names if n not in pipelines] + sorted(pipelines):
@@ -148,6 +167,31 @@ class ModelServer:
             )
         return loaded
 
+    def _load_budgeted(self, entry: RepoEntry) -> dict[int, Loaded]:
+        """A plain model under the memory budget: stand-ins now, sessions on first request
+        (at once when pinned, or when a pipeline runs it)."""
+        assert self.memory is not None
+
+        def load() -> dict[int, tuple[ServedModel, ModelQueue]]:
+            out: dict[int, tuple[ServedModel, ModelQueue]] = {}
+            for version, item in self._load_models(entry).items():
+                assert isinstance(item.model, ServedModel)
+                out[version] = (item.model, item.queue)
+            return out
+
+        pinned = entry.config.pin or entry.name in self._pipeline_steps
+        slot = Slot(entry.name, entry.config, dict(entry.versions), load, pinned=pinned)
+        return {v: Loaded(m, q) for v, (m, q) in self.memory.add(slot).items()}
+
+    def _fixed(self, entry: RepoEntry, loader: Callable[[RepoEntry], dict[int, Loaded]]) -> dict[int, Loaded]:
+        """A chat model or pipeline under the budget: loaded now, measured, never evicted."""
+        assert self.memory is not None
+        return self.memory.measure_fixed(entry.name, lambda: loader(entry))
+
+    def memory_stats(self) -> list[ModelMemory]:
+        """Per model: bytes resident, measured cost, loads, evictions (empty without a budget)."""
+        return self.memory.stats() if self.memory is not None else []
+
     def unload(self, name: str) -> None:
         with self._lock:
             old = self._models.pop(name, None)
@@ -155,6 +199,8 @@ class ModelServer:
             raise ModelNotFound(f"model '{name}' is not loaded")
         for item in old.values():
             item.queue.close(drain=True)
+        if self.memory is not None:
+            self.memory.forget_fixed(name)
         log.info("unloaded %s", name)
 
     def shutdown(self) -> None:
@@ -162,6 +208,8 @@ class ModelServer:
             names = list(self._models)
         for name in names:
             self.unload(name)
+        if self.memory is not None:
+            self.memory.close()
         self.scheduler.shutdown()
 
     # --- queries ---------------------------------------------------------------------------------
@@ -190,6 +238,8 @@ class ModelServer:
     def step_model(self, name: str) -> ServedModel:
         """The newest loaded version of plain model ``name`` (a pipeline's step)."""
         model = self.get(name).model
+        if isinstance(model, LazyModel):  # a pipeline's steps are pinned under a budget
+            model = model.served() or model
         if not isinstance(model, ServedModel):
             raise ConfigError(
                 f"model '{name}' is a {model.config.kind.value} model; a pipeline step must be a plain model"
@@ -243,15 +293,21 @@ class ModelServer:
         feed: Feed,
         version: str | None = None,
         timeout_s: float | None = None,
+        priority: int | None = None,
     ) -> Future[InferResponse]:
-        """Validate and queue a request; the future gives an InferResponse or the typed error."""
+        """Validate and queue a request; the future gives an InferResponse or the typed error.
+        ``priority``: the request's level (0 most urgent; None: the model's own); ``timeout_s``
+        replaces the queue's default_timeout_us only where allow_timeout_override (Triton's rule)."""
         item = self.get(name, version)
         batch = item.model.validate(feed)
-        if timeout_s is None:
-            default = item.model.config.queue.default_timeout_us
+        InferRequest.check_level(priority, name)
+        policy = item.model.config.queue
+        if timeout_s is None or not policy.allow_timeout_override:
+            default = policy.default_timeout_us
             timeout_s = default / 1e6 if default else None
         if timeout_s is not None and timeout_s <= 0:
             raise BadInput(f"timeout must be > 0, got {timeout_s}")
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        future: Future[InferResponse] = item.queue.submit(InferRequest(feed, batch, deadline))
+        request = InferRequest(feed, batch, deadline, priority=priority)
+        future: Future[InferResponse] = item.queue.submit(request)
         return future
