@@ -11,7 +11,9 @@ on load, so a typo is an error naming the file and the key, never a silently ign
     threads_per_instance: 1       # intra-op threads per session
     priority: 1                   # 0 most urgent … 2
     queue: {max_queue_size: 64, default_timeout_us: 0}
-    warmup: true                  # one random inference per instance before ready
+    warmup: true                  # one inference per instance on zeros (batch 1) before ready;
+                                  # or, as Triton's model_warmup: {batch_sizes: [1, 8], count: 2,
+                                  # data: zero|random}; false: none
     allow_cpu_mismatch: false     # serve an INT8 model this CPU cannot run exactly (else refused)
     pin: false                    # with kiln serve --memory-budget: load at start, never evict
     inputs: [{name: images, dtype: float32, dims: [3, 640, 640]}]   # optional: read from the model
@@ -148,6 +150,29 @@ class GenAIConfig:
 
 
 @dataclass(frozen=True)
+class Warmup:
+    """Inferences every instance runs before its model is ready (Triton's ``model_warmup``): at each
+    of ``batch_sizes``, ``count`` times, on zeros or random data, so the first requests of each
+    batch size pay neither session start-up nor first-run allocation."""
+
+    batch_sizes: tuple[int, ...] = (1,)
+    count: int = 1
+    data: str = "zero"  # zero | random
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"warmup: batch_sizes must be integers >= 1, got {list(self.batch_sizes)}")
+        if not isinstance(self.count, int) or not 1 <= self.count <= MAX_WARMUP_COUNT:
+            raise ConfigError(f"warmup: count must be 1..{MAX_WARMUP_COUNT}, got {self.count!r}")
+        if self.data not in ("zero", "random"):
+            raise ConfigError(f"warmup: data must be zero or random, got {self.data!r}")
+
+
+#: Most warm-up runs per batch size (each instance runs them before the model serves).
+MAX_WARMUP_COUNT = 100
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     #: A plain model's runtime, or ModelKind.PIPELINE / GENERATION; strings are converted on init.
@@ -158,7 +183,7 @@ class ModelConfig:
     threads_per_instance: int = 1
     priority: int = 1
     queue: QueuePolicy = field(default_factory=QueuePolicy)
-    warmup: bool = True
+    warmup: bool | Warmup = True
     inputs: tuple[TensorConfig, ...] = ()
     outputs: tuple[TensorConfig, ...] = ()
     pipeline: PipelineConfig | None = None
@@ -194,6 +219,18 @@ class ModelConfig:
             raise ConfigError(
                 f"model '{self.name}': priority must be 0..{PRIORITY_LEVELS - 1}, got {self.priority}"
             )
+        if isinstance(self.warmup, Warmup):
+            most = self.max_batch_size or 1  # 0: no batch axis, requests run one at a time
+            if max(self.warmup.batch_sizes) > most:
+                raise ConfigError(
+                    f"model '{self.name}': warmup batch_sizes {list(self.warmup.batch_sizes)} exceed "
+                    f"max_batch_size {self.max_batch_size}"
+                )
+        elif not isinstance(self.warmup, bool):
+            raise ConfigError(
+                f"model '{self.name}': warmup must be true, false or a mapping "
+                f"(batch_sizes, count, data), got {self.warmup!r}"
+            )
         if self.dynamic_batching is not None and self.max_batch_size == 0:
             raise ConfigError(f"model '{self.name}': dynamic_batching needs max_batch_size > 0")
         too_big = [
@@ -201,6 +238,13 @@ class ModelConfig:
         ]
         if too_big:
             raise ConfigError(f"model '{self.name}': preferred batch sizes {too_big} exceed max_batch_size")
+
+    @property
+    def warmup_plan(self) -> Warmup | None:
+        """What warming up runs: ``true`` is one batch-1 inference on zeros, ``false`` nothing."""
+        if isinstance(self.warmup, Warmup):
+            return self.warmup
+        return Warmup() if self.warmup else None
 
     @property
     def threads(self) -> int:
@@ -274,6 +318,9 @@ def parse_config(data: dict[str, Any] | None, name: str, where: str = "config") 
             data["dynamic_batching"] = DynamicBatching(
                 tuple(db.get("preferred_batch_sizes", ())), int(db.get("max_queue_delay_us", 1000))
             )
+        if isinstance(data.get("warmup"), dict):
+            w = _build(Warmup, data["warmup"], f"{where}: warmup")
+            data["warmup"] = Warmup(**{**w, "batch_sizes": tuple(w.get("batch_sizes", (1,)))})
         if "queue" in data:
             data["queue"] = QueuePolicy(**_build(QueuePolicy, data["queue"], f"{where}: queue"))
         for key in ("inputs", "outputs"):
@@ -323,6 +370,8 @@ def dump_config(config: ModelConfig) -> str:
         data[key] = [{**t, "dims": list(t["dims"])} for t in data[key]]
         if not data[key]:
             data.pop(key)
+    if isinstance(data.get("warmup"), dict):
+        data["warmup"]["batch_sizes"] = list(data["warmup"]["batch_sizes"])
     if data.get("dynamic_batching"):
         data["dynamic_batching"]["preferred_batch_sizes"] = list(
             data["dynamic_batching"]["preferred_batch_sizes"]

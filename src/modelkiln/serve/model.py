@@ -20,7 +20,7 @@ from modelkiln.errors import BadInput, ConfigError, CpuMismatch, ModelUnavailabl
 from modelkiln.runtime.backends.base import Backend, BackendKind, ModelSource, TensorMeta
 from modelkiln.runtime.backends.onnxruntime import OrtBackend, OrtOptions
 from modelkiln.runtime.cpu import unmet_requirement
-from modelkiln.serve.config import ModelConfig, TensorConfig
+from modelkiln.serve.config import ModelConfig, TensorConfig, Warmup
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,22 @@ def _info(meta: TensorMeta, override: TensorConfig | None, batched: bool, model:
     return TensorInfo(meta.name, meta.dtype, shape)
 
 
+def _warmup_tensor(t: TensorInfo, batch: int | None, data: str, rng: np.random.Generator) -> np.ndarray:
+    """A warm-up input: the batch axis (first, when ``batch`` is given) at ``batch``, other dynamic
+    dims 1; zeros, or random values in the dtype's small positive range."""
+    shape = [d if d > 0 else 1 for d in t.shape]
+    if batch is not None and shape:
+        shape[0] = batch
+    dtype = np.dtype(t.dtype)
+    if data == "zero":
+        return np.zeros(shape, dtype)
+    if dtype.kind == "f":
+        return rng.random(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    return rng.integers(0, 2, shape).astype(dtype)  # ids and indices stay valid
+
+
 class ServedModel:
     """``instance_count`` sessions of one model file; ``run`` borrows an idle one."""
 
@@ -158,24 +174,36 @@ class ServedModel:
         backends = [first] + [load(source, config) for _ in range(config.instance_count - 1)]
         model = cls(config, version, backends)
         model.properties = properties
-        if config.warmup:
-            model.warm_up()
+        plan = config.warmup_plan
+        if plan is not None:
+            model.warm_up(plan)
         return model
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def warm_up(self) -> None:
-        """One inference per instance on zeros of batch 1 (dynamic dims as 1)."""
-        feed = {t.name: np.zeros([d if d > 0 else 1 for d in t.shape], t.dtype) for t in self.inputs}
+    def warm_up(self, plan: Warmup | None = None) -> int:
+        """Run ``plan`` (default: one batch-1 inference on zeros) on every instance; dynamic dims
+        other than the batch are 1. Returns the inferences run."""
+        plan = plan or Warmup()
+        rng = np.random.default_rng(0)
+        batched = self.config.max_batch_size > 0
         borrowed = [self._idle.get() for _ in range(self.config.instance_count)]
+        runs = 0
         try:
-            for b in borrowed:
-                b.infer(feed)
+            for size in plan.batch_sizes:
+                feed = {
+                    t.name: _warmup_tensor(t, size if batched else None, plan.data, rng) for t in self.inputs
+                }
+                for b in borrowed:
+                    for _ in range(plan.count):
+                        b.infer(feed)
+                        runs += 1
         finally:
             for b in borrowed:
                 self._idle.put(b)
+        return runs
 
     def validate(self, feed: dict[str, np.ndarray]) -> int:
         """Check a request's tensors; returns its batch size (1 for unbatched models)."""
