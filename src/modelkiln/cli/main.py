@@ -7,6 +7,7 @@ import sys
 
 import click
 import typer
+from rich.markup import escape
 
 from modelkiln.cli import bench as bench_cmd
 from modelkiln.cli import chat as chat_cmd
@@ -85,7 +86,8 @@ def main() -> None:
     except KilnError as exc:
         if _state["verbose"]:
             logging.getLogger("modelkiln").exception("failed")
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: messages quote install commands such as pip install 'modelkiln[grpc]'
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Abort:
         err_console.print("aborted")

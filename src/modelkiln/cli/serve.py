@@ -1,5 +1,5 @@
 """``kiln serve REPO``: every model of a repository behind a KServe v2 HTTP API (and gRPC with
-``--grpc-port``)."""
+``--grpc-port``; or as replicas on Ray Serve with ``--ray``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from modelkiln.serve.grpc import require_grpc
 from modelkiln.serve.guard import ServeLimits
 from modelkiln.serve.http import serve
 from modelkiln.serve.model import LoadPolicy
+from modelkiln.serve.ray import RayOptions, require_ray, serve_ray
 from modelkiln.serve.security import ADMIN_KEY_ENV, API_KEY_ENV, Security, read_key
 
 
@@ -91,6 +92,17 @@ def serve_cmd(
         "(pin: true in config.yaml loads at start) and the least recently used idle ones are unloaded "
         "to make room. Default: every model loaded at start, none unloaded.",
     ),
+    ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Deploy as a Ray Serve application (RAY_ADDRESS, else a local Ray): replicas of this server "
+        "behind Ray's HTTP proxy on --host/--port, same KServe v2 routes (needs pip install 'modelkiln[ray]').",
+    ),
+    replicas: str = typer.Option(
+        None,
+        "--replicas",
+        help="With --ray: N replicas, 'auto' (Ray's autoscaling) or MIN-MAX (autoscale between). Default 1.",
+    ),
     require_manifest: bool = typer.Option(
         False,
         "--require-manifest",
@@ -128,6 +140,27 @@ def serve_cmd(
         require_grpc()
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise BadInput("--ssl-certfile and --ssl-keyfile go together")
+    if replicas is not None and not ray:
+        raise BadInput("--replicas goes with --ray")
+    if ray:
+        if grpc_port is not None:
+            raise BadInput("--grpc-port is not served through Ray: use --ray without it (docs/scale-out.md)")
+        options = RayOptions(replicas or "1", cores)
+        options.deployment_options()  # a malformed --replicas fails before Ray is looked for
+        require_ray()
+        serve_ray(
+            str(repository),
+            host,
+            port,
+            options,
+            limits,
+            security,
+            policy,
+            budget,
+            str(ssl_certfile) if ssl_certfile else None,
+            str(ssl_keyfile) if ssl_keyfile else None,
+        )
+        return
     serve(
         str(repository),
         host,
