@@ -49,7 +49,8 @@ def require_ray() -> ModuleType:
         import ray.serve  # the Serve part is what we need
     except ImportError as exc:
         raise MissingDependency("ray", "ray", "kiln serve --ray") from exc
-    return ray
+    module: ModuleType = ray  # typed here: without ray installed, mypy sees it as Any
+    return module
 
 
 @dataclass(frozen=True)
