@@ -46,6 +46,8 @@ class ChatJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[ChatResult] = field(default_factory=Future)
+    #: The chat's priority level (0 most urgent); None: its model's ``priority``.
+    priority: int | None = None
 
 
 @dataclass
@@ -164,9 +166,15 @@ class GenerationQueue:
             self._cond.wait_for(lambda: self._active == 0 and not self._waiting)
 
     # --- tasks on the shared pool ----------------------------------------------------------------
+    def _level(self, job: ChatJob) -> int:
+        """A chat's priority level on the shared pool: its own, else its model's."""
+        return self.model.config.priority if job.priority is None else job.priority
+
     def _schedule(self, fn: Callable[..., None], *args: Any) -> None:
+        target = args[0]
+        job = target.job if isinstance(target, _Sequence) else target
         try:
-            self.scheduler.pool.submit(self._with_cores, fn, *args, priority=self.model.config.priority)
+            self.scheduler.pool.submit(self._with_cores, fn, *args, priority=self._level(job))
         except Exception as exc:  # noqa: BLE001 - pool closed or full: answer, never drop
             self._fail(args[0], exc)
 
@@ -232,9 +240,12 @@ class GenerationQueue:
             job.cancelled.set()
 
     def _schedule_round(self) -> None:
+        """One batched decode step for every ready sequence, at the most urgent of their levels."""
+        with self._cond:
+            levels = [self._level(state.job) for state in self._ready]
         try:
             self.scheduler.pool.submit(
-                self._with_cores, self._decode_round, priority=self.model.config.priority
+                self._with_cores, self._decode_round, priority=min(levels, default=self.model.config.priority)
             )
         except Exception as exc:  # noqa: BLE001 - pool closed or full: answer every waiting sequence
             self._fail_round(self._take_ready(), exc)

@@ -93,7 +93,9 @@ def parse_chat(data: Any, limits: ServeLimits = DEFAULT_LIMITS) -> ChatRequest:
         raise BadInput("chat completions: 'stream_options' must be an object")
     usage = bool(options.get("include_usage", False))
     priority = request_priority(data.get("priority"), model)
-    return ChatRequest(model, ChatJob(messages, images, max_tokens, sampling), stream, usage, priority)
+    return ChatRequest(
+        model, ChatJob(messages, images, max_tokens, sampling, priority=priority), stream, usage, priority
+    )
 
 
 def _temperature(value: Any) -> float:
