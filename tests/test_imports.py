@@ -28,7 +28,8 @@ RANKS: dict[str, float] = {
     "_deps": 0.1,
     "log": 0,
     "onnx_io": 0.5,
-    "ir_utils": 0.5,  # small helpers over onnx-ir (constants, initializers): graph passes, quant, runtime kernels
+    "ir_utils": 0.5,
+    "quantmath": 0.5,  # QuantizeLinear/DequantizeLinear arithmetic in numpy: quant and the runtime's lookups  # small helpers over onnx-ir (constants, initializers): graph passes, quant, runtime kernels
     "data": 2.5,  # sample files to feeds: reads them with the zoo's preprocessing
     "runtime": 1,
     "zoo": 2,

@@ -25,7 +25,7 @@ import onnx
 
 from modelkiln.quant.config import Int8Cpu, PerTensor, QuantConfig, Target
 from modelkiln.quant.pairsafe import quantize_pair_safe
-from modelkiln.quant.primitives import QParams, quantize, weight_qparams
+from modelkiln.quantmath import QParams, quantize, weight_qparams
 from modelkiln.runtime.cpu import (
     INT8_ACTIVATIONS_KEY,
     INT8_FORMAT_KEY,

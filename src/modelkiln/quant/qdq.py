@@ -21,7 +21,6 @@ from modelkiln.ir_utils import attr_int, const, new_initializer
 from modelkiln.quant.calibrators.base import Range
 from modelkiln.quant.config import Int8Cpu, PerChannel, QuantConfig, Target
 from modelkiln.quant.formats import PLAIN_INT8, WeightStorage, store_weight, weight_storage
-from modelkiln.quant.primitives import QParams, bias_qparams, compute_qparams
 from modelkiln.quant.rules import (
     ACTIVATIONS,
     DATA_MOVEMENT,
@@ -31,6 +30,7 @@ from modelkiln.quant.rules import (
     rule_for,
     transformer_defaults,
 )
+from modelkiln.quantmath import QParams, bias_qparams, compute_qparams
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 
 from modelkiln.ir_utils import attr_float, attr_int, const, new_initializer
+from modelkiln.quantmath import QParams, dequantize, quantize
 from modelkiln.runtime.kernels import DOMAIN, DOMAIN_VERSION, LOOKUP_OP
 
 Array = np.ndarray
@@ -103,27 +103,6 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(flat[0]) if np.all(flat == flat[0]) else None
 
 
-class QParams(NamedTuple):
-    """Per-tensor scale (float32) and zero point (uint8 or int8 scalar) of a Q/DQ node."""
-
-    scale: np.float32
-    zero_point: np.ndarray
-
-    def dequantize(self, codes: np.ndarray) -> np.ndarray:
-        """DequantizeLinear: (q - zero point) * scale, in float32 as ONNX Runtime computes it."""
-        out: np.ndarray = ((codes.astype(np.int64) - self.zero_point.astype(np.int64)) * self.scale).astype(
-            np.float32
-        )
-        return out
-
-    def quantize(self, y: np.ndarray) -> np.ndarray:
-        """QuantizeLinear of float32 ``y``: round half to even, saturate to the zero point's type."""
-        info = np.iinfo(self.zero_point.dtype)
-        q = np.rint(y.astype(np.float32) / self.scale) + self.zero_point.astype(np.int64)
-        out: np.ndarray = np.clip(q, info.min, info.max).astype(self.zero_point.dtype)
-        return out
-
-
 def _qparams(node: ir.Node) -> QParams | None:
     """Per-tensor scale and zero point of a QuantizeLinear/DequantizeLinear, else None."""
     scale = const(node.inputs[1])
@@ -132,7 +111,7 @@ def _qparams(node: ir.Node) -> QParams | None:
         return None
     if zero.dtype not in (np.uint8, np.int8) or attr_int(node, "saturate", 1) != 1:
         return None
-    return QParams(np.float32(scale.reshape(())), zero.reshape(()))
+    return QParams(scale.reshape(()).astype(np.float32), zero.reshape(()))
 
 
 class Chain:
@@ -158,7 +137,7 @@ class Chain:
         in_qp, out_qp = _qparams(self.dqs[0]), _qparams(self.q)
         assert in_qp is not None and out_qp is not None, "find_chains checked both"
         codes = np.arange(256, dtype=np.uint8).view(in_qp.zero_point.dtype)  # byte order
-        x = in_qp.dequantize(codes).astype(np.float64)
+        x = dequantize(codes, in_qp).astype(np.float64)
         values: dict[int, Array] = {id(dq.outputs[0]): x for dq in self.dqs}
         for node in self.nodes:
             args = [
@@ -166,7 +145,7 @@ class Chain:
             ]
             values[id(node.outputs[0])] = EVALUATORS[node.op_type](node, args)
         y = values[id(self.q.inputs[0])]
-        return out_qp.quantize(np.asarray(y, np.float64))
+        return quantize(np.asarray(y, np.float64), out_qp)
 
 
 def find_chains(graph: ir.Graph) -> list[Chain]:

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from modelkiln.quant.primitives import QParams, compute_qparams, dequantize, quantize, weight_qparams
+from modelkiln.quantmath import QParams, compute_qparams, dequantize, quantize, weight_qparams
 
 
 def _onnx_qdq(x: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
