@@ -6,14 +6,24 @@ after its timeout), the server process's peak resident set (sampled every 10 ms)
 budget + 300 MB; reports the throughput of both phases and the loads and evictions. The server
 runs in this process (uvicorn in a thread, as the tests run it); clients are threads.
 
+With ``--chat`` the repository also holds the tiny Qwen2-VL chat model (exported in a child
+process, so torch stays out of this one) and ``--chat-clients`` clients ask it for long answers
+(``--chat-tokens``) beside the one-shot churn: each running sequence reserves its KV cache in the
+budget; reported: chats answered, the peak of reserved KV bytes and of what the budget counts,
+models unloaded to make room for chats, and the resident set against the budget.
+
     .venv/bin/python benchmarks/serve_memory_budget.py [--seconds 20] [--models 8] [--budget 100MiB]
+    .venv/bin/python benchmarks/serve_memory_budget.py --chat [--chat-clients 2] [--chat-tokens 1500]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modelkiln.bench.runner import machine_info
 from modelkiln.serve.budget import process_rss
-from modelkiln.serve.config import ModelConfig, dump_config, parse_size
+from modelkiln.serve.config import GenAIConfig, ModelConfig, QueuePolicy, dump_config, parse_size
 from modelkiln.serve.http import create_app
 from modelkiln.serve.server import ModelServer
 
@@ -58,8 +68,29 @@ def build_repo(root: Path, models: int) -> list[str]:
     return names
 
 
+def add_chat(root: Path, tmp: Path, sequences: int) -> None:
+    """The tiny Qwen2-VL as repository model ``qwen`` (exported by a child process)."""
+    out = tmp / "qwen-export"
+    code = f"from modelkiln.export import export; export('qwen2-vl-tiny', {str(out)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    shutil.copytree(out, root / "qwen" / "1")
+    config = ModelConfig(
+        "qwen",
+        backend="genai",
+        genai=GenAIConfig(max_sequences=sequences, max_new_tokens=2000),
+        queue=QueuePolicy(default_timeout_us=10_000_000),  # a chat waits for memory 10 s at most
+    )
+    (root / "qwen" / "config.yaml").write_text(dump_config(config))
+
+
 def run_phase(
-    repo: Path, names: list[str], budget: int | None, seconds: float, clients: int
+    repo: Path,
+    names: list[str],
+    budget: int | None,
+    seconds: float,
+    clients: int,
+    chat_clients: int = 0,
+    chat_tokens: int = 0,
 ) -> dict[str, Any]:
     import uvicorn
 
@@ -73,11 +104,16 @@ def run_phase(
     while not uv.started:
         time.sleep(0.05)
     peak = [process_rss()]
+    kv_peak, held_peak = [0], [0]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], process_rss())
+            kv_now = sum(r.kv_reserved_bytes or 0 for r in server.memory_stats())
+            kv_peak[0] = max(kv_peak[0], kv_now)
+            if server.memory is not None:
+                held_peak[0] = max(held_peak[0], server.memory.held())
             time.sleep(0.01)
 
     body = json.dumps(
@@ -114,9 +150,46 @@ def run_phase(
                 codes[str(code)] = codes.get(str(code), 0) + 1
                 latencies.append(time.perf_counter() - t)
 
+    chat_codes: dict[str, int] = {}
+    chat_tokens_out = [0]
+    chat_latencies: list[float] = []
+
+    def chat_client(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            text = f"client {k} asks question {i}: tell me a long story"
+            i += 1
+            data = {
+                "model": "qwen",
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": chat_tokens,
+            }
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json.dumps(data).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            t = time.perf_counter()
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    answer = json.loads(r.read())
+                    code = r.status
+                    with lock:
+                        chat_tokens_out[0] += answer["usage"]["completion_tokens"]
+            except urllib.error.HTTPError as e:
+                code = e.code
+                took = time.perf_counter() - t
+                if code != 503 or took < 9.9:
+                    with lock:
+                        bad.append(f"chat {code} after {took:.1f}s: {e.read()[:200]!r}")
+            with lock:
+                chat_codes[str(code)] = chat_codes.get(str(code), 0) + 1
+                chat_latencies.append(time.perf_counter() - t)
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    threads += [threading.Thread(target=chat_client, args=(k,)) for k in range(chat_clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -129,6 +202,22 @@ def run_phase(
     uv.should_exit = True
     server.shutdown()
     latencies.sort()
+    chat: dict[str, Any] = {}
+    if chat_clients:
+        chat_latencies.sort()
+        chat_row = next((r for r in stats if r.name == "qwen"), None)
+        chat = {
+            "chat_clients": chat_clients,
+            "chat_tokens_asked": chat_tokens,
+            "chat_codes": chat_codes,
+            "chats": len(chat_latencies),
+            "chat_tokens_per_s": round(chat_tokens_out[0] / elapsed, 1),
+            "chat_latency_s_median": round(statistics.median(chat_latencies), 2) if chat_latencies else None,
+            "kv_reserved_peak_mb": round(kv_peak[0] / MB, 2),
+            "evictions_for_chats": chat_row.kv_evictions if chat_row else None,
+            "chat_model_cost_mb": round(chat_row.cost_bytes / MB, 1) if chat_row else None,
+            "pool_peak_mb": round(server.scheduler.memory.stats().peak_bytes / MB, 1),
+        }
     return {
         "budget_mb": budget // MB if budget else None,
         "requests": len(latencies),
@@ -143,6 +232,8 @@ def run_phase(
         "evictions": sum(r.evictions for r in stats),
         "load_seconds": round(sum(r.load_seconds for r in stats), 2),
         "model_cost_mb": {r.name: r.cost_bytes // MB for r in stats},
+        "budget_held_peak_mb": round(held_peak[0] / MB, 1) if budget else None,
+        **chat,
     }
 
 
@@ -160,16 +251,22 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--budget", default="100MiB")
+    parser.add_argument("--chat", action="store_true", help="add the tiny Qwen2-VL and chat clients")
+    parser.add_argument("--chat-clients", type=int, default=2)
+    parser.add_argument("--chat-tokens", type=int, default=1500)
     args = parser.parse_args()
     budget = parse_size(args.budget, "--budget")
+    chat = (args.chat_clients, args.chat_tokens) if args.chat else (0, 0)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         names = build_repo(repo, args.models)
-        churn = run_phase(repo, names, budget, args.seconds, args.clients)
-        resident = run_phase(repo, names, None, args.seconds, args.clients)
+        if args.chat:
+            add_chat(repo, Path(tmp), sequences=max(args.chat_clients, 1))
+        churn = run_phase(repo, names, budget, args.seconds, args.clients, *chat)
+        resident = run_phase(repo, names, None, args.seconds, args.clients, *chat)
     need = sum(churn["model_cost_mb"].values())
     record = {
-        "benchmark": "serve_memory_budget",
+        "benchmark": "serve_memory_budget" + ("_chat" if args.chat else ""),
         "models": args.models,
         "clients": args.clients,
         "seconds": args.seconds,

@@ -38,6 +38,7 @@ RANKS: dict[str, float] = {
     "quant": 5,
     "predict": 5.5,
     "accuracy": 6,
+    "finetune": 6.5,  # CLIP training: zoo towers, caption data, the retrieval metric for validation
     "bench": 7,
     "genai": 8,
     "serve": 9,

@@ -20,7 +20,7 @@ from modelkiln.runtime.backends import Backend, BackendKind, load_backend
 from modelkiln.runtime.backends.onnxruntime import OrtOptions
 from modelkiln.runtime.backends.torch import TorchOptions
 from modelkiln.zoo import ImageTask, ZooModel, as_image_task, entry_from_metadata, get, input_image_size
-from modelkiln.zoo.clip import CLIPFamily
+from modelkiln.zoo.clip import DualEncoder
 from modelkiln.zoo.images import read_image
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,9 @@ class Predictor:
             paths = [Path(p) for p in images[start : start + BATCH]]
             prepared = self.entry.preprocess([read_image(p) for p in paths])
             outputs = self.backends[first].infer(prepared.feed)
-            if labels and "text" in self.backends and isinstance(self.entry, CLIPFamily):
-                ids = self.entry.tokenize([f"a photo of a {label}" for label in labels])  # zero-shot
-                outputs.update(self.backends["text"].infer({"input_ids": ids}))
+            if labels and "text" in self.backends and isinstance(self.entry, DualEncoder):
+                feed = self.entry.text_feed([f"a photo of a {label}" for label in labels])  # zero-shot
+                outputs.update(self.backends["text"].infer(feed))
                 prepared.meta = [{"labels": labels}]
             answers = self.entry.postprocess(outputs, prepared)
             results.extend(Prediction(p, r) for p, r in zip(paths, answers, strict=True))

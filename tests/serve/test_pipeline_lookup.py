@@ -178,8 +178,10 @@ class _ImageTower:
 class _TextTower:
     name = "fake-clip-text"
 
-    def tokenize(self, texts: list[str]) -> np.ndarray:
-        return np.array([[len(t), i] for i, t in enumerate(texts)], np.int64)
+    def text_feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Two inputs (as MiniLM's tower takes): the pipeline must pass each row of both."""
+        ids = np.array([[len(t), i] for i, t in enumerate(texts)], np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids) * 7}
 
 
 def test_clip_zero_shot_caches_label_embeddings_and_scores_images() -> None:
@@ -208,6 +210,7 @@ def test_clip_zero_shot_caches_label_embeddings_and_scores_images() -> None:
         assert [int(f["input_ids"][0, 0]) for _, f in lookup.calls] == [
             len(f"a photo of a {x}.") for x in labels
         ]
+        assert all(f["attention_mask"].shape == (1, 2) for _, f in lookup.calls)  # every input, one row
         assert [t.name for t in pipe.outputs] == ["probs", "label"] and pipe.outputs[0].shape == (1, 3)
         image = np.zeros((16, 16, 3), np.uint8)
         image[..., 1] = 200  # mean colour (0, 200, 0): closest to label 1

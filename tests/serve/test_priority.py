@@ -2,10 +2,13 @@
 model's queue and run first across models on a shared 1-core pool; a waiting request ages (one
 level per aging_ms), so a low-priority one is served after a bounded number of urgent ones;
 a timeout that expires in the queue fails the request (reject) or sends it to the back (delay);
-bad values are refused naming the model; HTTP, gRPC and chat bodies carry the parameter.
+on a multi-core budget less urgent batches leave a core to the most urgent active level; a request
+that needs no batching is handed over by the thread that submits it; bad values are refused naming
+the model; HTTP, gRPC and chat bodies carry the parameter.
 
 Deterministic: the instance is held busy by the test (no model runs until released), requests
-carry explicit queue times, and expiry reads a fake clock. Nothing asserts on speed."""
+carry explicit queue times, and expiry and the scheduler's urgent window read a fake clock.
+Nothing asserts on speed."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from modelkiln.serve.batcher import DynamicBatcher, InferRequest
 from modelkiln.serve.config import DynamicBatching, ModelConfig, QueuePolicy, parse_config
 from modelkiln.serve.openai import parse_chat
 from modelkiln.serve.protocol import parse_request, request_priority
-from modelkiln.serve.scheduler import Scheduler
+from modelkiln.serve.scheduler import Scheduler, effective_level
 from modelkiln.serve.server import ModelServer
 
 X = np.zeros((1, 4), np.float32)
@@ -54,12 +57,14 @@ class HeldExecutor:
 
     def __init__(self) -> None:
         self.batches: list[list[InferRequest]] = []
+        self.threads: list[str] = []  # the thread that handed each batch over
         self._done: list[Callable[[], None]] = []
         self.cond = threading.Condition()
 
     def execute(self, batcher: Any, batch: list[InferRequest], done: Callable[[], None]) -> None:
         with self.cond:
             self.batches.append(batch)
+            self.threads.append(threading.current_thread().name)
             self._done.append(done)
             self.cond.notify_all()
 
@@ -67,9 +72,9 @@ class HeldExecutor:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.batches) >= n, timeout=10), len(self.batches)
 
-    def release(self) -> None:
-        """Answer the last batch and free the instance for the next."""
-        batch, done = self.batches[-1], self._done[-1]
+    def release(self, i: int = -1) -> None:
+        """Answer batch ``i`` (the last by default) and free its instance for the next."""
+        batch, done = self.batches[i], self._done[i]
         for r in batch:
             if not r.future.done():
                 r.future.set_result(None)  # type: ignore[arg-type]
@@ -231,6 +236,218 @@ def test_a_starved_batch_surfaces_by_its_deadline_and_is_rejected() -> None:
     assert ran == ["blocker", "urgent"]
     with pytest.raises(DeadlineExceeded, match="model 'low': request timed out in the queue.*reject"):
         starved.future.result(0)
+
+
+# --- the level/aging rule as a function -------------------------------------------------------------
+def test_effective_level_gains_one_level_per_aging_ms_and_orders_as_the_ranks_do() -> None:
+    assert effective_level(2, 0.0, 100) == 2
+    assert effective_level(2, 0.2, 100) == pytest.approx(0.0)
+    assert effective_level(2, 0.5, 100) == pytest.approx(-3.0)  # long waits: oldest first
+    assert effective_level(2, 3600.0, 0) > 1.99  # aging_ms 0: strict priority
+    now, aging_ms = 50.0, 100
+    reqs = [(p, t) for p in (0, 1, 2) for t in (49.5, 49.83, 49.97, 50.0)]  # no two ranks equal
+    by_rank = sorted(reqs, key=lambda r: r[1] + r[0] * aging_ms / 1e3)
+    by_level = sorted(reqs, key=lambda r: effective_level(r[0], now - r[1], aging_ms))
+    assert by_level == by_rank
+
+
+# --- hand-over without the batcher thread ---------------------------------------------------------
+def test_a_request_needing_no_batching_is_handed_over_by_the_submitting_thread() -> None:
+    """Idle instance, empty queue, no batch-forming delay: the batch reaches the scheduler before
+    submit returns, on the caller's thread; requests that find every instance busy queue and go
+    through the batcher thread, in rank order, as instances free up."""
+    config = ModelConfig("m", max_batch_size=4, instance_count=2)
+    executor = HeldExecutor()
+    batcher = DynamicBatcher(FakeModel("m", config), executor)  # type: ignore[arg-type]
+    me = threading.current_thread().name
+    batcher.submit(req(1, 0.0, "a"))
+    batcher.submit(req(1, 0.1, "b"))
+    assert len(executor.batches) == 2 and executor.threads == [me, me]  # no hop, one per instance
+    batcher.submit(req(2, 0.2, "low"))
+    batcher.submit(req(0, 0.3, "urgent"))
+    assert batcher.depth() == 2  # both instances busy: they wait
+    executor.release(0)
+    executor.wait_batches(3)
+    assert executor.threads[2] == "batcher-m"
+    assert [r.tag for r in executor.batches[2]] == ["urgent"]  # type: ignore[attr-defined]
+    executor.release(1)
+    executor.wait_batches(4)
+    assert [r.tag for r in executor.batches[3]] == ["low"]  # type: ignore[attr-defined]
+    executor.release(2)
+    batcher.submit(req(1, 0.4, "c"))  # an instance is idle again and nothing waits: direct
+    assert executor.threads[4] == me and batcher.depth() == 0
+    executor.release(3)
+    executor.release(4)
+    batcher.close()
+
+
+def test_a_batching_model_keeps_its_delay_and_does_not_hold_another_models_requests() -> None:
+    """A model with a batch-forming delay gathers on its own thread; a model without one (the
+    urgent model) hands its request over at once, whatever the other model is waiting for."""
+    executor = HeldExecutor()
+    bulk_cfg = ModelConfig("bulk", max_batch_size=4, dynamic_batching=DynamicBatching((4,), 30_000_000))
+    bulk = DynamicBatcher(FakeModel("bulk", bulk_cfg), executor)  # type: ignore[arg-type]
+    urgent = DynamicBatcher(FakeModel("urgent", ModelConfig("urgent", max_batch_size=4)), executor)  # type: ignore[arg-type]
+    bulk.submit(req(2, time.monotonic(), "bulk"))  # waits up to 30 s for three more
+    urgent.submit(req(0, time.monotonic(), "urgent"))
+    assert [[r.tag for r in b] for b in executor.batches] == [["urgent"]]  # type: ignore[attr-defined]
+    assert executor.threads == [threading.current_thread().name] and bulk.depth() == 1
+    executor.release(0)
+    for i in range(3):
+        bulk.submit(req(2, time.monotonic(), f"bulk{i}"))  # the batch is full: it leaves at once
+    executor.wait_batches(2)
+    assert executor.threads[1] == "batcher-bulk" and len(executor.batches[1]) == 4
+    executor.release(1)
+    bulk.close()
+    urgent.close()
+
+
+# --- keeping a core for the most urgent level -----------------------------------------------------
+class Gated:
+    """Models whose inference starts when the scheduler runs it and ends when the test says so."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.started: list[str] = []
+        self.threads: dict[str, str] = {}  # model: the worker thread that ran it
+        self.gates: dict[str, threading.Event] = {}
+
+    def model(self, name: str, threads: int = 1) -> FakeModel:
+        self.gates[name] = threading.Event()
+        config = ModelConfig(name, threads_per_instance=threads, queue=QueuePolicy(aging_ms=100))
+        gated = self
+
+        class Model(FakeModel):
+            def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                with gated.cond:
+                    gated.started.append(self.name)
+                    gated.threads[self.name] = threading.current_thread().name
+                    gated.cond.notify_all()
+                gated.gates[self.name].wait(30)
+                return {"y": feed["x"]}
+
+        return Model(name, config)
+
+    def wait_started(self, name: str) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: name in self.started, timeout=10), (name, self.started)
+
+    def release(self, name: str) -> None:
+        self.gates[name].set()
+
+    def release_all(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+
+
+def wait_parked(scheduler: Scheduler, n: int) -> None:
+    end = time.monotonic() + 10
+    while scheduler.parked() != n:
+        assert time.monotonic() < end, scheduler.parked()
+        time.sleep(0.001)
+
+
+def run_on(scheduler: Scheduler, model: FakeModel, priority: int, enqueued: float) -> InferRequest:
+    r = InferRequest({"x": X}, enqueued=enqueued, priority=priority)
+    r.rank = enqueued + priority * 0.1  # what the batcher sets (aging_ms 100)
+    scheduler.execute(FakeBatcher(model), [r], lambda: None)  # type: ignore[arg-type]
+    return r
+
+
+def test_on_two_cores_less_urgent_batches_leave_a_core_to_the_active_urgent_level() -> None:
+    clock = Clock(100.0)
+    scheduler = Scheduler(cores=2, clock=clock, reserve_cores=1, urgent_window_s=1.0)
+    g = Gated()
+    u0, u1, b1, b2, b3 = (g.model(n) for n in ("u0", "u1", "b1", "b2", "b3"))
+    try:
+        g.release("u0")
+        run_on(scheduler, u0, 0, 100.0).future.result(10)  # level 0 is active from now on
+        run_on(scheduler, b1, 2, 100.0)
+        g.wait_started("b1")  # the first bulk batch takes a core
+        b2_req = run_on(scheduler, b2, 2, 99.0)  # ranks 99.2: before any urgent request to come
+        wait_parked(scheduler, 1)  # a worker is free, yet b2 does not take the reserved core
+        assert g.started == ["u0", "b1"] and scheduler.held_cores() == [0, 0, 1]
+        assert scheduler.ready_ranks() == [pytest.approx(99.2)]
+        run_on(scheduler, u1, 0, 100.5)  # ranks after b2, starts first: its core was kept free
+        g.wait_started("u1")
+        assert g.started == ["u0", "b1", "u1"] and scheduler.held_cores() == [1, 0, 1]
+        g.release("u1")
+        g.release("b1")  # a bulk core frees: the parked token comes back and b2 runs on it
+        g.wait_started("b2")
+        assert scheduler.held_cores()[2] == 1
+        clock.t = 101.6  # level 0 last seen 1.1 s ago (the window is 1 s): bulk may use both cores
+        run_on(scheduler, b3, 2, 101.6)
+        g.wait_started("b3")
+        assert scheduler.held_cores() == [0, 0, 2]
+        g.release_all()
+        assert b2_req.future.result(10).batch_size == 1
+    finally:
+        g.release_all()
+        scheduler.shutdown()
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 2)])
+def test_the_reservation_never_stops_the_last_less_urgent_batch(cores: int, threads: int) -> None:
+    """On one core nothing is reserved; a bulk model whose instance needs every core still runs
+    when no other bulk batch does: less urgent traffic is slowed by the reservation, never starved."""
+    scheduler = Scheduler(cores=cores, clock=Clock(100.0), reserve_cores=1, urgent_window_s=1.0)
+    g = Gated()
+    u0, bulk = g.model("u0"), g.model("bulk", threads)
+    try:
+        g.release("u0")
+        run_on(scheduler, u0, 0, 100.0).future.result(10)
+        run_on(scheduler, bulk, 2, 100.0)
+        g.wait_started("bulk")
+        assert scheduler.held_cores() == [0, 0, threads]
+    finally:
+        g.release_all()
+        scheduler.shutdown()
+
+
+def test_a_bulk_batch_waits_without_a_token_and_its_core_s_worker_runs_it_next() -> None:
+    """While the bulk share is full, a newly formed bulk batch wakes no worker: it waits, and the
+    worker whose bulk batch ends takes it itself, leaving the other worker asleep for urgent work."""
+    scheduler = Scheduler(cores=2, clock=Clock(100.0), reserve_cores=1, urgent_window_s=1.0)
+    g = Gated()
+    u0, b1, b2, b3 = (g.model(n) for n in ("u0", "b1", "b2", "b3"))
+    try:
+        g.release("u0")
+        run_on(scheduler, u0, 0, 100.0).future.result(10)
+        run_on(scheduler, b1, 2, 100.0)
+        g.wait_started("b1")
+        run_on(scheduler, b2, 2, 100.1)
+        run_on(scheduler, b3, 2, 100.2)
+        assert scheduler.parked() == 2 and scheduler.pool.queued() == 0  # decided at once
+        g.release("b1")
+        g.wait_started("b2")
+        assert g.threads["b2"] == g.threads["b1"] and scheduler.parked() == 1
+        g.release("b2")
+        g.wait_started("b3")
+        assert g.threads["b3"] == g.threads["b1"] and scheduler.parked() == 0
+    finally:
+        g.release_all()
+        scheduler.shutdown()
+
+
+def test_a_parked_batch_still_runs_when_the_pool_closes() -> None:
+    scheduler = Scheduler(cores=2, clock=Clock(100.0), reserve_cores=1, urgent_window_s=1.0)
+    g = Gated()
+    u0, b1, b2 = g.model("u0"), g.model("b1"), g.model("b2")
+    try:
+        g.release("u0")
+        run_on(scheduler, u0, 0, 100.0).future.result(10)
+        run_on(scheduler, b1, 2, 100.0)
+        g.wait_started("b1")
+        parked = run_on(scheduler, b2, 2, 100.0)
+        wait_parked(scheduler, 1)
+        scheduler.pool.shutdown(wait=False)  # no more tokens: b1's worker runs b2 itself
+        g.release("b1")
+        g.wait_started("b2")
+        g.release("b2")
+        assert parked.future.result(10).batch_size == 1
+    finally:
+        g.release_all()
+        scheduler.shutdown()
 
 
 # --- validation -----------------------------------------------------------------------------------

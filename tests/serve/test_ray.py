@@ -24,8 +24,9 @@ import pytest
 
 from conftest import Running, free_port, kiln
 from modelkiln.errors import BadInput
+from modelkiln.serve import ray as kiln_ray
 from modelkiln.serve.guard import ServeLimits
-from modelkiln.serve.ray import RayDeployment, RayOptions
+from modelkiln.serve.ray import HIGH_THROUGHPUT_ENV, RayDeployment, RayOptions, connect, require_haproxy
 
 INT64_BODY = b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]}'
 LIMITS = ServeLimits(max_body_bytes=1 << 20)  # as conftest.Running's default
@@ -45,6 +46,86 @@ def test_replicas_become_ray_deployment_options(text: str, expected: dict) -> No
     opts = RayOptions(text, cores=2).deployment_options()
     assert {k: v for k, v in opts.items() if k in expected} == expected
     assert opts["ray_actor_options"] == {"num_cpus": 2} and opts["max_ongoing_requests"] == 256
+
+
+def test_ray_request_log_is_off_unless_asked() -> None:
+    """Ray Serve's access log is a formatted, flushed line per request in the proxy and the
+    replica; kiln serve writes none, so neither does the Ray path unless asked."""
+    assert RayOptions().deployment_options()["logging_config"] == {
+        "log_level": "WARNING",
+        "enable_access_log": False,
+    }
+    assert RayOptions(access_log=True).logging_config() == {"log_level": "INFO", "enable_access_log": True}
+
+
+def test_unknown_ingress_is_refused() -> None:
+    with pytest.raises(BadInput, match=r"Ray ingress must be one of \['proxy', 'haproxy'\], got 'nginx'"):
+        RayOptions(ingress="nginx").deployment_options()
+
+
+def test_haproxy_ingress_needs_ray_2_55_and_a_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BadInput, match=r"needs Ray >= 2.55, this is Ray 2.54.1"):
+        require_haproxy("2.54.1")
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.setattr(kiln_ray.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(kiln_ray.shutil, "which", lambda name: None)
+    with pytest.raises(BadInput, match="needs an HAProxy binary"):
+        require_haproxy("2.60.0")
+    monkeypatch.setattr(kiln_ray.shutil, "which", lambda name: "/usr/sbin/haproxy")
+    require_haproxy("2.60.0")
+
+
+class FakeRay:
+    """ray.init as connect() sees it: ``address='auto'`` fails when no cluster runs here."""
+
+    __version__ = "2.60.0"
+
+    def __init__(self, cluster: bool) -> None:
+        self.cluster, self.calls = cluster, []
+
+    def init(self, **kwargs) -> None:
+        self.calls.append(kwargs.get("address"))
+        if kwargs.get("address") == "auto" and not self.cluster:
+            raise ConnectionError("Could not find any running Ray instance.")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in [*HIGH_THROUGHPUT_ENV, "RAY_ADDRESS"]:
+        monkeypatch.setenv(key, "x")  # registered for restoring, then removed
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(kiln_ray, "require_haproxy", lambda version: None)
+    return monkeypatch
+
+
+def test_haproxy_ingress_is_set_up_for_a_local_ray_only(clean_env: pytest.MonkeyPatch) -> None:
+    import os
+
+    fake = FakeRay(cluster=False)
+    assert connect(fake, RayOptions(ingress="haproxy")) is True  # no cluster: a local Ray starts
+    assert fake.calls == ["auto", None]
+    assert {k: os.environ.get(k) for k in HIGH_THROUGHPUT_ENV} == HIGH_THROUGHPUT_ENV
+    clean_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # a value already set is the user's
+    connect(FakeRay(cluster=False), RayOptions(ingress="haproxy"))
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+@pytest.mark.parametrize("address", [None, "ray://head:10001"])
+def test_a_running_cluster_keeps_its_own_ingress(
+    clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, address: str | None
+) -> None:
+    import os
+
+    if address:
+        clean_env.setenv("RAY_ADDRESS", address)
+    fake = FakeRay(cluster=True)
+    assert connect(fake, RayOptions(ingress="haproxy")) is False
+    assert fake.calls == ([None] if address else ["auto"])
+    assert not any(k in os.environ for k in HIGH_THROUGHPUT_ENV)  # the driver must not disagree with it
+    assert "its own environment" in caplog.text and "RAY_SERVE_ENABLE_HA_PROXY=1" in caplog.text
+    fake = FakeRay(cluster=False)
+    assert connect(fake, RayOptions()) is (address is None)  # proxy ingress: nothing set either way
+    assert not any(k in os.environ for k in HIGH_THROUGHPUT_ENV)
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "4-2", "0-0", "two", "1.5"])
@@ -238,3 +319,69 @@ def test_stop_removes_the_application_then_ray_shuts_down(on_ray: OnRay) -> None
     assert not ray.is_initialized()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", on_ray.port), timeout=2):
         pass
+
+
+HAPROXY_SCRIPT = """
+import json, sys, urllib.error, urllib.request
+from pathlib import Path
+from modelkiln.serve.guard import ServeLimits
+from modelkiln.serve.ray import RayOptions, connect, deploy, require_ray
+
+repo, port = sys.argv[1], int(sys.argv[2])
+requests = json.loads(sys.argv[3])
+ray = require_ray()
+options = RayOptions("1", cores=1, ingress="haproxy")
+assert connect(ray, options), "a local Ray should have started"
+running = deploy(repo, "127.0.0.1", port, options, ServeLimits(max_body_bytes=1 << 20))
+try:
+    answers = []
+    for method, path, body in requests:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     data=None if body is None else body.encode("latin-1"))
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                answers.append([resp.status, resp.headers.get("content-type"), resp.read().decode("latin-1")])
+        except urllib.error.HTTPError as err:
+            answers.append([err.code, err.headers.get("content-type"), err.read().decode("latin-1")])
+    haproxy = [p for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "comm").exists()
+               and (p / "comm").read_text().strip() == "haproxy"]
+    print(json.dumps({"answers": answers, "haproxy": bool(haproxy)}))
+finally:
+    running.stop()
+    ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_haproxy_ingress_gives_the_same_answers(repo: Path, local: Running) -> None:
+    """Ray's high-throughput mode (HAProxy in front of replicas serving HTTP themselves), set up
+    by connect() for a local Ray in a child process (Ray reads it from its processes'
+    environment): the same numbers, statuses and messages as kiln serve."""
+    pytest.importorskip("ray")
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    requests = [
+        ("POST", "/v2/models/affine/infer", json_infer(x)),
+        ("POST", "/v2/models/affine/versions/1/infer", json_infer(x)),
+        ("GET", "/v2/models/affine", None),
+        ("POST", "/v2/models/nope/infer", json_infer(x)),
+        ("POST", "/v2/models/affine/infer", b"{not json"),
+        ("POST", "/v2/models/affine/infer", json_infer(np.ones((9, 4), np.float32))),
+        ("POST", "/v2/repository/models/affine/unload", b""),
+    ]
+    wire = [(m, p, None if b is None else b.decode("latin-1")) for m, p, b in requests]
+    done = subprocess.run(
+        [sys.executable, "-c", HAPROXY_SCRIPT, str(repo), str(free_port()), json.dumps(wire)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["haproxy"], "no HAProxy process: the high-throughput ingress was not used"
+    for (method, path, body), (status, ctype, text) in zip(requests, got["answers"], strict=True):
+        if path.endswith("/unload"):  # model control: refused through Ray, as in the proxy mode
+            assert status == 403 and "model control" in json.loads(text)["error"]
+            continue
+        want = call(local.url, method, path, body)
+        assert (status, ctype, text.encode("latin-1")) == want, (path, status, text[:200])

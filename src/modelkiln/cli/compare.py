@@ -1,5 +1,7 @@
 """``kiln compare``: two models, same inputs: per output, and per layer with --per-layer; either
-side may run on another runtime (--backend / --reference-backend)."""
+side may run on another runtime (--backend / --reference-backend). With --task, both are scored on
+a task metric instead (FP32 vs INT8 retrieval recall of two CLIP folders, top-1, mAP) and the drop
+is shown."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from rich.table import Table
 
 from modelkiln import zoo as zoo_registry
 from modelkiln.accuracy.compare import COLLAPSE_DB, CompareResult, compare, label, load_pair, plot_layers
+from modelkiln.accuracy.evaluate import TaskComparison, compare_task
 from modelkiln.data.feeds import batches, list_samples
 from modelkiln.errors import ConfigError
 from modelkiln.log import console, err_console
@@ -19,6 +22,7 @@ from modelkiln.zoo.base import Task
 
 #: runtimes an ONNX file can be compared on (torch runs zoo modules, not files)
 BACKENDS = (BackendKind.ONNXRUNTIME, BackendKind.TENSORRT)
+DEFAULT_LIMIT = 32
 
 
 def _kind(value: str, option: str) -> BackendKind:
@@ -36,7 +40,9 @@ def compare_cmd(
     zoo_name: str = typer.Option(
         None, "--zoo", help="Zoo family (read from the reference's metadata if absent)."
     ),
-    limit: int = typer.Option(32, "--limit", help="At most this many samples."),
+    limit: int = typer.Option(
+        None, "--limit", help=f"At most this many samples (default {DEFAULT_LIMIT}; with --task: all)."
+    ),
     per_layer: bool = typer.Option(False, "--per-layer", help="Compare every intermediate tensor by name."),
     backend: str = typer.Option(
         "onnxruntime", "--backend", help="Runtime of the candidate: onnxruntime or tensorrt."
@@ -46,9 +52,29 @@ def compare_cmd(
     ),
     json_out: Path = typer.Option(None, "--json", help="Write the result as JSON."),
     plot: Path = typer.Option(None, "--plot", help="PNG of SNR per layer (with --per-layer)."),
+    task: str = typer.Option(
+        None,
+        "--task",
+        help="Score both on a task metric instead (retrieval for CLIP folders; classification, "
+        "detection) and show the drop.",
+    ),
+    labels: Path = typer.Option(
+        None, "--labels", help="With --task: the labels kiln evaluate takes (retrieval: captions)."
+    ),
 ) -> None:
-    """Max/mean abs error, cosine, SNR and top-k agreement per output; worst layers with --per-layer."""
+    """Max/mean abs error, cosine, SNR and top-k agreement per output; worst layers with --per-layer;
+    with --task, both models' task metrics and the drop."""
     kinds = _kind(reference_backend, "--reference-backend"), _kind(backend, "--backend")
+    if task is not None:
+        with err_console.status(f"scoring both on {task}…"):
+            scores = compare_task(reference, candidate, data, labels, task, zoo_name, limit, kinds)
+        _print_task(scores)
+        if json_out:
+            json_out.write_text(json.dumps(scores.to_dict(), indent=1))
+        return
+    if labels is not None:
+        raise ConfigError("--labels is for task metrics: give --task too")
+    limit = DEFAULT_LIMIT if limit is None else limit
     pair = load_pair(reference, candidate, per_layer, *kinds)
     meta = pair.reference.metadata
     name = zoo_name or meta.get("modelkiln.zoo")
@@ -93,3 +119,15 @@ def _print(r: CompareResult, kinds: tuple[BackendKind, BackendKind]) -> None:
             lt.add_row(layer.name, f"{layer.snr_db:.1f}", f"{layer.cosine:.4f}", f"{layer.max_abs:.3g}")
         console.print(lt)
         console.print(f"first layer below {COLLAPSE_DB:g} dB: {r.first_collapse or 'none'}")
+
+
+def _print_task(r: TaskComparison) -> None:
+    ref, cand = Path(r.reference.model).name, Path(r.candidate.model).name
+    table = Table(title=f"{cand} vs {ref}: {r.task.value} on {r.reference.images} images")
+    for col in ("metric", "reference", "candidate", "drop"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, value in r.reference.metrics.items():
+        if key in r.drop:
+            name = f"{key} (headline)" if key == r.metric else key
+            table.add_row(name, f"{value:.4f}", f"{r.candidate.metrics[key]:.4f}", f"{r.drop[key]:+.4f}")
+    console.print(table)

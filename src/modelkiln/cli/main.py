@@ -17,6 +17,7 @@ from modelkiln.cli import encrypt as encrypt_cmd
 from modelkiln.cli import evaluate as evaluate_cmd
 from modelkiln.cli import export as export_cmd
 from modelkiln.cli import feeds as feeds_cmd
+from modelkiln.cli import finetune as finetune_cmd
 from modelkiln.cli import optimize as optimize_cmd
 from modelkiln.cli import predict as predict_cmd
 from modelkiln.cli import quantize as quantize_cmd
@@ -61,6 +62,7 @@ app.command("quantize")(quantize_cmd.quantize_cmd)
 app.command("compare")(compare_cmd.compare_cmd)
 app.command("evaluate")(evaluate_cmd.evaluate_cmd)
 app.command("feeds")(feeds_cmd.feeds_cmd)
+app.command("finetune")(finetune_cmd.finetune_cmd)
 if serve_cmd is not None:
     app.command("serve")(serve_cmd.serve_cmd)
 else:  # pragma: no cover

@@ -13,19 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import onnx
 
 from modelkiln import zoo
 from modelkiln.accuracy.budget import AccuracyBudget, within_budget
 from modelkiln.data.feeds import model_feeds
-from modelkiln.data.samples import sample_images
 from modelkiln.delivery.seal import seal_package
+from modelkiln.deploy.clip import deploy_clip
 from modelkiln.deploy.genai import deploy_genai
 from modelkiln.deploy.measure import agreement, bench, calibration_feed, task_metrics
 from modelkiln.deploy.options import INT8_CPUS, PRECISIONS, DeployOptions
 from modelkiln.deploy.report import write_reports
+from modelkiln.deploy.samples import builtin_calibration
 from modelkiln.deploy.stages import DeployError, Stages, Status
 from modelkiln.deploy.summary import DeploySummary, Int8Format
 from modelkiln.deploy.triton import validate_pbtxt, write_triton_model
@@ -42,6 +41,7 @@ from modelkiln.runtime.timing import interleaved_latency_ms
 from modelkiln.serve.config import DynamicBatching, ModelConfig, dump_config
 from modelkiln.serve.model import ServedModel
 from modelkiln.zoo import Task, ZooModel
+from modelkiln.zoo.clip import DualEncoder
 
 __all__ = [
     "INT8_CPUS",
@@ -56,16 +56,16 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-#: Zoo tasks deploy can calibrate on its built-in sample photo.
-IMAGE_TASKS = (Task.CLASSIFICATION, Task.DETECTION, Task.EMBEDDING)
 
 
 def deploy(opts: DeployOptions, status: Status | None = None) -> DeploySummary:
     """Run every stage; returns the summary also written to ``OUT/summary.json``."""
     if Path(opts.model).suffix != ".onnx":
-        chat = zoo.get(opts.model)
-        if chat.task == Task.GENERATION:  # a chat model: its own stages
-            return deploy_genai(opts, chat, status)
+        named = _dual_encoder_folder(Path(opts.model)) if Path(opts.model).is_dir() else zoo.get(opts.model)
+        if isinstance(named, DualEncoder):  # CLIP: two towers, retrieval as the task metric
+            return deploy_clip(opts, named, status)
+        if named.task == Task.GENERATION:  # a chat model: its own stages
+            return deploy_genai(opts, named, status)
     out = opts.out
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def deploy(opts: DeployOptions, status: Status | None = None) -> DeploySummary:
     calib = opts.calib
     with stage("calibration data"):
         if calib is None:
-            calib = _builtin_calibration(work / "calib", entry)
+            calib = builtin_calibration(work / "calib", entry)
             summary.notes.append(
                 "No --calib: calibrated on 16 crops of matplotlib's public-domain sample photo (grace_hopper.jpg). Task accuracy "
                 "needs --eval data (and --labels); agreement with FP32 below is measured on those crops."
@@ -163,6 +163,23 @@ def _seal(
     )
 
 
+def _dual_encoder_folder(folder: Path) -> ZooModel:
+    """The entry recorded in a folder of exported towers (image.onnx + text.onnx)."""
+    image = folder / "image.onnx"
+    if not image.is_file():
+        raise BadInput(
+            f"{folder}: deploy takes a zoo name, an .onnx file or a folder of CLIP towers (image.onnx, text.onnx)"
+        )
+    proto = onnx.load(image, load_external_data=False)
+    dims = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    entry = zoo.entry_from_metadata(
+        {p.key: p.value for p in proto.metadata_props}, zoo.input_image_size(dims)
+    )
+    if entry is None:
+        raise BadInput(f"{image} carries no modelkiln metadata: export it with kiln export")
+    return entry
+
+
 def _base_name(entry: ZooModel | None, model: str) -> str:
     """The repository's model-name stem: the zoo name, or the ONNX file's stem."""
     return (entry.name if entry else Path(model).stem).replace("-", "_")
@@ -195,36 +212,6 @@ def _export(opts: DeployOptions, work: Path) -> tuple[Path, ZooModel | None]:
         raise BadInput(f"{entry.name} has {len(entry.parts)} parts; deploy one exported part file instead")
     export(opts.model, work / "exported.onnx", weights=opts.weights)
     return work / "exported.onnx", entry
-
-
-def _builtin_calibration(folder: Path, entry: ZooModel | None, count: int = 16) -> Path:
-    """Random crops, flips and scales of matplotlib's public-domain sample photo (grace_hopper.jpg,
-    a U.S. Navy portrait; no image data shipped by us)."""
-    if entry is None or entry.task not in IMAGE_TASKS:
-        raise BadInput(
-            "without --calib, deploy needs an image model from the zoo (or give --calib .npz feeds)"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    images = [_read(p) for p in sample_images()]
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        img = images[i % len(images)]
-        h, w = img.shape[:2]
-        s = rng.uniform(0.5, 1.0)
-        ch, cw = int(h * s), int(w * s)
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        crop = img[y : y + ch, x : x + cw]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        cv2.imwrite(str(folder / f"sample_{i:02d}.png"), np.ascontiguousarray(crop))
-    return folder
-
-
-def _read(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path))
-    if image is None:
-        raise BadInput(f"cannot read the built-in sample image {path}")
-    return np.asarray(image)
 
 
 def _fp16(src: Path, out: Path) -> Path:

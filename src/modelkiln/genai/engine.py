@@ -20,7 +20,7 @@ from modelkiln.errors import BadInput
 from modelkiln.genai.kv_cache import KVCache
 from modelkiln.runtime.backends.base import ModelSource
 from modelkiln.runtime.backends.onnxruntime import cpu_backend
-from modelkiln.runtime.memory_pool import MemoryPool, PooledArray
+from modelkiln.runtime.memory_pool import MemoryPool, PooledArray, size_class
 
 Embed = Callable[[np.ndarray], np.ndarray]  # token ids [n] -> embeddings [n, hidden]
 #: ``IOBinding.bind_input`` / ``bind_output``: (name, device, device id, dtype, shape, pointer).
@@ -73,6 +73,16 @@ class Engine:
         name = self.backend.model_name
         self.kv_heads, self.head_dim = _static(inputs[3].shape[1], name), _static(inputs[3].shape[3], name)
         self.vocab = _static(self.backend.output_metadata[0].shape[-1], name)
+
+    def sequence_bytes(self, capacity: int) -> int:
+        """What a sequence of ``capacity`` positions (prompt + new tokens) takes from the pool
+        for its whole life, as ``Generation`` allocates it: two full-capacity float32 buffers per
+        cache tensor (KVCache's ping-pong) and the logits, each rounded up to the pool's size
+        class. A memory budget reserves this much before the sequence starts. (A batched decode
+        round also borrows buffers for its step, and gives them back when the step ends.)"""
+        itemsize = np.dtype(np.float32).itemsize
+        per_buffer = size_class(self.kv_heads * capacity * self.head_dim * itemsize)
+        return 2 * len(self.past_names) * per_buffer + size_class(self.vocab * itemsize)
 
     def start(
         self,

@@ -3,7 +3,11 @@
 A batcher thread per model waits for an idle instance, then gathers queued requests of the same
 non-batch shape until it reaches the preferred batch size or the oldest request has waited the
 queue delay, concatenates them along the batch axis into memory-pool buffers, runs the batch on
-the scheduler's thread pool and splits the outputs back, one response per request. Expired
+the scheduler's thread pool and splits the outputs back, one response per request. A request
+that finds an idle instance, an empty queue and no batch-forming delay (max_queue_delay 0, or no
+dynamic batching) is handed to the scheduler by the submitting thread itself: waking the batcher
+thread would add one thread hop (a wake-up and a GIL hand-over, which a busy machine makes slow)
+to exactly the requests that want the least latency. Expired
 requests are answered with DeadlineExceeded instead of run (``timeout_action: reject``) or kept
 at the back of the queue (``delay``); a failing batch fails only its own requests; a full queue
 refuses new requests (QueueFull) instead of growing.
@@ -41,9 +45,14 @@ STRICT_S = 1e9
 DELAYED = PRIORITY_LEVELS
 
 
+def aging_seconds(aging_ms: int) -> float:
+    """Seconds of wait that buy one priority level (``aging_ms`` 0: strict priority)."""
+    return aging_ms / 1e3 if aging_ms > 0 else STRICT_S
+
+
 def aging_s(policy: QueuePolicy) -> float:
-    """Seconds of wait that buy one priority level."""
-    return policy.aging_ms / 1e3 if policy.aging_ms > 0 else STRICT_S
+    """Seconds of wait that buy one priority level under ``policy``."""
+    return aging_seconds(policy.aging_ms)
 
 
 @dataclass
@@ -125,7 +134,7 @@ class DynamicBatcher:
         self.clock = clock  # time.monotonic; tests pass a fake one
         self._queue: collections.deque[InferRequest] = collections.deque()
         self._cond = threading.Condition()
-        self._slots = threading.Semaphore(cfg.instance_count)
+        self._idle = cfg.instance_count  # instances not running a batch (guarded by _cond)
         self._closed = False
         self._inflight = 0
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
@@ -140,8 +149,15 @@ class DynamicBatcher:
             if request.priority is None:
                 request.priority = self.model.config.priority
             request.rank = request.enqueued + request.priority * self.aging
-            self._queue.append(request)
-            self._cond.notify()
+            direct = self.delay == 0 and self._idle > 0 and not self._queue
+            if direct:  # nothing to gather and nobody ahead: no hop through the batcher thread
+                self._idle -= 1
+                self._inflight += 1
+            else:
+                self._queue.append(request)
+                self._cond.notify()
+        if direct:
+            self.scheduler.execute(self, [request], self._done)
         return request.future
 
     def depth(self) -> int:
@@ -163,34 +179,36 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._queue) or self._closed)
-                if not self._queue:
+            with self._cond:  # requests keep queueing while every instance is busy
+                self._cond.wait_for(
+                    lambda: bool(self._queue) and self._idle > 0 or self._closed and not self._queue
+                )
+                if not self._queue:  # closed and drained
                     return
-            self._slots.acquire()  # requests keep queueing while every instance is busy
-            batch = self._gather()
-            if not batch:
-                self._slots.release()
-                continue
-            with self._cond:
+                self._fill()
+                batch = self._take()
+                if not batch:
+                    continue
+                self._idle -= 1
                 self._inflight += 1
             self.scheduler.execute(self, batch, self._done)
 
     def _done(self) -> None:
-        self._slots.release()
         with self._cond:
+            self._idle += 1
             self._inflight -= 1
             self._cond.notify_all()
 
-    def _gather(self) -> list[InferRequest]:
-        with self._cond:
-            if self.delay > 0 and not self._closed and self._queue:
-                oldest = min(r.enqueued for r in self._queue)
-                self._cond.wait_for(
-                    lambda: self._closed or not self._queue or self._ready_size() >= self.target,
-                    timeout=max(oldest + self.delay - time.monotonic(), 0),
-                )
-            return self._take()
+    def _fill(self) -> None:
+        """Wait (lock held; released while waiting) until the first-ranked request's batch
+        reaches the preferred size or the oldest request has waited the queue delay. Only this
+        thread takes an idle instance while the delay is on, so the one counted is still idle."""
+        if self.delay > 0 and not self._closed and self._queue:
+            oldest = min(r.enqueued for r in self._queue)
+            self._cond.wait_for(
+                lambda: self._closed or not self._queue or self._ready_size() >= self.target,
+                timeout=max(oldest + self.delay - time.monotonic(), 0),
+            )
 
     def _ready_size(self) -> int:
         sig = min(self._queue, key=lambda r: r.rank).signature()

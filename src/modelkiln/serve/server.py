@@ -78,13 +78,15 @@ class ModelServer:
         }
         #: Under a budget: plain models load lazily; chat models and pipelines are always resident
         #: (measured and counted), and the steps of pipelines are pinned.
-        self.memory = MemoryBudget(memory_budget, measure) if memory_budget is not None else None
+        self.memory = (
+            MemoryBudget(memory_budget, measure, self.scheduler.memory) if memory_budget is not None else None
+        )
         self._pipeline_steps: set[str] = set()
         if self.memory is not None:
             self._loaders = {
                 ModelKind.MODEL: self._load_budgeted,
                 ModelKind.PIPELINE: lambda e: self._fixed(e, self._load_pipeline),
-                ModelKind.GENERATION: lambda e: self._fixed(e, self._load_generative),
+                ModelKind.GENERATION: lambda e: self._fixed(e, self._load_generative, chat=True),
             }
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -135,7 +137,8 @@ class ModelServer:
         for version, folder in sorted(entry.versions.items()):
             t = time.perf_counter()
             gen_model = GenerativeModel.load(config, version, folder, self.scheduler, self.policy.model_key)
-            loaded[version] = Loaded(gen_model, GenerationQueue(gen_model, self.scheduler))
+            # under a budget, each sequence reserves its KV cache there (the load cost excludes it)
+            loaded[version] = Loaded(gen_model, GenerationQueue(gen_model, self.scheduler, self.memory))
             log.info(
                 "loaded %s v%d (%s; genai, %d sequence(s) x %d thread(s)) in %.2fs",
                 entry.name,
@@ -183,10 +186,13 @@ class ModelServer:
         slot = Slot(entry.name, entry.config, dict(entry.versions), load, pinned=pinned)
         return {v: Loaded(m, q) for v, (m, q) in self.memory.add(slot).items()}
 
-    def _fixed(self, entry: RepoEntry, loader: Callable[[RepoEntry], dict[int, Loaded]]) -> dict[int, Loaded]:
-        """A chat model or pipeline under the budget: loaded now, measured, never evicted."""
+    def _fixed(
+        self, entry: RepoEntry, loader: Callable[[RepoEntry], dict[int, Loaded]], chat: bool = False
+    ) -> dict[int, Loaded]:
+        """A chat model or pipeline under the budget: loaded now, measured, never evicted (a chat
+        model's running sequences add their KV-cache reservations)."""
         assert self.memory is not None
-        return self.memory.measure_fixed(entry.name, lambda: loader(entry))
+        return self.memory.measure_fixed(entry.name, lambda: loader(entry), chat=chat)
 
     def memory_stats(self) -> list[ModelMemory]:
         """Per model: bytes resident, measured cost, loads, evictions (empty without a budget)."""
@@ -247,19 +253,33 @@ class ModelServer:
         return model
 
     def ready(self, name: str, version: str | None = None) -> bool:
+        """Model readiness (KServe v2 / Triton model-ready, HTTP and gRPC): whether a request would
+        be served. Under a memory budget a model that is not resident is ready while it can fit
+        (it loads on demand), and not ready when it can never fit beside the pinned models."""
         try:
-            self.get(name, version)
-            return True
+            item = self.get(name, version)
         except (ModelNotFound, ModelUnavailable):
             return False
+        if self.memory is not None and isinstance(item.model, LazyModel):
+            residency = self.memory.residency(name)
+            return residency is None or residency.servable
+        return True
 
     def index(self) -> list[dict[str, str]]:
+        """The repository index (HTTP and gRPC), one row per version: READY only while resident;
+        under a memory budget a model not resident is UNAVAILABLE (LOADING while it loads), with
+        why: not loaded yet, evicted for whom, too big for the budget, its load failed."""
         rows = []
         with self._lock:
             loaded = {n: sorted(v) for n, v in self._models.items()}
         for name in self.repository.names():
             if name in loaded:
-                rows += [{"name": name, "version": str(v), "state": "READY"} for v in loaded[name]]
+                residency = self.memory.residency(name) if self.memory is not None else None
+                for v in loaded[name]:
+                    row = {"name": name, "version": str(v), "state": "READY"}
+                    if residency is not None and residency.state != "READY":
+                        row.update(state=residency.state, reason=residency.reason)
+                    rows.append(row)
             else:
                 reason = self._failed.get(name, "not loaded")
                 rows.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": reason})

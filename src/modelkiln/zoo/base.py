@@ -32,6 +32,7 @@ class Task(enum.StrEnum):
     DETECTION = "detection"
     EMBEDDING = "embedding"
     GENERATION = "generation"
+    RETRIEVAL = "retrieval"  # image-text retrieval (recall@k): a task metric for dual encoders, not a family's own task
 
 
 @dataclass(frozen=True)

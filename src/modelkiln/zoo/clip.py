@@ -1,15 +1,25 @@
-"""CLIP (open_clip architectures): image and text towers exported as two models.
+"""Dual encoders (CLIP-like): an image tower and a text tower into one embedding space, exported
+as two models.
 
-The towers return unnormalised projections, as open_clip's ``encode_image``/``encode_text`` do;
-postprocessing normalises them and computes zero-shot logits with the model's learnt scale.
+``DualEncoder`` is what every such family shares: the towers return unnormalised embeddings,
+postprocessing normalises them and computes zero-shot logits with the model's learnt scale, and
+``text_feed`` turns sentences into the text tower's inputs with the family's own tokenizer. For
+``kiln finetune`` a family also builds a ``TrainableDual``: each side as a pretrained *body*
+(lockable, in layer groups for partial unfreezing) followed by a *head* (always trained; empty
+for open_clip, whose projections are part of its towers), so a locked body's features can be
+computed once and cached. ``CLIPFamily`` is any open_clip architecture.
 """
 
 from __future__ import annotations
 
+import abc
+import functools
 import json
+import re
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -51,11 +61,123 @@ def zero_shot_logits(image_embeds: np.ndarray, text_embeds: np.ndarray, logit_sc
     return logits
 
 
-class CLIPFamily(ImageTask):
-    """An open_clip architecture as two parts: the image tower (the ImageTask side: images in,
-    embeddings or zero-shot label probabilities out) and the text tower, fed by ``tokenize``."""
+@functools.cache
+def _tokenizer(arch: str) -> Any:
+    """open_clip's tokenizer of ``arch``, loaded once (its vocabulary file takes a while to read,
+    and fine-tuning tokenizes every step)."""
+    open_clip = require("open_clip", "CLIP tokenization")
+    return open_clip.get_tokenizer(arch)
+
+
+#: The two sides of a dual encoder, in the order of its parts.
+SIDES = ("image", "text")
+
+
+class TrainableDual(Protocol):
+    """The torch side of a ``DualEncoder`` as ``kiln finetune`` trains it (an ``nn.Module``).
+
+    Each side is a pretrained body then a head: ``encode_image`` is the mean over
+    ``image_views`` (test-time views such as a flip, inside the exported graph) of
+    ``image_head(image_features(view))``; ``encode_text`` is ``text_head(text_features(feed))``.
+    Features are one tensor [batch, F] per item, so the features of a locked body can be cached."""
+
+    @property
+    def log_scale(self) -> torch.nn.Parameter:
+        """Log of the logit scale (the learnt temperature's inverse), as CLIP keeps it."""
+
+    def image_views(self, image: torch.Tensor) -> list[torch.Tensor]: ...
+    def image_features(self, image: torch.Tensor) -> torch.Tensor: ...
+    def image_head(self, features: torch.Tensor) -> torch.Tensor: ...
+    def text_features(self, feed: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def text_head(self, features: torch.Tensor) -> torch.Tensor: ...
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
+    def encode_text(self, feed: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def layer_groups(self, side: str) -> list[list[torch.nn.Parameter]]:
+        """The body of ``side`` in layer groups, input first (partial unfreezing trains the last)."""
+
+    def head_parameters(self, side: str) -> list[torch.nn.Parameter]:
+        """The head of ``side`` (always trained; may be empty)."""
+
+    def checkpoint_state(self, bodies: Collection[str]) -> dict[str, torch.Tensor]:
+        """What a fine-tuning checkpoint holds: heads, logit scale, and the bodies in ``bodies``
+        (the ones that trained) or more, as ``build(checkpoint)`` reads it back."""
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what ``checkpoint_state`` gave (a resumed run)."""
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
+
+
+class DualEncoder(ImageTask):
+    """An image tower and a text tower into one embedding space (CLIP-like).
+
+    Parts: ``image`` (``image`` -> ``image_embeds``) and ``text`` (the tokenizer's feeds ->
+    ``text_embeds``); both give UNnormalised embeddings [batch, embed_dim] that consumers
+    L2-normalise. ``logit_scale`` (exp of the learnt temperature) scales cosine similarities."""
 
     task = Task.EMBEDDING
+    logit_scale: float
+    embed_dim: int
+
+    @abc.abstractmethod
+    def text_feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Feeds of the ``text`` part for ``texts`` with the family's own tokenizer (int64,
+        [len(texts), L]): e.g. ``{"input_ids"}`` for open_clip."""
+
+    @abc.abstractmethod
+    def trainable(self, weights: str | None) -> TrainableDual:
+        """The torch model ``kiln finetune`` trains, with ``weights`` loaded (as ``build``)."""
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """String metadata a fine-tuning checkpoint carries beside its tensors."""
+        return {"modelkiln.zoo": self.name}
+
+    def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Embedding]:
+        """Normalised embeddings; with ``text_embeds`` and ``labels`` in outputs, zero-shot probabilities."""
+        image = l2_normalize(np.asarray(outputs["image_embeds"], np.float64))
+        labels = prepared.meta[0].get("labels") if prepared.meta else None
+        if labels is None or "text_embeds" not in outputs:
+            return [Embedding(v) for v in image]
+        probs = softmax(
+            zero_shot_logits(image, np.asarray(outputs["text_embeds"], np.float64), self.logit_scale)
+        )
+        return [
+            Embedding(v, sorted(zip(labels, map(float, p), strict=True), key=lambda t: -t[1]))
+            for v, p in zip(image, probs, strict=True)
+        ]
+
+
+def tower_modules(model: TrainableDual, text_inputs: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """The exported parts of a trainable dual encoder: ``image`` runs ``encode_image``, ``text``
+    runs ``encode_text`` on its inputs in ``text_inputs`` order (as the ONNX inputs are named)."""
+    from torch import nn
+
+    class ImageTower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dual = model
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.dual.encode_image(image)
+
+    class TextTower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dual = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.dual.encode_text(dict(zip(text_inputs, inputs, strict=True)))
+
+    model.eval()
+    return {"image": ImageTower().eval(), "text": TextTower().eval()}
+
+
+class CLIPFamily(DualEncoder):
+    """An open_clip architecture as two parts: the image tower (the ImageTask side: images in,
+    embeddings or zero-shot label probabilities out) and the text tower, fed by ``tokenize``."""
 
     def __init__(self, arch: str, image_size: int | None = None) -> None:
         self.arch = arch  # open_clip model name, e.g. "ViT-B-32"
@@ -99,9 +221,16 @@ class CLIPFamily(ImageTask):
         self.logit_scale = float(json.loads(metadata.get("logit_scale", "100.0")))
 
     def build(self, weights: str | None) -> dict[str, torch.nn.Module]:
-        open_clip = require("open_clip", f"building {self.name}")
-        from torch import nn
+        return tower_modules(self.trainable(weights), ("input_ids",))
 
+    def trainable(self, weights: str | None) -> TrainableDual:
+        """The open_clip model with ``weights`` (a local file, e.g. a ``kiln finetune`` checkpoint,
+        which is the whole model's state dict; an open_clip release tag; or random): no heads,
+        its projections belong to its towers, as in open_clip's own tower locking."""
+        return _open_clip_dual(self, self._create(weights))
+
+    def _create(self, weights: str | None) -> Any:
+        open_clip = require("open_clip", f"building {self.name}")
         if weights is None or is_random(weights):
             warn_random(self.name)
             pretrained = None
@@ -121,51 +250,104 @@ class CLIPFamily(ImageTask):
         self.embed_dim = int(model.text_projection.shape[1])
         self.context_length = int(model.context_length)
         self.logit_scale = float(model.logit_scale.detach().exp())
-
-        class ImageTower(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.clip = model
-
-            def forward(self, image: torch.Tensor) -> torch.Tensor:
-                embeds: torch.Tensor = self.clip.encode_image(image)
-                return embeds
-
-        class TextTower(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.clip = model
-
-            def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-                embeds: torch.Tensor = self.clip.encode_text(input_ids)
-                return embeds
-
-        return {"image": ImageTower().eval(), "text": TextTower().eval()}
+        return model
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         """Token ids [len(texts), context_length] with the architecture's own tokenizer."""
-        open_clip = require("open_clip", "CLIP tokenization")
-        ids: np.ndarray = open_clip.get_tokenizer(self.arch)(texts).numpy().astype(np.int64)
+        ids: np.ndarray = _tokenizer(self.arch)(texts).numpy().astype(np.int64)
         return ids
+
+    def text_feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return {"input_ids": self.tokenize(texts)}
 
     def preprocess(self, images: list[np.ndarray]) -> Prepared:
         """open_clip's eval transform: shorter side bicubic to size, centre crop, CLIP mean/std."""
         s = self.image_size
         return Prepared({"image": crop_and_normalize(images, s, s, CLIP_MEAN, CLIP_STD, cv2.INTER_CUBIC)})
 
-    def postprocess(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> list[Embedding]:
-        """Normalised embeddings; with ``text_embeds`` and ``labels`` in outputs, zero-shot probabilities."""
-        image = l2_normalize(np.asarray(outputs["image_embeds"], np.float64))
-        labels = prepared.meta[0].get("labels") if prepared.meta else None
-        if labels is None or "text_embeds" not in outputs:
-            return [Embedding(v) for v in image]
-        probs = softmax(
-            zero_shot_logits(image, np.asarray(outputs["text_embeds"], np.float64), self.logit_scale)
-        )
-        return [
-            Embedding(v, sorted(zip(labels, map(float, p), strict=True), key=lambda t: -t[1]))
-            for v, p in zip(image, probs, strict=True)
-        ]
+
+def _open_clip_dual(entry: CLIPFamily, clip: Any) -> TrainableDual:
+    """An open_clip CLIP as a TrainableDual: bodies are its whole towers (projections included),
+    heads are empty; layer groups are the transformer blocks with what comes before and after."""
+    from torch import nn
+
+    class OpenClipDual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clip = clip
+
+        @property
+        def log_scale(self) -> nn.Parameter:
+            scale: nn.Parameter = self.clip.logit_scale
+            return scale
+
+        def image_views(self, image: torch.Tensor) -> list[torch.Tensor]:
+            return [image]
+
+        def image_features(self, image: torch.Tensor) -> torch.Tensor:
+            embeds: torch.Tensor = self.clip.encode_image(image)
+            return embeds
+
+        def image_head(self, features: torch.Tensor) -> torch.Tensor:
+            return features
+
+        def text_features(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+            embeds: torch.Tensor = self.clip.encode_text(feed["input_ids"])
+            return embeds
+
+        def text_head(self, features: torch.Tensor) -> torch.Tensor:
+            return features
+
+        def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+            return self.image_head(self.image_features(image))
+
+        def encode_text(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.text_head(self.text_features(feed))
+
+        def layer_groups(self, side: str) -> list[list[nn.Parameter]]:
+            named = [
+                (n.removeprefix("visual."), p)
+                for n, p in self.clip.named_parameters()
+                if n.startswith("visual.") == (side == "image") and n not in ("logit_scale", "logit_bias")
+            ]
+            return layer_groups(named, _OPEN_CLIP_BLOCK, _OPEN_CLIP_POST)
+
+        def head_parameters(self, side: str) -> list[nn.Parameter]:
+            return []
+
+        def checkpoint_state(self, bodies: Collection[str]) -> dict[str, torch.Tensor]:
+            # the whole model, in open_clip's own names: open_clip.create_model loads it as is
+            return {k: v.detach().contiguous() for k, v in self.clip.state_dict().items()}
+
+        def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+            self.clip.load_state_dict(state)
+
+    return OpenClipDual()
+
+
+#: open_clip parameter names: a transformer block (group by its index) and what follows the blocks.
+_OPEN_CLIP_BLOCK = re.compile(r"(?:^|\.)(?:resblocks|layer)\.?(\d+)\.")
+_OPEN_CLIP_POST = re.compile(r"^(ln_post|proj|attn_pool|attnpool|head|ln_final|text_projection|text\.proj)")
+
+
+def layer_groups(
+    named: Sequence[tuple[str, torch.nn.Parameter]], block: re.Pattern[str], post: re.Pattern[str]
+) -> list[list[torch.nn.Parameter]]:
+    """Parameters in groups, input first: what precedes the blocks, one group per block index
+    (``block`` captures it), then what follows them (names matching ``post``)."""
+    pre: list[torch.nn.Parameter] = []
+    after: list[torch.nn.Parameter] = []
+    blocks: dict[int, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        found = block.search(name)
+        if found:
+            blocks.setdefault(int(found.group(1)), []).append(param)
+        elif post.search(name):
+            after.append(param)
+        else:
+            pre.append(param)
+    groups = [pre, *(blocks[i] for i in sorted(blocks)), after]
+    return [g for g in groups if g]
 
 
 #: Architectures resolved without importing open_clip (which imports torch).

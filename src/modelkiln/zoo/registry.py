@@ -17,6 +17,7 @@ from pathlib import Path
 from modelkiln.errors import ModelNotFound
 from modelkiln.zoo.base import ZooModel
 from modelkiln.zoo.clip import CLIPFamily, resolve_arch
+from modelkiln.zoo.clip_lite0_minilm import CLIPLite0MiniLM
 from modelkiln.zoo.efficientnet_lite import EfficientNetLite0
 from modelkiln.zoo.minilm import SentenceEncoder
 from modelkiln.zoo.qwen_vl import QwenVLFamily
@@ -63,6 +64,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("efficientnet_lite0", EfficientNetLite0, aliases=("efficientnet_lite_0",)),
     *(Family(f"yolov5{size}", partial(YOLOv5Family, size)) for size in SCALES),
     Family("clip-vit-b-32", partial(CLIPFamily, "ViT-B-32")),
+    Family("clip-lite0-minilm", CLIPLite0MiniLM),
     Family("all-minilm-l6-v2", _unsized(SentenceEncoder), aliases=("minilm",)),
     Family("qwen2-vl", _qwen("qwen2-vl", tiny=False)),
     Family("qwen2-vl-tiny", _qwen("qwen2-vl", tiny=True)),

@@ -1,4 +1,4 @@
-"""Task metrics: how a model is scored on what it is for (ImageNet top-k, COCO mAP).
+"""Task metrics: how a model is scored on what it is for (ImageNet top-k, COCO mAP, recall@k).
 
 ``TASKS`` is the registry: one ``TaskSpec`` per zoo ``Task`` with its metric names, scorer and
 labels; ``evaluate`` and the accuracy budget look a task up here instead of comparing strings.
@@ -6,7 +6,7 @@ labels; ``evaluate`` and the accuracy budget look a task up here instead of comp
 
 from __future__ import annotations
 
-from modelkiln.accuracy.tasks import coco, imagenet
+from modelkiln.accuracy.tasks import coco, imagenet, retrieval
 from modelkiln.accuracy.tasks.base import EvalRequest, Scored, Scorer, TaskSpec
 from modelkiln.errors import BadInput
 from modelkiln.zoo import Task
@@ -32,13 +32,22 @@ TASKS: dict[Task, TaskSpec] = {
         Task.EMBEDDING,
         metrics=(),
         scorer=None,
-        unscored="compare its embeddings with a reference instead (kiln compare)",
+        unscored="compare its embeddings with a reference instead (kiln compare); "
+        "a dual encoder (CLIP) is scored with --task retrieval",
     ),
     Task.GENERATION: TaskSpec(
         Task.GENERATION,
         metrics=(),
         scorer=None,
         unscored="chat with it instead (kiln chat)",
+    ),
+    # not a family's own task: a dual encoder (Task.EMBEDDING) is scored on it with task="retrieval"
+    Task.RETRIEVAL: TaskSpec(
+        Task.RETRIEVAL,
+        metrics=retrieval.METRICS,
+        scorer=retrieval.score_retrieval,
+        labels=retrieval.LABELS,
+        predictions=retrieval.PREDICTIONS,
     ),
 }
 
