@@ -79,12 +79,13 @@ def deploy_cmd(
         console.print(line, markup=False)
     for note in summary.notes:
         console.print(note, style="yellow")
-    console.print(
-        f"wrote {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}, {out / 'manifest.json'}"
-    )
-    console.print(f"check it on the target: kiln verify {out}")
+    written = [out / f for f in ("report.html", "report.md", "summary.json", "manifest.json")]
+    console.print("wrote " + ", ".join(str(p) for p in written if p.is_file()))
+    if (out / "manifest.json").is_file():  # sealed (dual-encoder deployments are not, yet)
+        console.print(f"check it on the target: kiln verify {out}")
     key = f" --model-key {encrypt_key}" if encrypt_key else ""
-    console.print(f"serve it: kiln serve {out / 'repository'}{key}   (Triton: {out / 'triton'})")
+    triton = f"   (Triton: {out / 'triton'})" if (out / "triton").is_dir() else ""
+    console.print(f"serve it: kiln serve {out / 'repository'}{key}{triton}")
 
 
 def _print_chat(summary: DeploySummary, out: Path) -> None:
