@@ -22,7 +22,7 @@ from modelkiln.accuracy.evaluate import evaluate
 from modelkiln.bench.runner import BenchCase, LoopSpec, benchmark_interleaved
 from modelkiln.data.captions import load_captions
 from modelkiln.data.feeds import Feed, model_feeds
-from modelkiln.deploy.measure import BENCH_BATCHES
+from modelkiln.deploy.measure import BENCH_BATCHES, batch_figures
 from modelkiln.deploy.options import DeployOptions
 from modelkiln.deploy.report import write_reports
 from modelkiln.deploy.samples import builtin_calibration
@@ -251,13 +251,7 @@ def _bench(
     loop = LoopSpec(warmup=2, iterations=None, duration=seconds / rounds)
     found: dict[str, dict[str, dict[int, BatchFigures]]] = {n: {t: {} for t in TOWERS} for n in pairs}
     for (name, tower, batch), r in benchmark_interleaved(cases, loop, rounds).items():
-        found[name][tower][batch] = BatchFigures(
-            p50_ms=r.latency_ms["median"],
-            p99_ms=r.latency_ms["p99"],
-            min_ms=r.latency_ms["min"],
-            throughput=r.throughput,
-            iterations=r.iterations,
-        )
+        found[name][tower][batch] = batch_figures(r)
     return found
 
 

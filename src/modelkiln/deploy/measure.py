@@ -9,7 +9,7 @@ import numpy as np
 
 from modelkiln.accuracy.compare import compare_models, plot_layers
 from modelkiln.accuracy.evaluate import evaluate
-from modelkiln.bench.runner import BenchCase, LoopSpec, benchmark_interleaved
+from modelkiln.bench.runner import BenchCase, BenchResult, LoopSpec, benchmark_interleaved
 from modelkiln.data.feeds import model_feeds
 from modelkiln.deploy.summary import Agreement, BatchFigures, LayerAgreement, LayerSnr, OutputAgreement
 from modelkiln.runtime.backends.onnxruntime import OrtBackend
@@ -78,11 +78,16 @@ def bench(
     loop = LoopSpec(warmup=2, iterations=None, duration=seconds / rounds)
     found: dict[str, dict[int, BatchFigures]] = {name: {} for name in models}
     for (name, batch), r in benchmark_interleaved(cases, loop, rounds).items():
-        found[name][batch] = BatchFigures(
-            p50_ms=r.latency_ms["median"],
-            p99_ms=r.latency_ms["p99"],
-            min_ms=r.latency_ms["min"],
-            throughput=r.throughput,
-            iterations=r.iterations,
-        )
+        found[name][batch] = batch_figures(r)
     return found
+
+
+def batch_figures(r: BenchResult) -> BatchFigures:
+    """The summary's record of one timed case."""
+    return BatchFigures(
+        p50_ms=r.latency_ms["median"],
+        p99_ms=r.latency_ms["p99"],
+        min_ms=r.latency_ms["min"],
+        throughput=r.throughput,
+        iterations=r.iterations,
+    )
