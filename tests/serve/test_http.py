@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +180,9 @@ def test_unload_and_load_while_requests_flow(running) -> None:
     index = {m["name"]: m["state"] for m in c.get_model_repository_index()}
     assert index["affine"] == "UNAVAILABLE"
     c.load_model("affine")
+    deadline = time.monotonic() + 10  # the reloaded model serves the traffic still flowing
+    while "200" not in statuses and time.monotonic() < deadline:
+        time.sleep(0.01)
     stop.set()
     for t in threads:
         t.join()
