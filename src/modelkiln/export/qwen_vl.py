@@ -1,21 +1,496 @@
-"""The Qwen2-VL decoder step alone to ONNX, from any (e.g. resized) transformers model: what the
-benchmarks time against transformers' generate. ``kiln export qwen2-vl…`` writes it with the token
-embedding and the vision buckets through the zoo family (and checks parity); the graph is the same
-(``zoo.qwen_vl.decoder_part``: one graph for prefill and decode, last-position logits).
+"""Qwen2-VL / Qwen2.5-VL export: the token embedding and the decoder step built from the weights
+(``export.builder.qwen2``: tensor by tensor into external data, FP32, FP16 or W8), the vision
+encoder traced from torch (once per image bucket), the processor files and ``genai.json`` beside.
+
+Tracing a decoder needed ~7x its FP32 weights in RAM; the builder needs about one weight matrix
+at a time beside what is already written, so a 2B model exports on a 24 GB machine. The vision
+encoder stays traced here (its rotary tables and layout depend on the patch grid; item 3 of issue
+20 builds it for any grid); ``MODELKILN_QWEN_TRACE=1`` traces the decoder and embedding too, as
+before, for comparison.
+
+Every part is checked against transformers before it is moved into place. A model in memory (the
+tiny and mid random ones) is the reference as it is; a checkpoint on disk is checked through a
+truncated decoder (its first ``REFERENCE_LAYERS`` layers built by the same code, against the same
+layers loaded into transformers), so the check never needs the whole model in RAM twice.
+
+``export`` is the package's entry point for every family: Qwen-VL ones come here, the others go
+on to ``exporter.export``.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
+import importlib
+import logging
+import os
+import tempfile
+import time
+import types
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
+
+from modelkiln import zoo
 from modelkiln._deps import require
-from modelkiln.zoo.base import Part
-from modelkiln.zoo.qwen_vl import decoder_example, decoder_part, decoder_step_module
+from modelkiln.errors import ExportError, ParityFailed
+from modelkiln.export import exporter
+from modelkiln.export.builder.layers import Precision
+from modelkiln.export.builder.qwen2 import build_decoder, build_embedding
+from modelkiln.export.builder.tensors import SafetensorsFolder, StateDict, Tensors
+from modelkiln.export.exporter import DEFAULT_OPSET, ExportResult, output_paths
+from modelkiln.export.parity import PARITY_BATCHES
+from modelkiln.numerics import TensorDiff, Tolerance, tensor_diff, worst
+from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
+from modelkiln.zoo.base import Part, ZooModel
+from modelkiln.zoo.qwen_vl import (
+    DECODER_EXAMPLES,
+    Checkpoint,
+    QwenVLFamily,
+    decoder_example,
+    decoder_part,
+    decoder_step_module,
+    vision_module,
+)
+
+log = logging.getLogger(__name__)
+
+#: Set to 1 to trace the decoder and embedding (the pre-builder export) instead of building them.
+TRACE_ENV = "MODELKILN_QWEN_TRACE"
+#: Layers of the truncated decoder that checks a checkpoint read from disk.
+REFERENCE_LAYERS = 2
+#: What a part must meet against transformers FP32, per weight precision.
+TOLERANCES = {
+    Precision.FP32: Tolerance(),
+    Precision.FP16: Tolerance(atol=None, min_cosine=0.9999),
+    Precision.W8: Tolerance(atol=None, min_cosine=0.999),
+}
+_QWEN2, _QWEN25 = (
+    "transformers.models.qwen2_vl.modeling_qwen2_vl",
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+)
+#: The vision encoder class of each generation (traced from a module holding only its weights).
+VISION_CLASSES = {
+    "qwen2-vl": (_QWEN2, "Qwen2VisionTransformerPretrainedModel"),
+    "qwen2.5-vl": (_QWEN25, "Qwen2_5_VisionTransformerPretrainedModel"),
+}
+#: The text model class of each generation (the truncated reference of a checkpoint on disk).
+TEXT_CLASSES = {"qwen2-vl": (_QWEN2, "Qwen2VLTextModel"), "qwen2.5-vl": (_QWEN25, "Qwen2_5_VLTextModel")}
+
+
+def traced_requested() -> bool:
+    return os.environ.get(TRACE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def export(
+    model: str | ZooModel,
+    out: str | Path,
+    weights: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    image_size: int | None = None,
+    nms: bool = False,
+    tolerance: Tolerance | None = None,
+) -> ExportResult:
+    """``exporter.export``'s signature: Qwen-VL families through the graph builder (unless
+    ``MODELKILN_QWEN_TRACE=1``), every other family through ``exporter.export``."""
+    entry = model if isinstance(model, ZooModel) else zoo.get(model, image_size)
+    if isinstance(entry, QwenVLFamily) and not traced_requested():
+        if nms:
+            raise ExportError(f"--nms applies to detectors; {entry.name} is a {entry.task} model")
+        return export_qwen_vl(entry, out, weights, opset=opset, tolerance=tolerance)
+    return exporter.export(entry, out, weights, opset, image_size, nms, tolerance)
+
+
+def export_qwen_vl(
+    entry: QwenVLFamily,
+    out: str | Path,
+    weights: str | None = None,
+    precision: str | Precision = Precision.FP32,
+    opset: int = DEFAULT_OPSET,
+    tolerance: Tolerance | None = None,
+    block_size: int = 0,
+    vision: bool = True,
+) -> ExportResult:
+    """Write ``entry``'s folder (embed.onnx, decoder.onnx in ``precision``, vision_HxW.onnx per
+    bucket, processor files, genai.json) to ``out``; ParityFailed (nothing of that part written)
+    when a part misses ``tolerance`` (default: per precision, ``TOLERANCES``). ``vision=False``
+    skips the vision graphs (benchmarks of the builder alone: genai.json still names them, so such
+    a folder does not open in ChatModel)."""
+    precision = Precision.parse(precision)
+    out = Path(out)
+    started = time.perf_counter()
+    ckpt = entry.checkpoint(weights if weights is not None else entry.default_weights)
+    try:
+        paths = output_paths(entry, out)
+        result = ExportResult(entry.name, paths)
+        tensors: Tensors = (
+            StateDict(ckpt.model.state_dict(), entry.name)
+            if ckpt.model is not None
+            else SafetensorsFolder(_folder(ckpt))
+        )
+        tol = tolerance or TOLERANCES[precision]
+        out.mkdir(parents=True, exist_ok=True)
+        result.parity += _built_part(
+            entry, ckpt, tensors, "embed", paths, weights, precision, block_size, tol
+        )
+        result.parity += _built_part(
+            entry, ckpt, tensors, "decoder", paths, weights, precision, block_size, tol
+        )
+        if vision:
+
+            def load_visual() -> Any:
+                return (
+                    ckpt.model.model.visual if ckpt.model is not None else vision_from_tensors(entry, tensors)
+                )
+
+            result.parity += _traced_vision(entry, load_visual, paths, weights, opset)
+        entry.write_assets(out)
+    finally:
+        ckpt.cleanup()
+    log.info("%s exported to %s in %.0f s", entry.name, out, time.perf_counter() - started)
+    return result
+
+
+def _folder(ckpt: Checkpoint) -> Path:
+    if ckpt.folder is None:
+        raise ExportError("a checkpoint without a model in memory needs a weights folder")
+    return ckpt.folder
+
+
+def _metadata(entry: QwenVLFamily, part: str, weights: str | None, precision: Precision) -> dict[str, str]:
+    return {
+        **zoo.export_metadata(entry, part, weights),
+        "modelkiln.export.method": "builder",
+        "modelkiln.precision": precision.value,
+    }
+
+
+def _built_part(
+    entry: QwenVLFamily,
+    ckpt: Checkpoint,
+    tensors: Tensors,
+    name: str,
+    paths: dict[str, Path],
+    weights: str | None,
+    precision: Precision,
+    block_size: int,
+    tol: Tolerance,
+) -> list[TensorDiff]:
+    """Build one part into a scratch folder beside its destination, check it, move it in."""
+    text, target = entry.config.text_config, paths[name]
+    meta = _metadata(entry, name, weights, precision)
+    tie = bool(entry.config.tie_word_embeddings)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
+        scratch = Path(tmp)
+        started = time.perf_counter()
+        if name == "embed":
+            built = build_embedding(text, tensors, scratch, target.name, precision, meta)
+            checks = _check_embedding(entry, tensors, built)
+        else:
+            built = build_decoder(
+                text,
+                tensors,
+                scratch,
+                target.name,
+                precision,
+                meta,
+                block_size=block_size,
+                tie_word_embeddings=tie,
+            )
+            log.info("built %s in %.0f s", built.name, time.perf_counter() - started)
+            checks = _check_decoder(entry, ckpt, tensors, built, scratch, precision, block_size, tol)
+        _raise_unless_passed(entry.name, name, checks)
+        _move_graph(built, target)
+    log.info("wrote %s (%s, %s)", target, name, precision.value)
+    return checks
+
+
+def _move_graph(built: Path, target: Path) -> None:
+    """The graph and its external data (when it has one) into place, data first."""
+    data = built.with_name(f"{built.name}.data")
+    stale = target.with_name(f"{target.name}.data")
+    if data.is_file():
+        os.replace(data, stale)
+    elif stale.is_file():
+        stale.unlink()
+    os.replace(built, target)
+
+
+def _raise_unless_passed(model: str, part: str, checks: list[TensorDiff]) -> None:
+    if checks and not all(c.passed for c in checks):
+        bad = worst(checks)
+        raise ParityFailed(
+            f"{model}/{part}: ONNX output {bad.name!r} differs from transformers at batch {bad.batch}: "
+            f"max abs {bad.max_abs:.3g} > {bad.limit or 0.0:.3g} or cosine {bad.cosine:.6f} too low; "
+            "no file written"
+        )
+
+
+def _check_embedding(entry: QwenVLFamily, tensors: Tensors, built: Path) -> list[TensorDiff]:
+    """The graph's rows against the checkpoint's table (the embedding is a lookup: exact, or the
+    float16 rounding of the table)."""
+    backend = cpu_backend(built, optimization=GraphOptimization.DISABLE)
+    checks = []
+    for batch in PARITY_BATCHES:
+        feed = entry.example_inputs("embed", batch=batch, seed=batch)
+        got = backend.infer(feed)["inputs_embeds"]
+        ref = tensors.rows("model.embed_tokens.weight", feed["input_ids"])
+        checks.append(
+            tensor_diff("inputs_embeds", got, ref, Tolerance(atol=1e-3, rtol=0.0), part="embed", batch=batch)
+        )
+    return checks
+
+
+def _check_decoder(
+    entry: QwenVLFamily,
+    ckpt: Checkpoint,
+    tensors: Tensors,
+    built: Path,
+    scratch: Path,
+    precision: Precision,
+    block_size: int,
+    tol: Tolerance,
+) -> list[TensorDiff]:
+    """The decoder against transformers: the whole step when the model is in memory; otherwise a
+    truncated decoder built by the same code from the same tensors against those layers loaded
+    into transformers."""
+    torch = require("torch", "checking the Qwen-VL decoder")
+    text = entry.config.text_config
+    if ckpt.model is not None:
+        graph, module, layers = built, decoder_step_module(ckpt.model), int(text.num_hidden_layers)
+    else:
+        layers = min(REFERENCE_LAYERS, int(text.num_hidden_layers))
+        tie = bool(entry.config.tie_word_embeddings)
+        graph = build_decoder(
+            text,
+            tensors,
+            scratch,
+            "reference.onnx",
+            precision,
+            layers=layers,
+            block_size=block_size,
+            tie_word_embeddings=tie,
+        )
+        module = decoder_step_module(reference_text_model(entry, tensors, layers))
+        log.info("checking %s through its first %d layers", entry.name, layers)
+    part = decoder_part(module.lm.config)
+    backend = cpu_backend(graph, optimization=GraphOptimization.DISABLE)
+    checks = []
+    for batch in PARITY_BATCHES:
+        seq, past = DECODER_EXAMPLES[batch % len(DECODER_EXAMPLES)]
+        feed = decoder_example(part, batch, seq, past, batch)
+        with torch.no_grad():
+            refs = module(*(torch.from_numpy(feed[s.name]) for s in part.inputs))
+        got = backend.infer(feed)
+        for spec, ref in zip(part.outputs, refs, strict=True):
+            checks.append(
+                tensor_diff(spec.name, got[spec.name], ref.numpy(), tol, part="decoder", batch=batch)
+            )
+    del backend
+    if graph != built:
+        for f in (graph, graph.with_name(f"{graph.name}.data")):
+            f.unlink(missing_ok=True)
+    return checks
+
+
+def reference_text_model(entry: QwenVLFamily, tensors: Tensors, layers: int) -> Any:
+    """transformers' text model with the first ``layers`` layers of the checkpoint, its final norm
+    and LM head, shaped as ``decoder_step_module`` expects. The decoder step takes embeddings, so
+    the reference has a one-row token table instead of the checkpoint's (never read), and the head
+    wraps the checkpoint's matrix without a copy."""
+    require("torch", "the reference text model")
+    import torch
+
+    config = copy.deepcopy(entry.config.text_config)
+    config.num_hidden_layers, config.vocab_size, config.pad_token_id = layers, 1, None
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:layers]
+    with torch.no_grad():
+        text = _class(TEXT_CLASSES[entry.family])(config).eval()
+        for name, param in text.state_dict().items():
+            if not name.startswith("embed_tokens."):
+                param.copy_(torch.from_numpy(tensors.get(f"model.{name}")))
+        head_name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+        matrix = torch.from_numpy(tensors.get(head_name))
+        head = torch.nn.Linear(matrix.shape[1], matrix.shape[0], bias=False, device="meta")
+        head.weight = torch.nn.Parameter(matrix, requires_grad=False)
+    return types.SimpleNamespace(model=types.SimpleNamespace(language_model=text), lm_head=head.eval())
+
+
+def _class(where: tuple[str, str]) -> Any:
+    require("transformers", "the Qwen-VL reference modules")
+    return getattr(importlib.import_module(where[0]), where[1])
+
+
+def vision_from_tensors(entry: QwenVLFamily, tensors: Tensors) -> Any:
+    """The vision encoder alone (``visual.*`` weights), for tracing: the language model's weights
+    are never loaded into torch."""
+    require("torch", "the Qwen-VL vision encoder")
+    import torch
+
+    vision_class = _class(VISION_CLASSES[entry.family])
+    started = time.perf_counter()
+    with torch.no_grad():
+        visual = vision_class._from_config(entry.config.vision_config).eval()
+        for name, param in visual.state_dict().items():
+            param.copy_(torch.from_numpy(tensors.get(f"visual.{name}")))
+    log.info("vision encoder loaded from %s in %.0f s", tensors.source, time.perf_counter() - started)
+    return visual
+
+
+def _traced_vision(
+    entry: QwenVLFamily,
+    load_visual: Callable[[], Any],
+    paths: dict[str, Path],
+    weights: str | None,
+    opset: int,
+) -> list[TensorDiff]:
+    """Trace every vision bucket into a scratch folder and keep torch's outputs for the parity
+    feeds; then let the torch encoder go and check each graph on ONNX Runtime, one session at a
+    time (torch and ONNX Runtime never hold the weights together); then write each with its weights
+    gathered into one ``<name>.onnx.data`` (streamed from the tracer's files, never loaded whole)."""
+    torch = require("torch", "tracing the Qwen-VL vision encoder")
+    parts = entry.parts[2:]
+    folder = paths[parts[0].name].parent
+    checks: list[TensorDiff] = []
+    with tempfile.TemporaryDirectory(prefix=".vision-", dir=folder) as tmp:
+        visual = load_visual()
+        refs: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+        for part in parts:
+            module = vision_module(visual, entry.grid(_bucket(part.name)))
+            _trace(torch, entry, part, module, Path(tmp) / part.name / "model.onnx", opset)
+            refs[part.name] = []
+            for batch in PARITY_BATCHES:
+                feed = entry.example_inputs(part.name, batch=batch, seed=batch)
+                with torch.no_grad():
+                    ref = module(*(torch.from_numpy(feed[s.name]) for s in part.inputs))
+                refs[part.name].append((feed, ref.numpy()))
+            log.info("traced %s", part.name)
+        del visual, module
+        gc.collect()
+        for part in parts:
+            traced = Path(tmp) / part.name / "model.onnx"
+            backend = cpu_backend(traced, optimization=GraphOptimization.DISABLE)
+            found = [
+                tensor_diff(
+                    spec.name, backend.infer(feed)[spec.name], ref, Tolerance(), part=part.name, batch=batch
+                )
+                for (feed, ref), batch in zip(refs[part.name], PARITY_BATCHES, strict=True)
+                for spec in part.outputs
+            ]
+            del backend
+            _raise_unless_passed(entry.name, part.name, found)
+            checks += found
+            _write_traced(entry, part.name, traced, paths[part.name], weights)
+    return checks
+
+
+def _trace(torch: Any, entry: QwenVLFamily, part: Part, module: Any, path: Path, opset: int) -> None:
+    """torch.onnx (TorchScript tracer) to ``path``; weights beside it when over 2 GB."""
+    path.parent.mkdir(parents=True)
+    example = entry.example_inputs(part.name, batch=1)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about constants are expected
+            torch.onnx.export(
+                module,
+                tuple(torch.from_numpy(example[s.name]) for s in part.inputs),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[s.name for s in part.inputs],
+                output_names=[s.name for s in part.outputs],
+                dynamic_axes=part.dynamic_axes(),
+                do_constant_folding=True,
+            )
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _write_traced(entry: QwenVLFamily, part: str, traced: Path, target: Path, weights: str | None) -> None:
+    """The checked trace into place, with kiln's metadata and its weights in one file."""
+    proto = onnx.load(str(traced), load_external_data=False)
+    del proto.metadata_props[:]
+    for key, value in {
+        **zoo.export_metadata(entry, part, weights),
+        "modelkiln.export.method": "trace",
+    }.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "modelkiln"
+    _gather_external_data(proto, traced.parent, target)
+    scratch = traced.parent / target.name
+    scratch.write_bytes(proto.SerializeToString())
+    _move_graph(scratch, target)
+    log.info("wrote %s (%s, traced)", target, part)
+
+
+def _gather_external_data(proto: onnx.ModelProto, source: Path, target: Path) -> None:
+    """Point every external initializer of ``proto`` (the tracer writes one file per tensor) into
+    one ``<target>.data`` in ``source``, copying the bytes across a buffer at a time."""
+    external = [t for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return
+    data_name = f"{target.name}.data"
+    offset = 0
+    with (source / data_name).open("wb") as data:
+        for tensor in external:
+            info = {e.key: e.value for e in tensor.external_data}
+            start, length = int(info.get("offset", 0)), info.get("length")
+            pad = -offset % 4096
+            data.write(b"\0" * pad)
+            offset += pad
+            with (source / info["location"]).open("rb") as f:
+                f.seek(start)
+                copied = _copy(f, data, None if length is None else int(length))
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", offset), ("length", copied)):
+                tensor.external_data.add(key=key, value=str(value))
+            offset += copied
+    stray = {e.value for t in _tensors(proto.graph) for e in t.external_data if e.key == "location"} - {
+        data_name
+    }
+    if stray:
+        raise ExportError(f"{target.name}: weights left outside {data_name}: {sorted(stray)[:3]}")
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph``: initializers, and the values of Constant nodes and other tensor
+    attributes (the tracer moves large ones out to files too), subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _copy(src: Any, dst: Any, length: int | None, buffer: int = 64 << 20) -> int:
+    copied = 0
+    while length is None or copied < length:
+        chunk = src.read(buffer if length is None else min(buffer, length - copied))
+        if not chunk:
+            break
+        dst.write(chunk)
+        copied += len(chunk)
+    return copied
+
+
+def _bucket(part: str) -> tuple[int, int]:
+    h, w = part.removeprefix("vision_").split("x")
+    return int(h), int(w)
 
 
 def export_decoder_step(model: Any, path: str | Path, opset: int = 17) -> Part:
-    """Write the decoder step of a transformers Qwen2-VL model to ``path``; returns its I/O."""
+    """Trace the decoder step of a transformers Qwen2-VL model (any size in memory) to ``path``;
+    returns its I/O. The benchmarks' traced baseline; ``export_qwen_vl`` builds it instead."""
     torch = require("torch", "exporting the Qwen2-VL decoder step")
     part = decoder_part(model.model.language_model.config)
     example = decoder_example(part, batch=1, seq=5, past=3, seed=0)

@@ -1,16 +1,26 @@
-"""Qwen2-VL (transformers' implementation): real weights from a local folder or hub id, and a tiny
+"""Qwen2-VL (transformers' implementation): real weights from a local folder or hub id, a tiny
 random configuration built entirely locally (tokenizer, processor, chat template) for tests on
-machines that cannot download weights.
+machines that cannot download weights, and ``qwen2-vl-2b-random``: Qwen2-VL-2B-Instruct's
+published architecture with seeded random weights written as bfloat16 safetensors shards, one
+tensor at a time, so the real size can be exported and run without the real weights.
 
-The zoo family (``qwen2-vl``, ``qwen2-vl-tiny``) exports three kinds of part: the token
-embedding, one decoder step (prefill and decode in one graph, KV cache in and out), and the vision
-encoder once per image-size bucket; beside them the processor files and ``genai.json``, which is
-everything the generation engine needs to run without torch.
+The zoo family exports three kinds of part: the token embedding, one decoder step (prefill and
+decode in one graph, KV cache in and out), and the vision encoder once per image-size bucket;
+beside them the processor files and ``genai.json``, which is everything the generation engine
+needs to run without torch. ``QwenVLFamily.checkpoint`` says where the weights are for
+export/qwen_vl.py, which builds the embedding and decoder from them (export/builder) and traces
+the vision encoder; ``build`` gives torch modules for tracing every part (the fallback).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,8 @@ import numpy as np
 from modelkiln._deps import require
 from modelkiln.errors import ModelNotFound, WeightsError
 from modelkiln.zoo.base import Part, Task, TensorSpec, ZooModel
+
+log = logging.getLogger(__name__)
 
 #: Qwen2-VL's special tokens, in the order the tiny tokenizer appends them after its BPE vocabulary.
 SPECIAL_TOKENS = (
@@ -268,13 +280,12 @@ def decoder_step_module(model: Any) -> Any:
     return DecoderStep().eval()
 
 
-def vision_module(model: Any, grid_thw: tuple[int, int, int]) -> Any:
-    """The vision encoder + merger for one patch grid: pixel_values [t*h*w, C*T*P*P] ->
-    image_embeds [t*h*w / merge^2, hidden]."""
+def vision_module(visual: Any, grid_thw: tuple[int, int, int]) -> Any:
+    """The vision encoder + merger (``model.model.visual``) for one patch grid: pixel_values
+    [t*h*w, C*T*P*P] -> image_embeds [t*h*w / merge^2, hidden]."""
     require("torch", "the Qwen2-VL vision encoder")
     import torch
 
-    visual = model.model.visual
     grid = torch.tensor([list(grid_thw)], dtype=torch.int64)
 
     class Vision(torch.nn.Module):
@@ -325,38 +336,316 @@ def decoder_example(part: Part, batch: int, seq: int, past: int, seed: int) -> d
     return feed
 
 
+#: (seq, past) of the decoder examples by seed % 4: a chunk on a cache (the trace example), a decode
+#: step, a chunk on a short cache, a prefill from an empty cache.
+DECODER_EXAMPLES = ((5, 3), (1, 6), (4, 2), (9, 0))
+
+
+@dataclass
+class Checkpoint:
+    """What the graph builder reads a Qwen-VL model from: its config and processor, and its weights
+    either as safetensors shards in ``folder`` or as a transformers ``model`` in memory."""
+
+    config: Any
+    processor: Any
+    folder: Path | None = None
+    model: Any = None
+    #: ``folder`` was written for one export (the random 2B weights): remove it afterwards
+    temporary: bool = False
+
+    def cleanup(self) -> None:
+        if self.temporary and self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+#: Qwen2-VL-2B-Instruct's config.json as published (huggingface.co/Qwen/Qwen2-VL-2B-Instruct): the
+#: architecture numbers the ``2b-random`` preset copies. Where a value equals transformers 5's
+#: Qwen2VLConfig default it is still written here, so a change of default cannot change the model.
+QWEN2_VL_2B: dict[str, Any] = {
+    "text_config": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 28,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    },
+    "vision_config": {
+        "depth": 32,
+        "embed_dim": 1280,
+        "hidden_size": 1536,  # the merger's output: the language model's width
+        "hidden_act": "quick_gelu",
+        "mlp_ratio": 4,
+        "num_heads": 16,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+    "tie_word_embeddings": True,
+}
+
+#: (family, preset) -> the published configuration it copies.
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {("qwen2-vl", "2b-random"): QWEN2_VL_2B}
+
+#: Written beside random shards: the seed and dtype they were drawn with (a folder is reused only
+#: when this matches).
+RANDOM_MARKER = "kiln_random.json"
+
+
+def preset_config(tokenizer: Any, family: str = "qwen2-vl", preset: str = "2b-random") -> Any:
+    """The preset's transformers config. The architecture is the published one; the token ids
+    (image, video, vision start/end, end of turn, padding) are ``tokenizer``'s, since the random
+    model is paired with the tiny tokenizer (its ids are a valid subset of the 151 936-token vocab)."""
+    transformers = require("transformers", f"the {family}-{preset} config")
+    values = PRESETS[(family, preset)]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = {
+        **values["text_config"],
+        "bos_token_id": None,
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    return getattr(transformers, FAMILIES[family][0])(
+        text_config=text,
+        vision_config=dict(values["vision_config"]),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=values["tie_word_embeddings"],
+    )
+
+
+def real_size_processor(family: str = "qwen2-vl") -> Any:
+    """Qwen2-VL's image processor at its published defaults with the tiny tokenizer."""
+    transformers = require("transformers", "the Qwen2-VL processor")
+    return getattr(transformers, FAMILIES[family][2])(
+        image_processor=transformers.Qwen2VLImageProcessor(),
+        tokenizer=tiny_tokenizer(),
+        video_processor=transformers.Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def ensure_random_checkpoint(folder: Path, family: str = "qwen2-vl", seed: int = 0) -> tuple[Any, Any]:
+    """(config, processor) of the random preset checkpoint in ``folder``, written there first unless
+    a previous run left the same one (same seed, same marker)."""
+    processor = real_size_processor(family)
+    config = preset_config(processor.tokenizer, family)
+    marker = {"family": family, "preset": "2b-random", "seed": seed, "dtype": RANDOM_DTYPE}
+    found = folder / RANDOM_MARKER
+    if found.is_file() and json.loads(found.read_text(encoding="utf-8")) == marker:
+        log.info("reusing the random checkpoint in %s", folder)
+        return config, processor
+    if folder.exists() and any(folder.iterdir()) and not found.is_file():
+        raise WeightsError(
+            f"{folder} holds other files; give an empty (or new) folder for the random weights"
+        )
+    write_random_checkpoint(config, folder, family, seed)
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    found.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    return config, processor
+
+
+#: The dtype random shards are stored in: Qwen2-VL-2B-Instruct's own (its shards are bfloat16).
+RANDOM_DTYPE = "BF16"
+#: Largest random shard (the hub's 2B checkpoint has two of up to ~4 GB).
+SHARD_BYTES = 2 << 30
+#: Elements drawn per piece of a large tensor (bounds the generator's scratch memory).
+DRAW_ELEMENTS = 1 << 24
+#: Standard deviation of random weights: transformers' initializer_range for Qwen2-VL.
+INIT_STD = 0.02
+
+
+def checkpoint_tensors(config: Any, family: str = "qwen2-vl") -> dict[str, tuple[int, ...]]:
+    """Every weight of the model for ``config`` as (hub name -> shape), from the model built on
+    torch's meta device (no memory); a tied LM head is left out, as published checkpoints do."""
+    require("torch", "listing checkpoint tensors")
+    transformers = require("transformers", "listing checkpoint tensors")
+    import torch
+
+    with torch.device("meta"):
+        model = getattr(transformers, FAMILIES[family][1])(config)
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        shapes[hub_name(name)] = tuple(int(d) for d in tensor.shape)
+    return shapes
+
+
+def hub_name(name: str) -> str:
+    """A transformers 5 parameter name as the hub's checkpoints spell it."""
+    for v5, hub in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+        if name.startswith(v5):
+            return hub + name[len(v5) :]
+    return name
+
+
+def write_random_checkpoint(config: Any, folder: Path, family: str = "qwen2-vl", seed: int = 0) -> list[Path]:
+    """Random weights for ``config`` as bfloat16 safetensors shards plus their index, each tensor
+    drawn (seeded by its name, so any subset is reproducible) and written piece by piece: memory
+    stays at one piece, never a model. Norm weights are 1; everything else, biases included, is
+    N(0, 0.02) so every path of the graph carries signal."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = checkpoint_tensors(config, family)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 2
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files, weight_map = [], {}
+    for i, names in enumerate(shards):
+        file = folder / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(file, {n: shapes[n] for n in names}, seed)
+        files.append(file)
+        weight_map.update(dict.fromkeys(names, file.name))
+    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def _write_shard(file: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
+    """One safetensors file written as a stream: the header (offsets known from the shapes), then
+    each tensor's pieces in order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 2
+        header[name] = {
+            "dtype": RANDOM_DTYPE,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with file.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, shape in shapes.items():
+            for piece in random_tensor(name, shape, seed):
+                f.write(bfloat16_bits(piece).tobytes())
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> Iterator[np.ndarray]:
+    """The float32 values of one random weight, flat, in pieces of at most DRAW_ELEMENTS."""
+    count = int(np.prod(shape))
+    is_norm = name.endswith(".weight") and len(shape) == 1 and ("norm" in name or ".ln_" in name)
+    if is_norm:
+        yield np.ones(count, np.float32)
+        return
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    for start in range(0, count, DRAW_ELEMENTS):
+        piece = rng.standard_normal(min(DRAW_ELEMENTS, count - start), dtype=np.float32)
+        piece *= np.float32(INIT_STD)
+        yield piece
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = (bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16
+    return rounded.astype(np.uint16)
+
+
+def local_folder(source: str, family: str) -> Path:
+    """A weights folder on this machine: ``source`` itself, or a hub id fetched into the local
+    Hugging Face cache (safetensors, config and processor files only)."""
+    path = Path(source)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{family}: {source} is not a model folder (no config.json)")
+        return path
+    hub = require("huggingface_hub", f"downloading {family} weights")
+    try:
+        return Path(
+            hub.snapshot_download(
+                source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+            )
+        )
+    except Exception as exc:
+        raise WeightsError(f"{family}: cannot fetch {source!r}: {exc}") from exc
+
+
+def load_config_and_processor(folder: Path, family: str) -> tuple[Any, Any]:
+    """(config, processor) of a local weights folder, without loading any weight."""
+    transformers = require("transformers", f"reading {family} config")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{family}: cannot read the config or processor of {folder}: {exc}") from exc
+    return config, processor
+
+
 class QwenVLFamily(ZooModel):
-    """``qwen2-vl`` / ``qwen2.5-vl`` (weights: a local folder or hub id) or their ``-tiny`` random
-    configurations built here. Not an ImageTask: images reach it through the generation engine
-    (``kiln chat``, the server's chat endpoint), never through predict's pre/post-processing."""
+    """``qwen2-vl`` / ``qwen2.5-vl`` (weights: a local folder or hub id), their ``-tiny`` random
+    configurations built here, and ``qwen2-vl-2b-random`` (Qwen2-VL-2B-Instruct's architecture with
+    random weights, written as safetensors shards). Not an ImageTask: images reach it through the
+    generation engine (``kiln chat``, the server's chat endpoint), never through predict's
+    pre/post-processing.
+
+    Two ways out: ``checkpoint(weights)`` for the graph builder (export/qwen_vl.py: the embedding
+    and decoder built from the weights, the vision encoder traced), ``build(weights)`` for tracing
+    every part from a transformers model in memory (the fallback, and the reference)."""
 
     task = Task.GENERATION
     instead_of_images = "is a generative model: use `kiln chat` (or the server's /v1/chat/completions)"
 
-    def __init__(self, tiny: bool, family: str = "qwen2-vl", **sizes: int) -> None:
-        """``sizes`` (tiny only): hidden, layers, heads, kv_heads of a bigger random config."""
+    def __init__(self, tiny: bool, family: str = "qwen2-vl", preset: str | None = None, **sizes: int) -> None:
+        """``sizes`` (tiny only): hidden, layers, heads, kv_heads of a bigger random config;
+        ``preset``: ``"2b-random"`` (qwen2-vl only)."""
         if family not in FAMILIES:
             raise ModelNotFound(f"unknown Qwen-VL family {family!r}; known: {sorted(FAMILIES)}")
         if sizes and not tiny:
             raise WeightsError(f"{family} takes its sizes from its weights; sizes apply to {family}-tiny")
-        self.tiny, self.sizes, self.family = tiny, sizes, family
-        self.name = f"{family}-tiny" if tiny else family
+        if preset is not None and (tiny or (family, preset) not in PRESETS):
+            raise ModelNotFound(
+                f"no {family} preset {preset!r}; presets: {sorted(f'{f}-{p}' for f, p in PRESETS)}"
+            )
+        self.tiny, self.sizes, self.family, self.preset = tiny, sizes, family, preset
+        self.name = f"{family}-tiny" if tiny else f"{family}-{preset}" if preset else family
         self.buckets = TINY_BUCKETS if tiny else REAL_BUCKETS
         self._model: Any = None
         self._processor: Any = None
+        self._config: Any = None
 
-    def _require_built(self) -> Any:
-        if self._model is None:
-            raise RuntimeError(f"{self.name}: build() first (the part shapes come from the model config)")
-        return self._model
+    def _require_config(self) -> Any:
+        if self._config is None:
+            raise RuntimeError(
+                f"{self.name}: build() or checkpoint() first (the part shapes come from the config)"
+            )
+        return self._config
+
+    @property
+    def config(self) -> Any:
+        """The transformers config (after ``build`` or ``checkpoint``)."""
+        return self._require_config()
 
     @property
     def _text(self) -> Any:
-        return self._require_built().model.language_model.config
+        return self._require_config().text_config
 
     @property
     def _vision(self) -> Any:
-        return self._require_built().config.vision_config
+        return self._require_config().vision_config
 
     def grid(self, bucket: tuple[int, int]) -> tuple[int, int, int]:
         patch = self._vision.patch_size
@@ -386,6 +675,26 @@ class QwenVLFamily(ZooModel):
             ),
         )
 
+    def checkpoint(self, weights: str | None) -> Checkpoint:
+        """Where the graph builder reads this model from: the tiny model in memory, the random 2B
+        checkpoint written to ``weights`` (a folder, reused when it already holds one; a temporary
+        folder when None), or a weights folder (hub ids are downloaded to the local cache first)."""
+        if self.tiny:
+            self.build(weights)
+            return Checkpoint(self._config, self._processor, model=self._model)
+        if self.preset is not None:
+            if weights in (None, "random"):
+                folder, temporary = Path(tempfile.mkdtemp(prefix=f"kiln-{self.name}-")), True
+            else:
+                folder, temporary = Path(str(weights)), False
+            self._config, self._processor = ensure_random_checkpoint(folder, self.family)
+            return Checkpoint(self._config, self._processor, folder=folder, temporary=temporary)
+        if weights in (None, "random"):
+            raise WeightsError(f"{self.family} needs --weights: a local folder or hub id")
+        folder = local_folder(weights, self.family)
+        self._config, self._processor = load_config_and_processor(folder, self.family)
+        return Checkpoint(self._config, self._processor, folder=folder)
+
     def build(self, weights: str | None) -> dict[str, Any]:
         if self.tiny:
             if weights not in (None, "random"):
@@ -393,14 +702,18 @@ class QwenVLFamily(ZooModel):
                     f"{self.name} is random by definition; use {self.family} --weights DIR for real weights"
                 )
             self._model, self._processor = build_tiny(family=self.family, **self.sizes)
+        elif self.preset is not None:
+            folder = self.checkpoint(weights).folder
+            self._model, self._processor = load_pretrained(str(folder), self.family)
         else:
             if weights in (None, "random"):
                 raise WeightsError(f"{self.family} needs --weights: a local folder or hub id")
             self._model, self._processor = load_pretrained(weights, self.family)
         model = self._model
+        self._config = model.config
         modules = {"embed": model.model.language_model.embed_tokens, "decoder": decoder_step_module(model)}
         for b in self.buckets:
-            modules[f"vision_{b[0]}x{b[1]}"] = vision_module(model, self.grid(b))
+            modules[f"vision_{b[0]}x{b[1]}"] = vision_module(model.model.visual, self.grid(b))
         return modules
 
     def example_inputs(self, part: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -412,22 +725,28 @@ class QwenVLFamily(ZooModel):
             return {"input_ids": rng.integers(0, self._text.vocab_size, (batch, 7)).astype(np.int64)}
         if part != "decoder":
             return super().example_inputs(part, batch, seed)
-        seq, past = ((5, 3), (1, 6), (4, 2), (9, 0))[seed % 4]
+        seq, past = DECODER_EXAMPLES[seed % 4]
         return decoder_example(self.part("decoder"), batch, seq, past, seed)
 
     def write_assets(self, folder: Path) -> None:
         """The processor (tokenizer, chat template, image processor) and genai.json beside the parts."""
         self._processor.save_pretrained(folder)
-        t, v, tok = self._text, self._vision, self._processor.tokenizer
+        config, tok = self._require_config(), self._processor.tokenizer
+        t, v = config.text_config, config.vision_config
         spec = {
             "model": self.name,
             "context": int(t.max_position_embeddings),
             "merge": int(v.spatial_merge_size),
             "buckets": [list(b) for b in self.buckets],
-            "image_token": int(self._model.config.image_token_id),
+            "image_token": int(config.image_token_id),
             "stop": sorted({tok.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>")}),
             "embed": "embed.onnx",
             "decoder": "decoder.onnx",
             "vision": {f"{b[0]}x{b[1]}": f"vision_{b[0]}x{b[1]}.onnx" for b in self.buckets},
         }
         (Path(folder) / "genai.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+
+
+def qwen2_vl_2b_random() -> QwenVLFamily:
+    """``qwen2-vl-2b-random``: Qwen2-VL-2B-Instruct's architecture, random weights (registry row)."""
+    return QwenVLFamily(tiny=False, family="qwen2-vl", preset="2b-random")
