@@ -17,7 +17,7 @@ def export(
     model: str = typer.Argument(
         ...,
         help="Zoo name: resnet50, efficientnet_lite0, yolov5n|s|m|l|x, clip-vit-b-32, all-minilm-l6-v2, "
-        "qwen2-vl[-tiny], qwen2.5-vl[-tiny].",
+        "qwen2-vl[-tiny], qwen2-vl-2b-random, qwen2.5-vl[-tiny].",
     ),
     out: Path = typer.Option(..., "-o", "--out", help="Output .onnx file (a folder for multi-part models)."),
     weights: str = typer.Option(None, "--weights", "-w", help="Weights file, release name, or 'random'."),
@@ -27,10 +27,18 @@ def export(
     ),
     nms: bool = typer.Option(False, "--nms", help="Detectors: add NMS to the graph (end-to-end model)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the parity report as JSON."),
+    precision: str = typer.Option(
+        None,
+        "--precision",
+        help="Qwen-VL: language-model weights as fp32 (default), fp16 or w8 (8-bit MatMulNBits), "
+        "written directly by the graph builder.",
+    ),
 ) -> None:
     """Export a zoo model to ONNX (dynamic batch) and check it against torch."""
     with err_console.status(f"exporting {model}…"):
-        result = export_model(model, out, weights=weights, opset=opset, image_size=image_size, nms=nms)
+        result = export_model(
+            model, out, weights=weights, opset=opset, image_size=image_size, nms=nms, precision=precision
+        )
     table = Table(title=f"{result.model}: ONNX Runtime vs torch")
     for col in ("part", "output", "batch", "max abs", "max rel", "cosine", "ok"):
         table.add_column(col, justify="right" if col not in ("part", "output") else "left")

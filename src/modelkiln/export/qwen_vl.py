@@ -93,14 +93,23 @@ def export(
     image_size: int | None = None,
     nms: bool = False,
     tolerance: Tolerance | None = None,
+    precision: str | Precision | None = None,
 ) -> ExportResult:
     """``exporter.export``'s signature: Qwen-VL families through the graph builder (unless
-    ``MODELKILN_QWEN_TRACE=1``), every other family through ``exporter.export``."""
+    ``MODELKILN_QWEN_TRACE=1``), every other family through ``exporter.export``. ``precision``
+    (fp32, fp16, w8: how the builder stores the language model's weights) applies to built
+    models only."""
     entry = model if isinstance(model, ZooModel) else zoo.get(model, image_size)
     if isinstance(entry, QwenVLFamily) and not traced_requested():
         if nms:
             raise ExportError(f"--nms applies to detectors; {entry.name} is a {entry.task} model")
-        return export_qwen_vl(entry, out, weights, opset=opset, tolerance=tolerance)
+        chosen = Precision.FP32 if precision is None else Precision.parse(precision)
+        return export_qwen_vl(entry, out, weights, precision=chosen, opset=opset, tolerance=tolerance)
+    if precision is not None:
+        raise ExportError(
+            f"--precision applies to models built from their weights (qwen2-vl, qwen2.5-vl); "
+            f"{entry.name} is exported by tracing in FP32: quantize it with kiln quantize"
+        )
     return exporter.export(entry, out, weights, opset, image_size, nms, tolerance)
 
 

@@ -20,7 +20,7 @@ from modelkiln.zoo.clip import CLIPFamily, resolve_arch
 from modelkiln.zoo.clip_lite0_minilm import CLIPLite0MiniLM
 from modelkiln.zoo.efficientnet_lite import EfficientNetLite0
 from modelkiln.zoo.minilm import SentenceEncoder
-from modelkiln.zoo.qwen_vl import QwenVLFamily
+from modelkiln.zoo.qwen_vl import QwenVLFamily, qwen2_vl_2b_random
 from modelkiln.zoo.resnet import ResNet50
 from modelkiln.zoo.yolov5 import YOLOv5Family
 from modelkiln.zoo.yolov5_cfg import SCALES
@@ -68,6 +68,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("all-minilm-l6-v2", _unsized(SentenceEncoder), aliases=("minilm",)),
     Family("qwen2-vl", _qwen("qwen2-vl", tiny=False)),
     Family("qwen2-vl-tiny", _qwen("qwen2-vl", tiny=True)),
+    Family("qwen2-vl-2b-random", _unsized(qwen2_vl_2b_random)),
     Family("qwen2.5-vl", _qwen("qwen2.5-vl", tiny=False)),
     Family("qwen2.5-vl-tiny", _qwen("qwen2.5-vl", tiny=True)),
 )
