@@ -33,3 +33,15 @@ def test_public_verbs_resolve_lazily() -> None:
     from modelkiln.export import export
 
     assert callable(export) and callable(modelkiln.quantize) and callable(modelkiln.optimize)
+
+
+def test_tensorrt_is_an_optional_extra_never_pulled_by_dev() -> None:
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert any(r.startswith("tensorrt-cu12") for r in extras["tensorrt"])
+    assert any(r.startswith("tensorrt-cu13") for r in extras["tensorrt-cu13"])
+    pulled = " ".join(project["dependencies"] + extras["dev"] + extras["all"])
+    assert "tensorrt" not in pulled.replace("modelkiln[", "")

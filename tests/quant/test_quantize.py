@@ -16,6 +16,7 @@ from modelkiln.errors import BadInput, CalibrationError, ModelNotFound, Quantiza
 from modelkiln.export import export
 from modelkiln.quant.config import Method, QuantConfig, Target
 from modelkiln.quant.quantize import quantize
+from modelkiln.quant.trt import check_trt
 from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend, optimized_graph
 from modelkiln.zoo import get
 
@@ -93,6 +94,7 @@ def test_trt_target_uses_int8_symmetric_activations(lite: Path, calib_images: Pa
         if n.op_type == "QuantizeLinear"
     ]
     assert zps and all(z.dtype == np.int8 and (z == 0).all() for z in zps)
+    assert check_trt(model) == []  # TensorRT's placement rules (tests/quant/test_trt_placement.py)
     cpu_backend(out)  # loads in plain ONNX Runtime too
 
 

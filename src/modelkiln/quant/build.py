@@ -12,12 +12,14 @@ from typing import Any, NamedTuple
 import onnx
 import onnx_ir as ir
 
+from modelkiln.errors import QuantizationError
 from modelkiln.graph.passes.remove_dead import RemoveDead
 from modelkiln.quant.config import QuantConfig, Target
 from modelkiln.quant.dynamic import dynamic_candidates, quantize_dynamic_matmuls
 from modelkiln.quant.formats import describe_format, metadata, resolve, stamp
 from modelkiln.quant.prepare import Calibrated
 from modelkiln.quant.qdq import Plan, emit, isolate, layers, mark
+from modelkiln.quant.trt import check_trt
 from modelkiln.quant.weight_only import quantize_weights_only
 from modelkiln.runtime import kernels
 from modelkiln.runtime.kernels.lookup import find_chains
@@ -88,6 +90,13 @@ def build(cal: Calibrated, config: QuantConfig, only: str | None = None, check: 
     stamp(result, props)
     if check:
         onnx.checker.check_model(result)
+        if config.target is Target.TRT and not (config.weight_only or config.dynamic):
+            problems = check_trt(result)
+            if problems:
+                raise QuantizationError(
+                    f"{cal.source}: the trt-target INT8 graph breaks TensorRT's Q/DQ rules: "
+                    + "; ".join(problems[:5])
+                )
     return Built(result, plan, counts, config, lookups)
 
 

@@ -30,6 +30,7 @@ from modelkiln.quant.rules import (
     rule_for,
     transformer_defaults,
 )
+from modelkiln.quant.trt import trt_rule
 from modelkiln.quantmath import QParams, bias_qparams, compute_qparams
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ def mark(
     (looking through data-movement ops, and for Conv/Gemm/MatMul through a float activation).
     Ops are dropped until that holds everywhere, so nothing is quantized for no kernel to use it.
     """
+    if config.target is Target.TRT:
+        return _mark_trt(model, config, spread)
     plan = Plan()
     rules: dict[int, tuple[ir.Node, OpRule]] = {}
     transformer = transformer_defaults(model, config.transformer)
@@ -175,9 +178,35 @@ def mark(
             # no integer Conv or Add kernel has a float output: int8 would only add error here
             plan.kept_float[_name(node)] = "output feeds float ops only (no int8 kernel for it)"
             continue
-        if node.op_type == "Concat" and config.target is Target.CPU:
+        if node.op_type == "Concat":
             rule = OpRule(rule.activations)  # ORT's QLinearConcat requantizes: each input keeps its scale
         _apply(plan, node, rule, path)
+    return plan
+
+
+def _mark_trt(model: ir.Model, config: QuantConfig, spread: dict[str, float] | None) -> Plan:
+    """TensorRT's placement (``quant/trt.py``): the activation inputs and weights of weighted ops
+    and the residual input of Adds; no outputs, no biases, no shared scales (TensorRT moves Q/DQ
+    across pooling, Concat and data movement itself)."""
+    plan = Plan()
+    transformer = transformer_defaults(model, config.transformer)
+    for node in model.graph:
+        if node.name in config.exclude:
+            plan.kept_float[_name(node)] = "excluded by user"
+            continue
+        rule = trt_rule(node)
+        acts = _float_inputs(node, rule.activations) if rule is not None else None
+        if rule is None or acts is None:
+            continue
+        reason = _transformer_float(node, rule, config, spread) if transformer else None
+        if reason:
+            plan.kept_float[_name(node)] = reason
+            continue
+        for v in acts:
+            plan.add(_name(v))
+        if rule.weight is not None:
+            plan.weights.append((node, *rule.weight))
+        plan.nodes.append(node)
     return plan
 
 
