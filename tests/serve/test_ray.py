@@ -149,7 +149,12 @@ def test_serve_ray_without_ray_is_one_line_naming_the_extra(repo: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--replicas", "2"], "--replicas goes with --ray"),
+        (["--replicas", "2"], "--replicas and --ray-ingress go with --ray"),
+        (["--ray-ingress", "haproxy"], "--replicas and --ray-ingress go with --ray"),
+        (
+            ["--ray", "--ray-ingress", "nginx"],
+            "the Ray ingress must be one of ['proxy', 'haproxy'], got 'nginx'",
+        ),
         (["--ray", "--replicas", "x"], "--replicas must be N >= 1"),
         (["--ray", "--grpc-port", "8001"], "--grpc-port is not served through Ray"),
     ],

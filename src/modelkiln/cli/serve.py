@@ -103,6 +103,13 @@ def serve_cmd(
         "--replicas",
         help="With --ray: N replicas, 'auto' (Ray's autoscaling) or MIN-MAX (autoscale between). Default 1.",
     ),
+    ray_ingress: str = typer.Option(
+        "proxy",
+        "--ray-ingress",
+        help="With --ray: 'proxy' (Ray's HTTP proxy) or 'haproxy' (Ray's HAProxy ingress, for a Ray this "
+        "command starts; less overhead per request, but it opens a stats page and a metrics port on all "
+        "interfaces: docs/scale-out.md).",
+    ),
     require_manifest: bool = typer.Option(
         False,
         "--require-manifest",
@@ -140,12 +147,12 @@ def serve_cmd(
         require_grpc()
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise BadInput("--ssl-certfile and --ssl-keyfile go together")
-    if replicas is not None and not ray:
-        raise BadInput("--replicas goes with --ray")
+    if (replicas is not None or ray_ingress != "proxy") and not ray:
+        raise BadInput("--replicas and --ray-ingress go with --ray")
     if ray:
         if grpc_port is not None:
             raise BadInput("--grpc-port is not served through Ray: use --ray without it (docs/scale-out.md)")
-        options = RayOptions(replicas or "1", cores)
+        options = RayOptions(replicas or "1", cores, ingress=ray_ingress)
         options.deployment_options()  # a malformed --replicas fails before Ray is looked for
         require_ray()
         serve_ray(
