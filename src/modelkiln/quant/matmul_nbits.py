@@ -9,6 +9,12 @@ block to int8 inside the kernel, the graph stays float). Its other accuracy leve
 Layout (ONNX Runtime's contrib op spec): B [N, blocks, block] uint8 = int8 + 128 (the default zero
 point for 8 bits), scales [N * blocks] float32, K zero-padded to a whole number of blocks; a
 following constant bias Add is folded into the op's bias input.
+
+The block (``default_block``): the op takes power-of-two blocks only, so "one scale per output
+channel" costs padding wherever K is not a power of two (Qwen2-VL-2B: 1536 -> 2048, 8960 -> 16384,
+46% more bytes and multiplies); the largest power-of-two divisor of K stores K exactly, with a few
+more scales (and a little more accuracy). export/builder/nbits.py restates the same rule: a model
+quantized here and one the graph builder writes in W8 are the same bit for bit.
 """
 
 from __future__ import annotations
@@ -31,8 +37,21 @@ ACCURACY_INT8 = 4
 
 
 def per_channel_block(k: int) -> int:
-    """The smallest power-of-two block (>= 16) covering all of K: one scale per output channel."""
+    """The smallest power-of-two block (>= 16) covering all of K: one scale per output channel,
+    K zero-padded up to it (the default before ``default_block``)."""
     return max(16, 1 << (k - 1).bit_length())
+
+
+def default_block(k: int) -> int:
+    """The block ``block_size`` 0 means: the largest power-of-two block (>= 16) among those that pad
+    K least, i.e. K when K is a power of two (one scale per output channel), else the largest
+    power-of-two divisor of K (1536 -> 512, 8960 -> 256), else (no divisor >= 16) the least padding."""
+    best, block = 16, 16
+    while block <= per_channel_block(k):
+        if -(-k // block) * block <= -(-k // best) * best:
+            best = block
+        block *= 2
+    return best
 
 
 def pack_int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +117,7 @@ def quantize_matmul_nbits(model: ir.Model, block_size: int = 0, exclude: tuple[s
     for node in nbits_candidates(model, exclude):
         w = _weight_kn(node)
         k, n = w.shape
-        block = block_size or per_channel_block(k)
+        block = block_size or default_block(k)
         b, scales = pack_int8_blocks(w, block)
         inputs = [
             node.inputs[0],

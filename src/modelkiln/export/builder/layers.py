@@ -15,7 +15,7 @@ import numpy as np
 from onnx import TensorProto
 
 from modelkiln.errors import ConfigError
-from modelkiln.export.builder.nbits import ACCURACY_INT8, pack_chunks, per_channel_block
+from modelkiln.export.builder.nbits import ACCURACY_INT8, pack_chunks, resolve_block
 from modelkiln.export.builder.writer import MS_DOMAIN, GraphWriter
 
 #: Input rows (of K) converted and written per chunk when a weight is transposed to [in, out].
@@ -23,15 +23,21 @@ ROWS_PER_CHUNK = 256
 
 
 class Precision(enum.StrEnum):
-    """How the builder stores linear weights. The graph's inputs and outputs stay float32 in all
-    three, so the generation engine runs any of them unchanged."""
+    """How the builder stores linear weights. The graph's inputs and outputs stay float32 in all of
+    them, so the generation engine runs any of them unchanged."""
 
     FP32 = "fp32"
     #: float16 weights, widened to float32 in the graph (ONNX Runtime folds the Cast at load: half
     #: the file, FP32 arithmetic on the CPU)
     FP16 = "fp16"
-    #: 8-bit MatMulNBits, one scale per output channel (the weight-only INT8 path's format)
+    #: 8-bit MatMulNBits, one scale per block of K per output channel (the weight-only INT8
+    #: path's format; ``nbits.default_block``): int8 activations quantized per row and block
     W8 = "w8"
+    #: 8-bit weights [K, N] with one scale per output channel through DynamicQuantizeMatMul: ONNX
+    #: Runtime's int8 GEMM (MLAS QGEMM: AMX / VNNI / AVX2 kernels), the same bytes as W8, prefill
+    #: several times faster where the CPU has AMX; but the activations get ONE scale per call (the
+    #: whole prompt), so an outlier token coarsens every other token's input: opt-in, not default
+    W8_DYNAMIC = "w8-dynamic"
 
     @classmethod
     def parse(cls, value: str | Precision) -> Precision:
@@ -57,12 +63,13 @@ def linear(
     block_size: int = 0,
 ) -> str:
     """``x @ concat(weights).T + bias`` with the weights stored in ``precision``; ``weights`` are
-    [out_i, in] matrices packed along the output axis (``block_size`` 0: one W8 scale per output
-    channel)."""
+    [out_i, in] matrices packed along the output axis. W8 ``block_size``: 0 picks the block that
+    pads K least (``nbits.default_block``: one scale per output channel when K is a power of two),
+    ``nbits.PER_CHANNEL`` the first builder's padded per-channel layout, else the block given."""
     w = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=0)
     n, k = w.shape
     if precision is Precision.W8:
-        block = block_size or per_channel_block(k)
+        block = resolve_block(block_size, k)
         blocks = -(-k // block)
         scales: list[np.ndarray] = []
 
@@ -78,6 +85,8 @@ def linear(
             inputs += ["", "", g.weight(bias.astype(np.float32), f"{name}.bias")]
         attrs = {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": ACCURACY_INT8}
         return g.op1("MatMulNBits", inputs, domain=MS_DOMAIN, **attrs)
+    if precision is Precision.W8_DYNAMIC:
+        return _dynamic_int8(g, x, name, w, bias)
     if precision is Precision.FP16:
         stored = g.weight_parts(
             f"{name}.weight", np.dtype(np.float16), (k, n), _transposed_chunks(w, np.float16)
@@ -91,6 +100,26 @@ def linear(
     if bias is not None:
         y = g.op1("Add", [y, g.weight(bias.astype(np.float32), f"{name}.bias")])
     return y
+
+
+def _dynamic_int8(g: GraphWriter, x: str, name: str, w: np.ndarray, bias: np.ndarray | None) -> str:
+    """DynamicQuantizeMatMul(x, B [K, N] int8, scale [N], bias): symmetric int8 per output channel
+    (absmax / 127, an all-zero channel scale 1: W8's arithmetic with one block covering K, no
+    padding since the op takes any K), written a few input rows at a time."""
+    n, k = w.shape
+    scale = np.abs(w).max(axis=1).astype(np.float32) / np.float32(127.0)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+    def rows() -> Iterator[np.ndarray]:
+        for k0 in range(0, k, ROWS_PER_CHUNK):
+            chunk = np.asarray(w[:, k0 : k0 + ROWS_PER_CHUNK], np.float32) / scale[:, None]
+            yield np.clip(np.rint(chunk), -127, 127).astype(np.int8).T
+
+    b_name = g.weight_parts(f"{name}.B", np.dtype(np.int8), (k, n), rows())
+    inputs = [x, b_name, g.weight(scale, f"{name}.scales")]
+    if bias is not None:
+        inputs += ["", g.weight(bias.astype(np.float32), f"{name}.bias")]
+    return g.op1("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN)
 
 
 def rms_norm(g: GraphWriter, x: str, weight: np.ndarray, eps: float, name: str) -> str:
