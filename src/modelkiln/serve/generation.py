@@ -6,6 +6,11 @@ under the core budget; then, with continuous batching (the default), one decode 
 another computes the next token of every prefilled sequence in one batched run of the decoder
 (sequences join and leave between rounds); without it each sequence's steps are tasks of their
 own. Either way chats interleave token by token with each other and with the one-shot models.
+A decode round is planned (``genai/plan.py``: cancelled chats finish, the others decode) and
+executed; a round whose batched run fails retries its sequences one by one, and only those that
+fail alone fail. With a shared-buffer decoder every sequence holds a slot of one cache buffer
+(the engine is configured with ``max_sequences`` slots of the model's context), and a round
+binds those rows in place: no per-token copy of any cache.
 
 At most ``max_sequences`` sequences hold a KV cache at once; further requests wait in a bounded
 queue (full: QueueFull, 503) and take a freed slot in order of priority, with the aging one-shot
@@ -32,9 +37,9 @@ import numpy as np
 
 from modelkiln.delivery.crypto import ModelKey
 from modelkiln.errors import BadInput, ConfigError, ModelUnavailable, QueueFull
-from modelkiln.genai import batch as genai_batch  # the module: decode_batch is looked up per round
 from modelkiln.genai.chat import ChatModel, Prompt, TextStream
 from modelkiln.genai.engine import Generation, Sampling
+from modelkiln.genai.plan import Executor, plan_step
 from modelkiln.serve.budget import DEFAULT_WAIT_S
 from modelkiln.serve.config import GenAIConfig, ModelConfig
 from modelkiln.serve.scheduler import Scheduler, effective_level
@@ -129,6 +134,9 @@ class GenerativeModel:
             key=key,
         )
         chat.processor.max_tokens = chat.context  # refuse long prompts before embedding them
+        # a shared-buffer decoder: one slot per sequence that may hold a cache, each up to the
+        # context (virtual memory: a sequence's pages cost memory once written, see SharedKV)
+        chat.engine.configure(slots=genai.max_sequences, capacity=chat.context)
         model = cls(config, version, folder, chat)
         if config.warmup:
             chat.start(chat.prompt([{"role": "user", "content": "Hello"}]), 2).run()
@@ -164,6 +172,7 @@ class GenerationQueue:
         self._arrivals = itertools.count()
         self.clock = time.monotonic  # the waits aging counts (tests pass a fake clock)
         self._ready: list[_Sequence] = []  # prefilled, waiting for the next batched decode step
+        self._executor: Executor | None = None  # made at the first round (the engine is loaded)
         self._decoding = False  # a decode round is scheduled or running
         self._active = 0
         self._closed = False
@@ -350,18 +359,27 @@ class GenerationQueue:
         return batch
 
     def _decode_round(self) -> None:
-        """One token for every prefilled sequence, in one batched run of the decoder step."""
+        """One token for every prefilled sequence, in one batched run of the decoder step (a
+        failing run: each sequence again alone; only those failing alone fail)."""
         batch = self._take_ready()
         try:
-            live = []
-            for state in batch:
-                if state.job.cancelled.is_set():
-                    self._finish(state, "cancelled")
-                else:
-                    live.append(state)
-            tokens = genai_batch.decode_batch(self.model.chat.engine, [s.gen for s in live]) if live else []
-            kept = [s for s, t in zip(live, tokens, strict=True) if not self._took(s, t)]
-        except Exception as exc:  # noqa: BLE001 - the step failed: answer its unfinished sequences
+            states = {id(s.gen): s for s in batch}
+            plan = plan_step([s.gen for s in batch], cancelled=lambda g: states[id(g)].job.cancelled.is_set())
+            for gen in plan.finish:
+                self._finish(states[id(gen)], "cancelled")
+            if self._executor is None:
+                self._executor = Executor(self.model.chat.engine)
+            outcome = self._executor.decode(list(plan.decode)) if plan.decode else None
+            kept = []
+            for gen in plan.decode:
+                state = states[id(gen)]
+                assert outcome is not None
+                if gen in outcome.failed:
+                    log.error("%s: a chat's decode step failed: %s", self.name, outcome.failed[gen])
+                    self._fail(state, outcome.failed[gen])
+                elif not self._took(state, outcome.tokens[gen]):
+                    kept.append(state)
+        except Exception as exc:  # noqa: BLE001 - the round itself failed: answer its unfinished sequences
             self._fail_round([s for s in batch if not s.job.future.done()], exc)
             kept = []
         with self._cond:

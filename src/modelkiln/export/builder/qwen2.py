@@ -10,11 +10,14 @@ The step, per layer, in plain ONNX ops:
 - M-RoPE: the three position rows (temporal, height, width) pick their frequency bands once per
   step (a 0/1 band table times the inverse frequencies, summed over the three rows: exact), so
   every layer shares one cos/sin;
-- present = Concat(past, new) on the sequence axis (the engine binds both in its KV buffers);
-- attention without repeating K/V: the query heads sharing a KV head are stacked along the
-  sequence axis ([B, kv, groups*S, D]) and meet the cache once, as ``zoo.qwen_vl.grouped_attention``
-  does; the causal + padding mask (from ``attention_mask``, left padding allowed) is additive with
-  float32's lowest value, as transformers' eager mask;
+- the cache, in one of two layouts (``attention.py``): ``concat`` (default, the traced graph's
+  interface): present = Concat(past, new) on the sequence axis, then attention without repeating
+  K/V: the query heads sharing a KV head are stacked along the sequence axis ([B, kv, groups*S, D])
+  and meet the cache once, as ``zoo.qwen_vl.grouped_attention`` does; the causal + padding mask
+  (from ``attention_mask``, left padding allowed) is additive with float32's lowest value, as
+  transformers' eager mask. ``shared``: ONNX Runtime's GroupQueryAttention reads and writes one
+  buffer per cache tensor in place (rows = sequences, right-padded, ``seqlens_k``), so batched
+  decode needs no copies;
 - the output projection, residual; RMSNorm, gate and up as one packed MatMul, SiLU, down, residual.
 Only the last position goes through the final norm and the LM head (logits [B, 1, vocab]).
 """
@@ -31,6 +34,13 @@ import numpy as np
 from onnx import TensorProto
 
 from modelkiln.errors import ConfigError
+from modelkiln.export.builder.attention import (
+    CONCAT,
+    SHARED,
+    check_layout,
+    grouped_query_attention,
+    shared_io,
+)
 from modelkiln.export.builder.layers import Precision, linear, rms_norm, rotate
 from modelkiln.export.builder.tensors import Tensors
 from modelkiln.export.builder.writer import GraphWriter
@@ -162,18 +172,24 @@ def build_decoder(
     layers: int | None = None,
     block_size: int = 0,
     tie_word_embeddings: bool = False,
+    kv_layout: str = CONCAT,
 ) -> Path:
     """The decoder step (``decoder_part``) of ``text``'s language model, weights from ``tensors``,
     into ``folder/file_name``. ``layers`` builds only the first few layers (a cheap check of a
-    large checkpoint against a truncated reference)."""
+    large checkpoint against a truncated reference). ``kv_layout``: ``concat`` (the traced
+    graph's interface, any runtime) or ``shared`` (one in-place buffer per cache tensor through
+    ONNX Runtime's GroupQueryAttention; see ``attention.py``)."""
+    check_layout(kv_layout)
     shape = TextShape.of(text)
     n_layers = shape.layers if layers is None else min(layers, shape.layers)
     if n_layers != shape.layers:
         text = _with_layers(text, n_layers)
-    part = decoder_part(text)
     with GraphWriter("decoder", folder, file_name) as g:
-        _io(g, part)
-        step = _Step(g, shape)
+        if kv_layout == SHARED:
+            shared_io(g, shape.hidden, n_layers, shape.kv_heads, shape.head_dim, shape.vocab)
+        else:
+            _io(g, decoder_part(text))
+        step = _Step(g, shape, kv_layout == SHARED)
         x = "inputs_embeds"
         for i in range(n_layers):
             x = step.layer(x, i, tensors, precision, block_size)
@@ -220,14 +236,12 @@ def _check(w: np.ndarray, want: tuple[int, ...], name: str) -> None:
 class _Step:
     """The graph of one decoder step: per-step values (sizes, rotary, mask) built once, then layers."""
 
-    def __init__(self, g: GraphWriter, s: TextShape) -> None:
-        self.g, self.s = g, s
+    def __init__(self, g: GraphWriter, s: TextShape, shared: bool = False) -> None:
+        self.g, self.s, self.shared = g, s, shared
         self.groups = s.heads // s.kv_heads
         i64 = np.int64
-        seq = g.op1("Shape", ["inputs_embeds"], start=1, end=2)  # [1]
-        past = g.op1("Shape", ["past_key_0"], start=2, end=3)  # [1]
-        total = g.op1("Add", [past, seq])
-        # M-RoPE: one angle per (batch, position, frequency); cos/sin [B, 1, S, D]
+        # M-RoPE: one angle per (batch, position, frequency); cos/sin [B, 1, S, D] (concat: heads
+        # first) or [B, S, 1, D] (shared: GroupQueryAttention takes [B, S, heads*D])
         pos = g.op1(
             "Unsqueeze", [g.op1("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const(np.array([-1], i64))]
         )
@@ -238,12 +252,19 @@ class _Step:
         )
         emb = g.op1("Concat", [angles, angles], axis=-1)
         axis1 = g.const(np.array([1], i64))
-        self.cos = g.op1("Unsqueeze", [g.op1("Cos", [emb]), axis1])
+        heads_axis = g.const(np.array([2], i64)) if shared else axis1
+        self.cos = g.op1("Unsqueeze", [g.op1("Cos", [emb]), heads_axis])
         half = s.head_dim // 2
         sign = np.concatenate([-np.ones(half, np.float32), np.ones(half, np.float32)])
         self.sin = g.op1(
-            "Unsqueeze", [g.op1("Mul", [g.op1("Sin", [emb]), g.const(sign, "rotate_sign")]), axis1]
+            "Unsqueeze", [g.op1("Mul", [g.op1("Sin", [emb]), g.const(sign, "rotate_sign")]), heads_axis]
         )
+        self.scaling = g.const(np.float32(s.head_dim**-0.5))
+        if shared:
+            return  # GroupQueryAttention masks by seqlens_k (causal, right padding)
+        seq = g.op1("Shape", ["inputs_embeds"], start=1, end=2)  # [1]
+        past = g.op1("Shape", ["past_key_0"], start=2, end=3)  # [1]
+        total = g.op1("Add", [past, seq])
         # additive mask [B, 1, groups*S, T]: key t visible to query s when t <= past + s and unmasked
         scalar = g.const(np.array([0], i64))
         past0, total0 = g.op1("Squeeze", [past, scalar]), g.op1("Squeeze", [total, scalar])
@@ -261,7 +282,6 @@ class _Step:
         self.mask = g.op1(
             "Tile", [g.op1("Unsqueeze", [additive, axis1]), g.const(np.array([1, 1, self.groups, 1], i64))]
         )
-        self.scaling = g.const(np.float32(s.head_dim**-0.5))
 
     def _heads(self, x: str, heads: int) -> str:
         """[B, S, heads*D] -> [B, heads, S, D]."""
@@ -282,6 +302,25 @@ class _Step:
         qkv = linear(g, h, f"layers.{i}.qkv", qkv_w, qkv_b, precision, block)
         del qkv_w
         q, k, v = g.op("Split", [qkv, g.const(np.array([s.heads * d, kv * d, kv * d], i64))], 3, axis=-1)
+        if self.shared:
+            merged = grouped_query_attention(
+                g, self._rotated(q, s.heads), self._rotated(k, kv), v, i, s.heads, kv, d
+            )
+        else:
+            merged = self._concat_attention(q, k, v, i)
+        return self._rest(x, merged, i, t, precision, block)
+
+    def _rotated(self, x: str, heads: int) -> str:
+        """[B, S, heads*D] rotated in place of its heads ([B, S, heads, D] against cos [B, S, 1, D])."""
+        g, d = self.g, self.s.head_dim
+        split = g.op1("Reshape", [x, g.const(np.array([0, 0, heads, d], np.int64))])
+        rotated = rotate(g, split, self.cos, self.sin, d // 2)
+        return g.op1("Reshape", [rotated, g.const(np.array([0, 0, heads * d], np.int64))])
+
+    def _concat_attention(self, q: str, k: str, v: str, i: int) -> str:
+        g, s = self.g, self.s
+        d, kv = s.head_dim, s.kv_heads
+        i64 = np.int64
         q = rotate(g, self._heads(q, s.heads), self.cos, self.sin, d // 2)
         k = rotate(g, self._heads(k, kv), self.cos, self.sin, d // 2)
         keys = g.op1("Concat", [f"past_key_{i}", k], f"present_key_{i}", axis=2)
@@ -298,6 +337,13 @@ class _Step:
             "Reshape",
             [g.op1("Transpose", [attn], perm=[0, 2, 1, 3]), g.const(np.array([0, 0, s.heads * d], i64))],
         )
+        return merged
+
+    def _rest(self, x: str, merged: str, i: int, t: Tensors, precision: Precision, block: int) -> str:
+        """The output projection, residual, and the MLP block."""
+        g, s = self.g, self.s
+        p = f"model.layers.{i}."
+        i64 = np.int64
         o_w = t.get(p + "self_attn.o_proj.weight")
         x = g.op1("Add", [x, linear(g, merged, f"layers.{i}.o_proj", [o_w], None, precision, block)])
         del o_w
