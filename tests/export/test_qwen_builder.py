@@ -283,8 +283,8 @@ def test_missing_weight_names_the_checkpoint(tmp_path) -> None:
 
 
 def test_zoo_export_builds_decoder_and_embedding(tmp_path, monkeypatch) -> None:
-    """``export("qwen2-vl-tiny")`` builds the language-model graphs and traces only the vision
-    buckets (metadata says which); MODELKILN_QWEN_TRACE=1 traces all, as before."""
+    """``export("qwen2-vl-tiny")`` builds every graph, the vision encoder included (metadata says
+    which); MODELKILN_QWEN_TRACE=1 traces the embedding and decoder, as before."""
     from modelkiln.export.qwen_vl import TRACE_ENV, export
 
     built = export("qwen2-vl-tiny", tmp_path / "built")
@@ -298,10 +298,11 @@ def test_zoo_export_builds_decoder_and_embedding(tmp_path, monkeypatch) -> None:
     assert (
         method(tmp_path / "built" / "decoder.onnx") == method(tmp_path / "built" / "embed.onnx") == "builder"
     )
-    assert method(tmp_path / "built" / "vision_112x112.onnx") == "trace"
+    assert method(tmp_path / "built" / "vision.onnx") == "builder"
     monkeypatch.setenv(TRACE_ENV, "1")
     traced = export("qwen2-vl-tiny", tmp_path / "traced")
     assert traced.passed and method(tmp_path / "traced" / "decoder.onnx") is None
+    assert method(tmp_path / "traced" / "vision.onnx") == "builder"  # a traced one fixed the grid
     part = decoder_part(build_tiny()[0].config.text_config)
     feed = _feeds(part)[3]
     a = _cpu(tmp_path / "built" / "decoder.onnx").infer(feed)["logits"]
@@ -338,7 +339,7 @@ def test_export_from_a_weights_folder_checks_a_truncated_decoder(weights_folder,
         got = _cpu(tmp_path / "decoder.onnx").infer(feed)["logits"]
         assert np.abs(got - _reference(model, feed, part)[0]).max() < LOGIT_TOL
     spec = json.loads((tmp_path / "genai.json").read_text())
-    assert spec["model"] == "qwen2-vl" and spec["buckets"] == [[448, 448], [336, 588], [588, 336]]
+    assert spec["model"] == "qwen2-vl" and spec["vision"] == "vision.onnx" and "buckets" not in spec
     chat = ChatModel(tmp_path)
     messages = [{"role": "user", "content": "Describe the harbour."}]
     prompt = chat.prompt(messages)
@@ -358,7 +359,7 @@ def test_export_from_a_weights_folder_checks_a_truncated_decoder(weights_folder,
 
 def test_preset_is_qwen2_vl_2b_instructs_architecture() -> None:
     entry = qwen2_vl_2b_random()
-    assert entry.name == "qwen2-vl-2b-random" and entry.buckets[0] == (448, 448)
+    assert entry.name == "qwen2-vl-2b-random" and entry.with_vision
     config = preset_config(tiny_tokenizer())
     t, v = config.text_config, config.vision_config
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (

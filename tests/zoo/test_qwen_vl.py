@@ -1,6 +1,6 @@
 """Qwen2-VL on our stack, checked against transformers on the tiny random model: the zoo export
-(embedding, decoder step, vision buckets, processor files), teacher-forced logits at every step and
-greedy generation token for token (text and images). The generation engine's own behaviour (KV
+(embedding, decoder step, vision encoder for any image size, processor files), teacher-forced
+logits at every step and greedy generation token for token (text and images of any size). The generation engine's own behaviour (KV
 cache, sampling, streaming, batching, INT8 decoders, errors) is tested in tests/genai."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_export_writes_every_part_and_the_processor(exported: Path) -> None:
     names = {p.name for p in exported.iterdir()}
     assert {"embed.onnx", "decoder.onnx", "genai.json", "tokenizer.json", "chat_template.jinja"} <= names
     spec = json.loads((exported / "genai.json").read_text())
-    assert {f"vision_{k}.onnx" for k in spec["vision"]} <= names and len(spec["vision"]) == 3
+    assert spec["vision"] == "vision.onnx" and "vision.onnx" in names and "buckets" not in spec
     assert GenaiSpec.load(exported).to_dict() == spec  # what the zoo writes, the engine reads
     decoder = cpu_backend(exported / "decoder.onnx")
     assert [i.name for i in decoder.input_metadata][:3] == ["inputs_embeds", "position_ids", "attention_mask"]
@@ -90,11 +90,8 @@ def test_export_writes_every_part_and_the_processor(exported: Path) -> None:
 def _teacher_forced(chat, reference, messages, images, steps: int) -> float:
     """Max |logits ours - transformers| over the prefill and ``steps`` forced decode steps."""
     model, processor = reference
-    from modelkiln.genai.images import resize_to_bucket
-
-    sized = [resize_to_bucket(i, chat.buckets) for i in images]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=[text], images=sized or None, return_tensors="pt")
+    inputs = processor(text=[text], images=list(images) or None, return_tensors="pt")
     forced = np.random.default_rng(1).integers(0, 590, steps).tolist()  # arbitrary tokens, not greedy
     full = torch.cat([inputs["input_ids"], torch.tensor([forced])], dim=1)
     extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
@@ -129,12 +126,9 @@ def test_teacher_forced_logits_match_transformers_at_every_step(chat, reference)
 
 
 def _greedy_reference(reference, chat, messages, images, n: int) -> list[int]:
-    from modelkiln.genai.images import resize_to_bucket
-
     model, processor = reference
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    sized = [resize_to_bucket(i, chat.buckets) for i in images]
-    inputs = processor(text=[text], images=sized or None, return_tensors="pt")
+    inputs = processor(text=[text], images=list(images) or None, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -156,8 +150,8 @@ def _greedy_ours(chat, messages, images, n: int) -> list[int]:
     [
         ([], "Tell me about the harbour."),
         ([(100, 120)], "Describe the picture."),
-        ([(60, 150)], "Is this picture wide?"),  # the 84x140 bucket
-        ([(90, 90), (150, 70)], "Compare the two pictures."),  # two images, two buckets
+        ([(60, 150)], "Is this picture wide?"),  # 4 x 10 patches
+        ([(90, 90), (150, 70)], "Compare the two pictures."),  # two images, two sizes
     ],
 )
 def test_greedy_matches_transformers_generate_token_for_token(chat, reference, images, text) -> None:

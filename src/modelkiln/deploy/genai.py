@@ -1,8 +1,9 @@
 """``kiln deploy`` for chat models (qwen2-vl, qwen2.5-vl, their -tiny): export the folder (every
-graph parity-checked), weight-only INT8 of the decoder and the vision graphs (MatMulNBits, per
-channel), quality of INT8 vs FP32 (decoder fed the same tokens; vision embeddings), time to first
-token and decode rate of both, a kiln serve repository (served at /v1/chat/completions) and a
-report."""
+graph parity-checked), weight-only INT8 of the decoder and the vision encoder (MatMulNBits, per
+channel; one vision graph for any image size, or one per bucket in older folders), quality of
+INT8 vs FP32 (decoder fed the same tokens; vision embeddings on several patch grids), time to
+first token and decode rate of both, a kiln serve repository (served at /v1/chat/completions) and
+a report."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from modelkiln.deploy.options import DeployOptions
 from modelkiln.deploy.stages import Stages, Status
 from modelkiln.deploy.summary import ChatQuality, ChatSpeed, DeploySummary
 from modelkiln.export import export
+from modelkiln.export.builder.vision import vision_feed
 from modelkiln.genai.chat import ChatModel
 from modelkiln.genai.engine import Engine
 from modelkiln.genai.measure import speed, teacher_forced
@@ -86,7 +88,7 @@ def _threads() -> int:
 
 
 def _weight_only_int8(folder: Path) -> str:
-    """Weight-only INT8 (MatMulNBits, per channel) of the decoder and of every vision graph, beside
+    """Weight-only INT8 (MatMulNBits, per channel) of the decoder and of the vision graph(s), beside
     them as ``*.int8.onnx``; returns the INT8 decoder's file name. Deploy's only quantization of
     chat models."""
     config = QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS)
@@ -115,20 +117,39 @@ def _engines(folder: Path, decoders: dict[str, str]) -> tuple[dict[str, Engine],
 
 
 def _vision_graphs(folder: Path) -> list[Path]:
-    return [folder / f for f in GenaiSpec.load(folder).vision.values()]
+    return [folder / f for f in GenaiSpec.load(folder).vision_graphs()]
+
+
+#: Patch grids the INT8 vision encoder is compared on: square, wide, tall.
+COSINE_GRIDS = ((1, 8, 8), (1, 4, 12), (1, 12, 4))
 
 
 def _vision_cosine(folder: Path, seed: int = 0) -> float:
-    """Worst cosine of INT8 to FP32 image embeddings over the buckets (random pixel input)."""
+    """Worst cosine of INT8 to FP32 image embeddings (random pixel input): over ``COSINE_GRIDS``
+    for the one encoder of any size, over the buckets in older folders."""
+    spec = GenaiSpec.load(folder)
     rng = np.random.default_rng(seed)
     worst = 1.0
     for graph in _vision_graphs(folder):
         fp32, int8 = cpu_backend(graph), cpu_backend(_int8_file(graph))
-        shape = [int(d) if isinstance(d, int) else 1 for d in fp32.input_metadata[0].shape]
-        x = {fp32.input_metadata[0].name: rng.standard_normal(shape).astype(np.float32)}
-        a = next(iter(fp32.infer(x).values())).ravel()
-        b = next(iter(int8.infer(x).values())).ravel()
-        worst = min(worst, float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+        first = fp32.input_metadata[0]
+        if spec.encoder is not None:
+            width = int(str(first.shape[1]))
+            feeds = [
+                vision_feed(
+                    rng.standard_normal((int(np.prod(g)), width)).astype(np.float32),
+                    g,
+                    spec.vision_config or {},
+                )
+                for g in COSINE_GRIDS
+            ]
+        else:
+            shape = [int(d) if isinstance(d, int) else 1 for d in first.shape]
+            feeds = [{first.name: rng.standard_normal(shape).astype(np.float32)}]
+        for x in feeds:
+            a = next(iter(fp32.infer(x).values())).ravel()
+            b = next(iter(int8.infer(x).values())).ravel()
+            worst = min(worst, float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
     return round(worst, 6)
 
 

@@ -1,12 +1,13 @@
-"""Qwen2-VL / Qwen2.5-VL export: the token embedding and the decoder step built from the weights
-(``export.builder.qwen2``: tensor by tensor into external data, FP32, FP16 or W8), the vision
-encoder traced from torch (once per image bucket), the processor files and ``genai.json`` beside.
+"""Qwen2-VL / Qwen2.5-VL export: the token embedding, the decoder step (``export.builder.qwen2``)
+and the vision encoder (``export.builder.vision``: one graph for any image size) built from the
+weights, tensor by tensor into external data (FP32, FP16 or W8), the processor files and
+``genai.json`` beside.
 
 Tracing a decoder needed ~7x its FP32 weights in RAM; the builder needs about one weight matrix
-at a time beside what is already written, so a 2B model exports on a 24 GB machine. The vision
-encoder stays traced here (its rotary tables and layout depend on the patch grid; item 3 of issue
-20 builds it for any grid); ``MODELKILN_QWEN_TRACE=1`` traces the decoder and embedding too, as
-before, for comparison.
+at a time beside what is already written, so a 2B model exports on a 24 GB machine. Tracing also
+fixed the vision encoder's patch grid (so images were squeezed into a few buckets); the built
+encoder takes the grid's tables as inputs. ``MODELKILN_QWEN_TRACE=1`` traces the decoder and
+embedding, as before, for comparison (the vision encoder is built either way).
 
 Every part is checked against transformers before it is moved into place. A model in memory (the
 tiny and mid random ones) is the reference as it is; a checkpoint on disk is checked through a
@@ -27,8 +28,7 @@ import os
 import tempfile
 import time
 import types
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from modelkiln.export import exporter
 from modelkiln.export.builder.layers import Precision
 from modelkiln.export.builder.qwen2 import build_decoder, build_embedding
 from modelkiln.export.builder.tensors import SafetensorsFolder, StateDict, Tensors
+from modelkiln.export.builder.vision import VisionShape, build_vision, vision_feed
 from modelkiln.export.exporter import DEFAULT_OPSET, ExportResult, output_paths
 from modelkiln.export.parity import PARITY_BATCHES
 from modelkiln.numerics import TensorDiff, Tolerance, tensor_diff, worst
@@ -48,12 +49,13 @@ from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backen
 from modelkiln.zoo.base import Part, ZooModel
 from modelkiln.zoo.qwen_vl import (
     DECODER_EXAMPLES,
+    VISION_GRIDS,
     Checkpoint,
     QwenVLFamily,
     decoder_example,
     decoder_part,
     decoder_step_module,
-    vision_module,
+    vision_reference,
 )
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ _QWEN2, _QWEN25 = (
     "transformers.models.qwen2_vl.modeling_qwen2_vl",
     "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
 )
-#: The vision encoder class of each generation (traced from a module holding only its weights).
+#: The vision encoder class of each generation (the reference of a checkpoint on disk).
 VISION_CLASSES = {
     "qwen2-vl": (_QWEN2, "Qwen2VisionTransformerPretrainedModel"),
     "qwen2.5-vl": (_QWEN25, "Qwen2_5_VisionTransformerPretrainedModel"),
@@ -105,12 +107,32 @@ def export(
             raise ExportError(f"--nms applies to detectors; {entry.name} is a {entry.task} model")
         chosen = Precision.FP32 if precision is None else Precision.parse(precision)
         return export_qwen_vl(entry, out, weights, precision=chosen, opset=opset, tolerance=tolerance)
+    if isinstance(entry, QwenVLFamily) and precision is None:
+        return _traced_qwen_vl(entry, out, weights, opset, tolerance)
     if precision is not None:
         raise ExportError(
             f"--precision applies to models built from their weights (qwen2-vl, qwen2.5-vl); "
             f"{entry.name} is exported by tracing in FP32: quantize it with kiln quantize"
         )
     return exporter.export(entry, out, weights, opset, image_size, nms, tolerance)
+
+
+def _traced_qwen_vl(
+    entry: QwenVLFamily, out: str | Path, weights: str | None, opset: int, tolerance: Tolerance | None
+) -> ExportResult:
+    """``MODELKILN_QWEN_TRACE=1``: the embedding and decoder traced (the pre-builder export), the
+    vision encoder built as always (a traced one would fix the patch grid)."""
+    entry.with_vision = False
+    try:
+        result = exporter.export(entry, out, weights, opset, None, False, tolerance)
+    finally:
+        entry.with_vision = True
+    ckpt = Checkpoint(entry.config, None, model=entry._model)
+    tensors = StateDict(entry._model.state_dict(), entry.name)
+    paths = output_paths(entry, Path(out))
+    result.files = paths
+    result.parity += _built_vision(entry, ckpt, tensors, paths, weights, Precision.FP32, 0, Tolerance())
+    return result
 
 
 def export_qwen_vl(
@@ -123,11 +145,11 @@ def export_qwen_vl(
     block_size: int = 0,
     vision: bool = True,
 ) -> ExportResult:
-    """Write ``entry``'s folder (embed.onnx, decoder.onnx in ``precision``, vision_HxW.onnx per
-    bucket, processor files, genai.json) to ``out``; ParityFailed (nothing of that part written)
-    when a part misses ``tolerance`` (default: per precision, ``TOLERANCES``). ``vision=False``
-    skips the vision graphs (benchmarks of the builder alone: genai.json still names them, so such
-    a folder does not open in ChatModel)."""
+    """Write ``entry``'s folder (embed.onnx and decoder.onnx in ``precision``, vision.onnx in FP32,
+    processor files, genai.json) to ``out``; ParityFailed (nothing of that part written) when a
+    part misses ``tolerance`` (default: per precision, ``TOLERANCES``). ``vision=False`` skips the
+    vision graph (benchmarks of the builder alone: genai.json still names it, so such a folder does
+    not open in ChatModel)."""
     precision = Precision.parse(precision)
     out = Path(out)
     started = time.perf_counter()
@@ -149,13 +171,11 @@ def export_qwen_vl(
             entry, ckpt, tensors, "decoder", paths, weights, precision, block_size, tol
         )
         if vision:
-
-            def load_visual() -> Any:
-                return (
-                    ckpt.model.model.visual if ckpt.model is not None else vision_from_tensors(entry, tensors)
-                )
-
-            result.parity += _traced_vision(entry, load_visual, paths, weights, opset)
+            # FP32 whatever the decoder's precision: the encoder runs once per image, not per token;
+            # its INT8 is deploy's weight-only vision.int8.onnx, judged by embedding cosine
+            result.parity += _built_vision(
+                entry, ckpt, tensors, paths, weights, Precision.FP32, 0, Tolerance()
+            )
         entry.write_assets(out)
     finally:
         ckpt.cleanup()
@@ -335,8 +355,8 @@ def _class(where: tuple[str, str]) -> Any:
 
 
 def vision_from_tensors(entry: QwenVLFamily, tensors: Tensors) -> Any:
-    """The vision encoder alone (``visual.*`` weights), for tracing: the language model's weights
-    are never loaded into torch."""
+    """transformers' vision encoder alone (``visual.*`` weights), the reference of a checkpoint on
+    disk: the language model's weights are never loaded into torch."""
     require("torch", "the Qwen-VL vision encoder")
     import torch
 
@@ -350,91 +370,57 @@ def vision_from_tensors(entry: QwenVLFamily, tensors: Tensors) -> Any:
     return visual
 
 
-def _traced_vision(
+def _built_vision(
     entry: QwenVLFamily,
-    load_visual: Callable[[], Any],
+    ckpt: Checkpoint,
+    tensors: Tensors,
     paths: dict[str, Path],
     weights: str | None,
-    opset: int,
+    precision: Precision,
+    block_size: int,
+    tol: Tolerance,
 ) -> list[TensorDiff]:
-    """Trace every vision bucket into a scratch folder and keep torch's outputs for the parity
-    feeds; then let the torch encoder go and check each graph on ONNX Runtime, one session at a
-    time (torch and ONNX Runtime never hold the weights together); then write each with its weights
-    gathered into one ``<name>.onnx.data`` (streamed from the tracer's files, never loaded whole)."""
-    torch = require("torch", "tracing the Qwen-VL vision encoder")
-    parts = entry.parts[2:]
-    folder = paths[parts[0].name].parent
-    checks: list[TensorDiff] = []
-    with tempfile.TemporaryDirectory(prefix=".vision-", dir=folder) as tmp:
-        visual = load_visual()
-        refs: dict[str, list[tuple[dict[str, Any], Any]]] = {}
-        for part in parts:
-            module = vision_module(visual, entry.grid(_bucket(part.name)))
-            _trace(torch, entry, part, module, Path(tmp) / part.name / "model.onnx", opset)
-            refs[part.name] = []
-            for batch in PARITY_BATCHES:
-                feed = entry.example_inputs(part.name, batch=batch, seed=batch)
-                with torch.no_grad():
-                    ref = module(*(torch.from_numpy(feed[s.name]) for s in part.inputs))
-                refs[part.name].append((feed, ref.numpy()))
-            log.info("traced %s", part.name)
-        del visual, module
-        gc.collect()
-        for part in parts:
-            traced = Path(tmp) / part.name / "model.onnx"
-            backend = cpu_backend(traced, optimization=GraphOptimization.DISABLE)
-            found = [
-                tensor_diff(
-                    spec.name, backend.infer(feed)[spec.name], ref, Tolerance(), part=part.name, batch=batch
-                )
-                for (feed, ref), batch in zip(refs[part.name], PARITY_BATCHES, strict=True)
-                for spec in part.outputs
-            ]
-            del backend
-            _raise_unless_passed(entry.name, part.name, found)
-            checks += found
-            _write_traced(entry, part.name, traced, paths[part.name], weights)
-    return checks
-
-
-def _trace(torch: Any, entry: QwenVLFamily, part: Part, module: Any, path: Path, opset: int) -> None:
-    """torch.onnx (TorchScript tracer) to ``path``; weights beside it when over 2 GB."""
-    path.parent.mkdir(parents=True)
-    example = entry.example_inputs(part.name, batch=1)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about constants are expected
-            torch.onnx.export(
-                module,
-                tuple(torch.from_numpy(example[s.name]) for s in part.inputs),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[s.name for s in part.inputs],
-                output_names=[s.name for s in part.outputs],
-                dynamic_axes=part.dynamic_axes(),
-                do_constant_folding=True,
+    """Build the vision encoder into a scratch folder beside its destination, check it against
+    transformers on several patch grids (square, wide, tall, odd: ``VISION_GRIDS``), move it in.
+    torch and ONNX Runtime never hold the weights together: torch's outputs are kept, the torch
+    encoder let go, then the graph is run."""
+    target = paths["vision"]
+    shape = VisionShape.of(entry.config.vision_config, entry.family)
+    meta = _metadata(entry, "vision", weights, precision)
+    with tempfile.TemporaryDirectory(prefix=".vision-", dir=target.parent) as tmp:
+        started = time.perf_counter()
+        built = build_vision(
+            entry.config.vision_config,
+            entry.family,
+            tensors,
+            Path(tmp),
+            target.name,
+            precision,
+            meta,
+            block_size=block_size,
+        )
+        log.info("built %s in %.0f s", built.name, time.perf_counter() - started)
+        feeds = []
+        visual = ckpt.model.model.visual if ckpt.model is not None else vision_from_tensors(entry, tensors)
+        for batch, grid in enumerate(VISION_GRIDS):
+            pixels = entry.example_inputs("vision", seed=batch)["pixel_values"]
+            feeds.append(
+                (batch, vision_feed(pixels, grid, shape.to_dict()), vision_reference(visual, pixels, grid))
             )
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        raise ExportError(f"{entry.name}/{part.name}: export failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _write_traced(entry: QwenVLFamily, part: str, traced: Path, target: Path, weights: str | None) -> None:
-    """The checked trace into place, with kiln's metadata and its weights in one file."""
-    proto = onnx.load(str(traced), load_external_data=False)
-    del proto.metadata_props[:]
-    for key, value in {
-        **zoo.export_metadata(entry, part, weights),
-        "modelkiln.export.method": "trace",
-    }.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.producer_name = "modelkiln"
-    _gather_external_data(proto, traced.parent, target)
-    scratch = traced.parent / target.name
-    scratch.write_bytes(proto.SerializeToString())
-    _move_graph(scratch, target)
-    log.info("wrote %s (%s, traced)", target, part)
+        del visual
+        gc.collect()
+        backend = cpu_backend(built, optimization=GraphOptimization.DISABLE)
+        checks = [
+            tensor_diff(
+                "image_embeds", backend.infer(feed)["image_embeds"], ref, tol, part="vision", batch=batch
+            )
+            for batch, feed, ref in feeds
+        ]
+        del backend
+        _raise_unless_passed(entry.name, "vision", checks)
+        _move_graph(built, target)
+    log.info("wrote %s (vision, %s)", target, precision.value)
+    return checks
 
 
 def _gather_external_data(proto: onnx.ModelProto, source: Path, target: Path) -> None:
@@ -490,11 +476,6 @@ def _copy(src: Any, dst: Any, length: int | None, buffer: int = 64 << 20) -> int
         dst.write(chunk)
         copied += len(chunk)
     return copied
-
-
-def _bucket(part: str) -> tuple[int, int]:
-    h, w = part.removeprefix("vision_").split("x")
-    return int(h), int(w)
 
 
 def export_decoder_step(model: Any, path: str | Path, opset: int = 17) -> Part:

@@ -1,6 +1,12 @@
 """Chat with a Qwen2-VL model on our stack: an exported folder (``kiln export qwen2-vl…``: token
-embedding, decoder step, vision encoder per image bucket, processor files, genai.json) run by the
-generation engine on ONNX Runtime. Torch is not needed once the folder exists.
+embedding, decoder step, vision encoder, processor files, genai.json) run by the generation engine
+on ONNX Runtime. Torch is not needed once the folder exists.
+
+Images keep their own size, as Qwen2-VL's processor sizes them (``genai.images``: multiples of
+28 px, within the processor's min/max pixels), and go through the one vision encoder with their
+grid's tables (``export.builder.vision.vision_feed``). Folders exported before that (one vision
+graph per fixed bucket, ``buckets`` in genai.json) still load: their images are resized to the
+nearest bucket first.
 
 Messages follow the chat-completions shape: ``{"role", "content"}`` with content a string or a
 list of ``{"type": "text", "text"}`` / ``{"type": "image"}`` parts, images given alongside as RGB
@@ -25,6 +31,7 @@ import numpy as np
 from modelkiln.delivery.crypto import ModelKey, model_source
 from modelkiln.errors import BadInput, ModelNotFound
 from modelkiln.export import export
+from modelkiln.export.builder.vision import vision_feed
 from modelkiln.genai.engine import Engine, Generation, Sampling
 from modelkiln.genai.images import resize_to_bucket
 from modelkiln.genai.measure import decode_rate
@@ -63,8 +70,8 @@ class ChatModel:
         vision_int8: bool = False,
         key: ModelKey | None = None,
     ) -> None:
-        """``vision_int8``: run the weight-only INT8 vision graphs (``vision_HxW.int8.onnx``, written
-        by ``kiln deploy`` or ``kiln quantize --weight-only --kernel matmulnbits``). ``key`` opens
+        """``vision_int8``: run the weight-only INT8 vision graph (``vision.int8.onnx``, written by
+        ``kiln deploy`` or ``kiln quantize --weight-only --kernel matmulnbits``). ``key`` opens
         graphs encrypted with ``kiln encrypt`` (``*.onnx.enc``), in memory only."""
         folder = Path(folder)
         self.spec = spec = GenaiSpec.load(folder)
@@ -73,11 +80,18 @@ class ChatModel:
         self.tokenizer = self.processor.tokenizer
         self.context, self.merge = spec.context, spec.merge
         self.stop, self.image_token = set(spec.stop), spec.image_token
+        #: older folders: the image buckets and their vision graphs (empty for any-size folders)
         self.buckets: list[Bucket] = list(spec.buckets)
         self.vision: dict[Bucket, Backend] = {
             bucket: cpu_backend(model_source(_vision_file(folder, f, vision_int8), key), threads=threads)
             for bucket, f in spec.vision.items()
         }
+        #: the one vision encoder for any image size, and what it is fed with
+        self.encoder: Backend | None = None
+        self.vision_config = dict(spec.vision_config or {})
+        if spec.encoder is not None:
+            source = model_source(_vision_file(folder, spec.encoder, vision_int8), key)
+            self.encoder = cpu_backend(source, threads=threads)
         self._embed = cpu_backend(model_source(folder / spec.embed, key), threads=1)
         self.engine = Engine(model_source(folder / (decoder or spec.decoder), key), self.embed, pool, threads)
         self.last_stats: ReplyStats | None = None  # of the last reply()
@@ -116,15 +130,15 @@ class ChatModel:
         return out
 
     def prompt(self, messages: Sequence[dict[str, Any]], images: Sequence[np.ndarray] = ()) -> Prompt:
-        """Apply the chat template, preprocess images into their buckets, run the vision encoder and
-        merge its embeddings at the image tokens."""
+        """Apply the chat template, preprocess images (each at its own size, or into its bucket for
+        older folders), run the vision encoder and merge its embeddings at the image tokens."""
         count = sum(1 for m in messages for c in _parts(m) if c.get("type") == "image")
         if count != len(images):
             raise BadInput(f"chat: the messages have {count} image parts but {len(images)} images came")
         if not any(c.get("text", "").strip() for m in messages for c in _parts(m)) and not images:
             raise BadInput("chat: the prompt is empty")
         text = self.processor.apply_chat_template(messages)
-        sized = [resize_to_bucket(img, self.buckets) for img in images]
+        sized = [resize_to_bucket(img, self.buckets) for img in images] if self.buckets else list(images)
         inputs = self.processor(text, sized)
         ids = inputs["input_ids"]
         embeds = self.embed(ids).copy()
@@ -134,13 +148,16 @@ class ChatModel:
         pixel_row = token = 0
         patch = self.processor.patch_size
         for img, grid in zip(sized, grids, strict=True):
-            if grid != (1, img.shape[0] // patch, img.shape[1] // patch):
-                raise BadInput(
-                    f"chat: the processor made a {grid} patch grid of a {img.shape[:2]} bucket image"
-                )
             patches = int(np.prod(grid))
             pixels = np.asarray(inputs["pixel_values"][pixel_row : pixel_row + patches], np.float32)
-            out = _only(self.vision[(img.shape[0], img.shape[1])].infer({"pixel_values": pixels}))
+            if self.encoder is not None:
+                out = _only(self.encoder.infer(vision_feed(pixels, grid, self.vision_config)))
+            else:
+                if grid != (1, img.shape[0] // patch, img.shape[1] // patch):
+                    raise BadInput(
+                        f"chat: the processor made a {grid} patch grid of a {img.shape[:2]} bucket image"
+                    )
+                out = _only(self.vision[(img.shape[0], img.shape[1])].infer({"pixel_values": pixels}))
             embeds[slots[token : token + len(out)]] = out
             pixel_row, token = pixel_row + patches, token + len(out)
         positions, delta = mrope_positions(is_image.astype(int).tolist(), grids, self.merge)
@@ -263,7 +280,7 @@ def _vision_file(folder: Path, name: str, int8: bool) -> Path:
     if not (path.is_file() or path.with_name(path.name + ".enc").is_file()):
         raise ModelNotFound(
             f"chat: {path.name} not found in {folder}; write it with `kiln quantize {folder / name} -o {path} "
-            "--weight-only --kernel matmulnbits` (kiln deploy does it for every bucket)"
+            "--weight-only --kernel matmulnbits` (kiln deploy does it)"
         )
     return path
 

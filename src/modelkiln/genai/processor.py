@@ -3,8 +3,9 @@
 transformers' Qwen2VLProcessor also insists on a video processor, which needs torchvision; a
 server has no business importing torch for text and images. This does what the processor does for
 images: chat template -> text, each ``<|image_pad|>`` expanded to one token per merged patch of its
-image, tokenized; images through the model's own image processor (resize to the patch grid,
-normalise, flatten patches).
+image, tokenized; images through the model's own image processor rules in numpy
+(``genai.images.ImageProcessor``, from the folder's preprocessor_config.json: smart resize within
+min/max pixels, normalise, flatten patches). transformers is used for the tokenizer only.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import numpy as np
 
 from modelkiln._deps import require
 from modelkiln.errors import BadInput
+from modelkiln.genai.images import ImageProcessor
 
 IMAGE_PAD = "<|image_pad|>"
 
 
 class QwenVLProcessor:
-    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str) -> None:
+    def __init__(self, tokenizer: Any, image_processor: ImageProcessor, chat_template: str) -> None:
         self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
-        self.patch_size = int(image_processor.patch_size)
-        self.merge = int(image_processor.merge_size)
+        self.patch_size = image_processor.patch_size
+        self.merge = image_processor.merge_size
         #: Most prompt tokens accepted (the model's context; None: no check). Checked right after
         #: tokenising, before anything sized by the token count (embeddings) is allocated.
         self.max_tokens: int | None = None
@@ -36,7 +38,7 @@ class QwenVLProcessor:
         transformers = require("transformers", "the Qwen-VL tokenizer and image processor")
         folder = Path(folder)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-        image_processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+        image_processor = ImageProcessor.from_folder(folder)
         return cls(tokenizer, image_processor, _chat_template(folder, tokenizer))
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
@@ -51,15 +53,14 @@ class QwenVLProcessor:
         """input_ids [seq], and with images pixel_values [patches, C*T*P*P] and image_grid_thw [n, 3]."""
         out: dict[str, np.ndarray] = {}
         if images:
-            pixels = self.image_processor(images=list(images), return_tensors="np")
-            out["pixel_values"] = np.asarray(pixels["pixel_values"], np.float32)
-            out["image_grid_thw"] = np.asarray(pixels["image_grid_thw"], np.int64)
             pieces = text.split(IMAGE_PAD)
             if len(pieces) - 1 != len(images):
                 raise ValueError(
                     f"{len(pieces) - 1} image placeholders in the prompt for {len(images)} images"
                 )
-            counts = [int(np.prod(g)) // self.merge**2 for g in out["image_grid_thw"]]
+            # token counts from the sizes alone: the pixels are processed after the length check
+            grids = [self.image_processor.grid(img.shape[0], img.shape[1]) for img in images]
+            counts = [int(np.prod(g)) // self.merge**2 for g in grids]
             text = pieces[0] + "".join(
                 IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:], strict=True)
             )
@@ -68,6 +69,8 @@ class QwenVLProcessor:
             raise BadInput(
                 f"chat: prompt of {len(out['input_ids'])} tokens exceeds the context of {self.max_tokens} tokens"
             )
+        if images:
+            out.update(self.image_processor(images))
         return out
 
 

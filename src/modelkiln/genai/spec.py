@@ -1,7 +1,12 @@
-"""``genai.json``: what an exported chat-model folder holds and how to run it (context, image
-buckets, stop tokens, the file of each graph). Written by the export of a Qwen-VL family, read by
+"""``genai.json``: what an exported chat-model folder holds and how to run it (context, stop
+tokens, the file of each graph, what the vision encoder is fed). Written by the export of a Qwen-VL family, read by
 the chat model, ``kiln deploy`` and the server; one dataclass so every reader agrees on the keys and
-a broken file is refused with the key and the file named."""
+a broken file is refused with the key and the file named.
+
+Two forms of the vision part: today's, one encoder for any image size (``"vision": "vision.onnx"``
+and ``"vision_config"``: family, patch, merge, window, what ``export.builder.vision.vision_feed``
+needs), and the older one graph per fixed image bucket (``"buckets"`` and ``"vision"`` keyed
+"HxW"), which folders exported before keep loading with."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from modelkiln.errors import ConfigError, ModelNotFound
 SPEC_FILE = "genai.json"
 
 Bucket = tuple[int, int]  # (height, width) of an image bucket the vision encoder was exported for
+#: What the one vision encoder of a folder is fed with, besides the pixels (``vision_config``).
+VISION_KEYS = ("family", "patch", "merge", "window")
 
 
 @dataclass(frozen=True)
@@ -26,12 +33,14 @@ class GenaiSpec:
     model: str  # the zoo name (qwen2-vl-tiny, ...)
     context: int  # most tokens (prompt + answer) the decoder takes
     merge: int  # vision patches merged per image token, per side
-    buckets: tuple[Bucket, ...]  # image sizes the vision encoder exists for
+    buckets: tuple[Bucket, ...]  # older folders: image sizes a vision graph exists for (else empty)
     image_token: int  # the token id image embeddings replace
     stop: tuple[int, ...]  # token ids that end an answer
     embed: str  # token embedding graph
     decoder: str  # decoder step graph (past/present KV cache)
-    vision: Mapping[Bucket, str]  # vision encoder graph per bucket
+    vision: Mapping[Bucket, str]  # older folders: vision encoder graph per bucket (else empty)
+    encoder: str | None = None  # the one vision encoder for any image size
+    vision_config: Mapping[str, Any] | None = None  # what ``encoder`` is fed with (VISION_KEYS)
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.merge < 1:
@@ -39,22 +48,40 @@ class GenaiSpec:
         missing = [b for b in self.buckets if b not in self.vision]
         if missing:
             raise ConfigError(f"'vision' has no graph for the bucket(s) {missing}")
+        if self.encoder is not None:
+            if self.buckets or self.vision:
+                raise ConfigError(
+                    "one vision encoder for any size and per-bucket graphs: give one or the other"
+                )
+            absent = [k for k in VISION_KEYS if k not in (self.vision_config or {})]
+            if absent:
+                raise ConfigError(f"'vision_config' misses {absent}")
+        elif not self.vision:
+            raise ConfigError("'vision' names no vision encoder graph")
+
+    def vision_graphs(self) -> list[str]:
+        """The vision encoder graph(s): the one for any size, or one per bucket (older folders)."""
+        return [self.encoder] if self.encoder is not None else list(self.vision.values())
 
     def graphs(self) -> list[str]:
-        """Every graph file of the folder: embedding, decoder, then the vision encoders."""
-        return [self.embed, self.decoder, *self.vision.values()]
+        """Every graph file of the folder: embedding, decoder, then the vision encoder(s)."""
+        return [self.embed, self.decoder, *self.vision_graphs()]
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (buckets as [h, w] lists, vision keyed "HxW")."""
-        return {
-            "model": self.model,
-            "context": self.context,
-            "merge": self.merge,
-            "buckets": [list(b) for b in self.buckets],
+        """The JSON form (older folders: buckets as [h, w] lists, vision keyed "HxW")."""
+        head = {"model": self.model, "context": self.context, "merge": self.merge}
+        tail = {
             "image_token": self.image_token,
             "stop": sorted(self.stop),
             "embed": self.embed,
             "decoder": self.decoder,
+        }
+        if self.encoder is not None:
+            return {**head, **tail, "vision": self.encoder, "vision_config": dict(self.vision_config or {})}
+        return {
+            **head,
+            "buckets": [list(b) for b in self.buckets],
+            **tail,
             "vision": {f"{h}x{w}": f for (h, w), f in self.vision.items()},
         }
 
@@ -64,6 +91,8 @@ class GenaiSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         reader = _Reader(data, source)
+        if isinstance(data.get("vision"), str):
+            return cls._any_size(reader, source)
         vision = {
             _bucket(_parse_bucket(k, f"{source}: 'vision'"), f"{source}: 'vision'"): _text(
                 f, f"{source}: 'vision.{k}'"
@@ -86,6 +115,33 @@ class GenaiSpec:
             if str(exc).startswith(source):
                 raise
             raise ConfigError(f"{source}: {exc}") from None  # a check across keys: name the file too
+
+    @classmethod
+    def _any_size(cls, reader: _Reader, source: str) -> GenaiSpec:
+        config = reader.mapping("vision_config")
+        for key in VISION_KEYS:
+            if key == "family":
+                _text(config.get(key), f"{source}: 'vision_config.{key}'")
+            else:
+                _integer(config.get(key), f"{source}: 'vision_config.{key}'")
+        try:
+            return cls(
+                model=reader.text("model"),
+                context=reader.integer("context"),
+                merge=reader.integer("merge"),
+                buckets=(),
+                image_token=reader.integer("image_token"),
+                stop=tuple(_integer(s, f"{source}: 'stop'") for s in reader.sequence("stop")),
+                embed=reader.text("embed"),
+                decoder=reader.text("decoder"),
+                vision={},
+                encoder=reader.text("vision"),
+                vision_config=dict(config),
+            )
+        except ConfigError as exc:
+            if str(exc).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> GenaiSpec:

@@ -4,12 +4,12 @@ machines that cannot download weights, and ``qwen2-vl-2b-random``: Qwen2-VL-2B-I
 published architecture with seeded random weights written as bfloat16 safetensors shards, one
 tensor at a time, so the real size can be exported and run without the real weights.
 
-The zoo family exports three kinds of part: the token embedding, one decoder step (prefill and
-decode in one graph, KV cache in and out), and the vision encoder once per image-size bucket;
-beside them the processor files and ``genai.json``, which is everything the generation engine
-needs to run without torch. ``QwenVLFamily.checkpoint`` says where the weights are for
-export/qwen_vl.py, which builds the embedding and decoder from them (export/builder) and traces
-the vision encoder; ``build`` gives torch modules for tracing every part (the fallback).
+The zoo family exports three parts: the token embedding, one decoder step (prefill and decode in
+one graph, KV cache in and out), and the vision encoder (one graph for any image size); beside
+them the processor files and ``genai.json``, which is everything the generation engine needs to
+run without torch. ``QwenVLFamily.checkpoint`` says where the weights are for export/qwen_vl.py,
+which builds every part from them (export/builder); ``build`` gives torch modules for tracing the
+embedding and decoder (the fallback; the vision encoder is always built).
 """
 
 from __future__ import annotations
@@ -91,6 +91,18 @@ FAMILIES = {
 }
 
 
+def image_processor(**kwargs: int) -> Any:
+    """Qwen2-VL's image processor, its PIL backend where transformers has one: the backend whose
+    pixels our numpy processor (genai/images.py) reproduces exactly (the torchvision backend
+    rounds some pixels one uint8 level apart), so the reference and the engine see one image."""
+    transformers = require("transformers", "the Qwen2-VL image processor")
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    except ImportError:
+        return transformers.Qwen2VLImageProcessor(**kwargs)
+    return Qwen2VLImageProcessorPil(**kwargs)  # type: ignore[arg-type]
+
+
 def tiny_processor(tokenizer: Any = None, max_pixels: int = 112 * 112, family: str = "qwen2-vl") -> Any:
     """Qwen2-VL's own image processor (dynamic resolution, 14 px patches, 2x2 merge; Qwen2.5-VL
     uses the same) with the tiny tokenizer; small max_pixels keeps test images to a few dozen
@@ -98,7 +110,7 @@ def tiny_processor(tokenizer: Any = None, max_pixels: int = 112 * 112, family: s
     transformers = require("transformers", "the tiny Qwen2-VL processor")
     tokenizer = tokenizer or tiny_tokenizer()
     return getattr(transformers, FAMILIES[family][2])(
-        image_processor=transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels),
+        image_processor=image_processor(min_pixels=56 * 56, max_pixels=max_pixels),
         tokenizer=tokenizer,
         video_processor=transformers.Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
@@ -192,11 +204,9 @@ def load_pretrained(source: str, family: str = "qwen2-vl") -> tuple[Any, Any]:
     return model, processor
 
 
-#: Image-size buckets (height, width in pixels, multiples of 28 = patch x merge): one vision graph
-#: each, since the encoder's rotary tables and layout depend on the patch grid. An image is resized
-#: to the bucket nearest its aspect ratio. The tiny ones fit the tiny processor's pixel limit.
-TINY_BUCKETS = ((112, 112), (84, 140), (140, 84))
-REAL_BUCKETS = ((448, 448), (336, 588), (588, 336))
+#: Patch grids (t, rows, columns) of the vision examples by seed % 4: square, wide, tall, odd-sized
+#: (every side a whole number of 2x2 merge blocks, as the processor makes them).
+VISION_GRIDS = ((1, 8, 8), (1, 4, 12), (1, 12, 4), (1, 6, 10))
 
 
 GROUPED_ATTENTION = "kiln_grouped"
@@ -280,24 +290,27 @@ def decoder_step_module(model: Any) -> Any:
     return DecoderStep().eval()
 
 
-def vision_module(visual: Any, grid_thw: tuple[int, int, int]) -> Any:
-    """The vision encoder + merger (``model.model.visual``) for one patch grid: pixel_values
-    [t*h*w, C*T*P*P] -> image_embeds [t*h*w / merge^2, hidden]."""
-    require("torch", "the Qwen2-VL vision encoder")
-    import torch
+def vision_reference(visual: Any, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> np.ndarray:
+    """transformers' vision encoder + merger (``model.model.visual``) on one image's patches:
+    image_embeds [t*h*w / merge^2, hidden] (the reference the built graph is checked against)."""
+    torch = require("torch", "the Qwen2-VL vision encoder")
+    with torch.no_grad():
+        out = visual(torch.from_numpy(pixel_values), grid_thw=torch.tensor([list(grid_thw)])).pooler_output
+    embeds: np.ndarray = out.float().numpy()
+    return embeds
 
-    grid = torch.tensor([list(grid_thw)], dtype=torch.int64)
 
-    class Vision(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.visual = visual
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            embeds: torch.Tensor = self.visual(pixel_values, grid_thw=grid).pooler_output
-            return embeds
-
-    return Vision().eval()
+def vision_config_entry(config: Any, family: str) -> dict[str, Any]:
+    """genai.json's ``vision_config``: what the engine computes the encoder's extra inputs from
+    (export/builder/vision.py ``vision_feed``)."""
+    v = config.vision_config
+    window = int(getattr(v, "window_size", 0) or 0) if family == "qwen2.5-vl" else 0
+    return {
+        "family": family,
+        "patch": int(v.patch_size),
+        "merge": int(v.spatial_merge_size),
+        "window": window,
+    }
 
 
 def decoder_part(text: Any) -> Part:
@@ -431,7 +444,7 @@ def real_size_processor(family: str = "qwen2-vl") -> Any:
     """Qwen2-VL's image processor at its published defaults with the tiny tokenizer."""
     transformers = require("transformers", "the Qwen2-VL processor")
     return getattr(transformers, FAMILIES[family][2])(
-        image_processor=transformers.Qwen2VLImageProcessor(),
+        image_processor=image_processor(),
         tokenizer=tiny_tokenizer(),
         video_processor=transformers.Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
@@ -622,7 +635,9 @@ class QwenVLFamily(ZooModel):
             )
         self.tiny, self.sizes, self.family, self.preset = tiny, sizes, family, preset
         self.name = f"{family}-tiny" if tiny else f"{family}-{preset}" if preset else family
-        self.buckets = TINY_BUCKETS if tiny else REAL_BUCKETS
+        #: the vision encoder among ``parts`` (export/qwen_vl.py leaves it out while it traces the
+        #: other parts: the encoder is always built from the weights)
+        self.with_vision = True
         self._model: Any = None
         self._processor: Any = None
         self._config: Any = None
@@ -647,10 +662,6 @@ class QwenVLFamily(ZooModel):
     def _vision(self) -> Any:
         return self._require_config().vision_config
 
-    def grid(self, bucket: tuple[int, int]) -> tuple[int, int, int]:
-        patch = self._vision.patch_size
-        return (1, bucket[0] // patch, bucket[1] // patch)
-
     @property
     def parts(self) -> tuple[Part, ...]:
         t = self._text
@@ -659,20 +670,27 @@ class QwenVLFamily(ZooModel):
             (TensorSpec("input_ids", "int64", ("batch", "seq")),),
             (TensorSpec("inputs_embeds", "float32", ("batch", "seq", t.hidden_size)),),
         )
-        return (embed, decoder_part(t), *(self._vision_part(b) for b in self.buckets))
+        return (embed, decoder_part(t), self.vision_part()) if self.with_vision else (embed, decoder_part(t))
 
-    def _vision_part(self, bucket: tuple[int, int]) -> Part:
+    def vision_part(self) -> Part:
+        """The vision encoder for any image: patches and their grid tables -> one row per merged
+        patch (export/builder/vision.py says what each input holds)."""
         v = self._vision
-        patches = int(np.prod(self.grid(bucket)))
         width = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        out = int(getattr(v, "out_hidden_size", 0) or v.hidden_size)
+        windows = (
+            (TensorSpec("window_index", "int64", ("tokens",)), TensorSpec("window_ids", "int64", ("tokens",)))
+            if self.family == "qwen2.5-vl"
+            else ()
+        )
         return Part(
-            f"vision_{bucket[0]}x{bucket[1]}",
-            (TensorSpec("pixel_values", "float32", (patches, width)),),
+            "vision",
             (
-                TensorSpec(
-                    "image_embeds", "float32", (patches // v.spatial_merge_size**2, self._text.hidden_size)
-                ),
+                TensorSpec("pixel_values", "float32", ("patches", width)),
+                TensorSpec("position_ids", "int64", ("patches", 2)),
+                *windows,
             ),
+            (TensorSpec("image_embeds", "float32", ("tokens", out)),),
         )
 
     def checkpoint(self, weights: str | None) -> Checkpoint:
@@ -711,10 +729,7 @@ class QwenVLFamily(ZooModel):
             self._model, self._processor = load_pretrained(weights, self.family)
         model = self._model
         self._config = model.config
-        modules = {"embed": model.model.language_model.embed_tokens, "decoder": decoder_step_module(model)}
-        for b in self.buckets:
-            modules[f"vision_{b[0]}x{b[1]}"] = vision_module(model.model.visual, self.grid(b))
-        return modules
+        return {"embed": model.model.language_model.embed_tokens, "decoder": decoder_step_module(model)}
 
     def example_inputs(self, part: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
         """Decoder examples vary (seq, past) by seed: the trace example (seed 0) is a chunk on a
@@ -723,6 +738,11 @@ class QwenVLFamily(ZooModel):
         rng = np.random.default_rng(seed)
         if part == "embed":
             return {"input_ids": rng.integers(0, self._text.vocab_size, (batch, 7)).astype(np.int64)}
+        if part == "vision":
+            grid = VISION_GRIDS[seed % len(VISION_GRIDS)]
+            v = self._vision
+            width = v.in_channels * v.temporal_patch_size * v.patch_size**2
+            return {"pixel_values": rng.standard_normal((int(np.prod(grid)), width)).astype(np.float32)}
         if part != "decoder":
             return super().example_inputs(part, batch, seed)
         seq, past = DECODER_EXAMPLES[seed % 4]
@@ -737,12 +757,12 @@ class QwenVLFamily(ZooModel):
             "model": self.name,
             "context": int(t.max_position_embeddings),
             "merge": int(v.spatial_merge_size),
-            "buckets": [list(b) for b in self.buckets],
             "image_token": int(config.image_token_id),
             "stop": sorted({tok.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>")}),
             "embed": "embed.onnx",
             "decoder": "decoder.onnx",
-            "vision": {f"{b[0]}x{b[1]}": f"vision_{b[0]}x{b[1]}.onnx" for b in self.buckets},
+            "vision": "vision.onnx",
+            "vision_config": vision_config_entry(config, self.family),
         }
         (Path(folder) / "genai.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
