@@ -57,10 +57,16 @@ def single_consumer(value: ir.Value) -> ir.Node | None:
 
 def replace_value(old: ir.Value, new: ir.Value) -> bool:
     """Point every use of ``old`` at ``new``. A graph output keeps its name: ``new`` is renamed,
-    which is refused (False) when ``new`` is itself a graph input, output or initializer."""
+    which is refused (False) when ``new`` is itself a graph input, output or initializer. The
+    output's declared type and shape are the graph's contract: ``new`` takes them where it has none
+    (e.g. it comes from an op shape inference does not know)."""
     if old.is_graph_output():
         if new.is_graph_input() or new.is_graph_output() or new.is_initializer() or new.producer() is None:
             return False
+        if new.type is None:
+            new.type = old.type
+        if new.shape is None:
+            new.shape = old.shape
         graph = old.graph
         name = old.name
         old.name = f"{name}__replaced{next(_names)}"

@@ -16,6 +16,7 @@ import pytest
 
 from modelkiln.errors import ConfigError, WeightsError
 from modelkiln.export.builder import writer
+from modelkiln.export.builder.attention import shared_feed
 from modelkiln.export.builder.layers import Precision
 from modelkiln.export.builder.nbits import pack_chunks, pack_rows, per_channel_block
 from modelkiln.export.builder.qwen2 import TextShape, build_decoder, build_embedding
@@ -284,10 +285,13 @@ def test_missing_weight_names_the_checkpoint(tmp_path) -> None:
 
 def test_zoo_export_builds_decoder_and_embedding(tmp_path, monkeypatch) -> None:
     """``export("qwen2-vl-tiny")`` builds every graph, the vision encoder included (metadata says
-    which); MODELKILN_QWEN_TRACE=1 traces the embedding and decoder, as before."""
+    which); MODELKILN_QWEN_TRACE=1 traces the embedding and decoder, as before (the concat cache
+    layout: the built one in that layout computes the same logits; a traced export refuses
+    ``kv_layout``)."""
+    from modelkiln.errors import ExportError
     from modelkiln.export.qwen_vl import TRACE_ENV, export
 
-    built = export("qwen2-vl-tiny", tmp_path / "built")
+    built = export("qwen2-vl-tiny", tmp_path / "built", kv_layout="concat")
     assert built.passed and max(p.max_abs for p in built.parity) < 1e-5
 
     def method(path: Path) -> str | None:
@@ -300,6 +304,8 @@ def test_zoo_export_builds_decoder_and_embedding(tmp_path, monkeypatch) -> None:
     )
     assert method(tmp_path / "built" / "vision.onnx") == "builder"
     monkeypatch.setenv(TRACE_ENV, "1")
+    with pytest.raises(ExportError, match="qwen2-vl-tiny is traced"):
+        export("qwen2-vl-tiny", tmp_path / "refused", kv_layout="shared")
     traced = export("qwen2-vl-tiny", tmp_path / "traced")
     assert traced.passed and method(tmp_path / "traced" / "decoder.onnx") is None
     assert method(tmp_path / "traced" / "vision.onnx") == "builder"  # a traced one fixed the grid
@@ -335,8 +341,10 @@ def test_export_from_a_weights_folder_checks_a_truncated_decoder(weights_folder,
     assert REFERENCE_LAYERS == 2 and sum(p.name.startswith("present_key") for p in result.parity) == 2 * 2
     model = Qwen2VLForConditionalGeneration.from_pretrained(weights_folder).eval()
     part = decoder_part(model.config.text_config)
-    for feed in _feeds(part):
-        got = _cpu(tmp_path / "decoder.onnx").infer(feed)["logits"]
+    decoder = _cpu(tmp_path / "decoder.onnx")
+    assert "seqlens_k" in [i.name for i in decoder.input_metadata]  # the default: the shared layout
+    for feed in _feeds(part)[:3]:  # (the fourth is left-padded: a concat-layout batch)
+        got = decoder.infer(shared_feed(feed))["logits"]
         assert np.abs(got - _reference(model, feed, part)[0]).max() < LOGIT_TOL
     spec = json.loads((tmp_path / "genai.json").read_text())
     assert spec["model"] == "qwen2-vl" and spec["vision"] == "vision.onnx" and "buckets" not in spec

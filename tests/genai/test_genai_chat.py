@@ -50,16 +50,18 @@ def test_the_folder_is_read_through_its_spec_and_run_on_the_runtime_api(exported
     engine = chat.engine
     assert isinstance(engine.backend, OrtBackend) and engine.session is engine.backend.session
     assert engine.backend.providers == ["CPUExecutionProvider"]  # KV cache bound by CPU pointer
-    past = engine.backend.input_metadata[3]
-    assert (engine.kv_heads, engine.head_dim) == (past.shape[1], past.shape[3]) and past.name.startswith(
-        "past"
-    )
+    past = next(i for i in engine.backend.input_metadata if i.name == "past_key_0")
+    assert (engine.kv_heads, engine.head_dim) == (past.shape[1], past.shape[3])
+    assert engine.shared  # the builder's default layout: one cache buffer updated in place
     assert engine.vocab == engine.backend.output_metadata[0].shape[-1] > 500
     assert chat.embed(np.array([1, 2, 3])).shape[0] == 3  # the embedding graph through Backend.infer
 
 
-def test_kv_cache_is_preallocated_from_the_pool_and_reused(chat) -> None:
-    pool = chat.engine.pool
+def test_kv_cache_is_preallocated_and_reused(chat) -> None:
+    """A sequence takes its cache once when it starts (the shared layout: a slot of the engine's
+    buffer; the concat layout: two pooled buffers per cache tensor) and its logits buffer from the
+    pool; its steps allocate nothing; closing it gives all back, and the next one reuses them."""
+    engine, pool = chat.engine, chat.engine.pool
     prompt = chat.prompt(_messages("Tell me about the harbour and the old town."))
     before = pool.stats()
     gen = chat.start(prompt, 30)
@@ -68,13 +70,16 @@ def test_kv_cache_is_preallocated_from_the_pool_and_reused(chat) -> None:
     while not gen.done:
         gen.step()
     after_steps = pool.stats()
-    gen.close()
-    buffers = 2 * len(chat.engine.past_names) + 1  # two per cache tensor + the logits
+    assert len(gen.tokens) == 30
+    if engine.shared:
+        assert engine.kv is not None and engine.kv.in_use == 1 and gen.cache.length == prompt.tokens + 29
+        buffers = 1  # the logits; the cache is a slot of the shared buffer
+    else:
+        buffers = 2 * len(engine.past_names) + 1  # two per cache tensor + the logits
     assert (allocated.hits + allocated.misses) - (before.hits + before.misses) == buffers
-    assert (after_steps.hits, after_steps.misses) == (
-        allocated.hits,
-        allocated.misses,
-    )  # 30 steps, 0 allocations
+    assert (after_steps.hits, after_steps.misses) == (allocated.hits, allocated.misses)  # 0 allocations
+    gen.close()
+    assert not engine.shared or (engine.kv is not None and engine.kv.in_use == 0)
     second = chat.start(prompt, 30)
     second.close()
     again = pool.stats()

@@ -221,8 +221,8 @@ def test_limits_of_the_shared_cache_are_errors_naming_them(graphs: Path) -> None
 
 
 def test_chat_model_runs_a_shared_decoder(qwen_tiny_export, tmp_path: Path, tiny) -> None:
-    """ChatModel reads the layout from the graph: the same answers from the exported (concat)
-    decoder and a shared one built from the same weights, an image chat included."""
+    """ChatModel reads the layout from the graph: the same answers from the exported (shared, the
+    default) decoder and a concat one built from the same weights, an image chat included."""
     from modelkiln.genai.chat import ChatModel
 
     folder = tmp_path / "tiny"
@@ -232,17 +232,17 @@ def test_chat_model_runs_a_shared_decoder(qwen_tiny_export, tmp_path: Path, tiny
         model.model.language_model.config,
         StateDict(model.state_dict()),
         folder,
-        "decoder.shared.onnx",
-        kv_layout="shared",
+        "decoder.concat.onnx",
+        kv_layout="concat",
     )
     image = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     answers = []
-    for decoder in (None, "decoder.shared.onnx"):
+    for decoder in (None, "decoder.concat.onnx"):
         chat = ChatModel(folder, decoder)
         gen = chat.start(chat.prompt(messages, [image]), 10)
         gen.stop = set()
         gen.run()
         answers.append(gen.tokens)
-        assert chat.engine.shared == (decoder is not None)
+        assert chat.engine.shared == (decoder is None)
     assert answers[0] == answers[1]

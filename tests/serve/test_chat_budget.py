@@ -123,8 +123,12 @@ def spy_reservations(
     return seen
 
 
-def test_sequence_bytes_is_what_a_sequence_takes_from_the_pool(folder: Path) -> None:
+def test_sequence_bytes_is_what_a_sequence_takes(folder: Path) -> None:
+    """What a budget reserves for a sequence is what it holds: the logits buffer from the pool and,
+    in the shared layout, the pages its positions fill in its slot, once (no second buffer: the
+    model's own bytes per position, rounded up to whole pages)."""
     from modelkiln.genai.chat import ChatModel
+    from modelkiln.genai.kv_cache import PAGE
     from modelkiln.runtime.memory_pool import MemoryPool
 
     pool = MemoryPool()
@@ -133,11 +137,16 @@ def test_sequence_bytes_is_what_a_sequence_takes_from_the_pool(folder: Path) -> 
     for new in (1, NEW_TOKENS, 300):
         prompt = chat.prompt(MESSAGES)
         gen = chat.start(prompt, new)
+        positions = prompt.tokens + new
+        naive = len(engine.past_names) * engine.kv_heads * positions * engine.head_dim * 4
         taken = pool.stats().in_use_bytes
-        assert taken == engine.sequence_bytes(prompt.tokens + new)
-        # two buffers (ping-pong) per cache tensor: at least twice layers x 2 x heads x length x dim x 4
-        naive = len(engine.past_names) * engine.kv_heads * (prompt.tokens + new) * engine.head_dim * 4
-        assert taken >= 2 * naive
+        if engine.shared:
+            assert engine.kv is not None
+            cache = engine.kv.slot_bytes(positions)
+            assert taken + cache == engine.sequence_bytes(positions)
+            assert naive <= cache < naive + len(engine.past_names) * engine.kv_heads * PAGE
+        else:  # two buffers (ping-pong) per cache tensor
+            assert taken == engine.sequence_bytes(positions) and taken >= 2 * naive
         gen.close()
         assert pool.stats().in_use_bytes == 0
 

@@ -83,7 +83,8 @@ def test_export_writes_every_part_and_the_processor(exported: Path) -> None:
     assert spec["vision"] == "vision.onnx" and "vision.onnx" in names and "buckets" not in spec
     assert GenaiSpec.load(exported).to_dict() == spec  # what the zoo writes, the engine reads
     decoder = cpu_backend(exported / "decoder.onnx")
-    assert [i.name for i in decoder.input_metadata][:3] == ["inputs_embeds", "position_ids", "attention_mask"]
+    names = [i.name for i in decoder.input_metadata]  # the shared cache layout (builder default)
+    assert names[:4] == ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"]
     assert decoder.output_metadata[0].shape[1] == 1  # last-position logits only
 
 

@@ -33,11 +33,25 @@ def export(
         help="Qwen-VL: language-model weights as fp32 (default), fp16 or w8 (8-bit MatMulNBits), "
         "written directly by the graph builder.",
     ),
+    kv_layout: str = typer.Option(
+        None,
+        "--kv-layout",
+        help="Qwen-VL decoder's KV cache: shared (default: one buffer updated in place by ONNX "
+        "Runtime's GroupQueryAttention, batched decode without copies) or concat (plain ONNX ops, "
+        "any runtime).",
+    ),
 ) -> None:
     """Export a zoo model to ONNX (dynamic batch) and check it against torch."""
     with err_console.status(f"exporting {model}…"):
         result = export_model(
-            model, out, weights=weights, opset=opset, image_size=image_size, nms=nms, precision=precision
+            model,
+            out,
+            weights=weights,
+            opset=opset,
+            image_size=image_size,
+            nms=nms,
+            precision=precision,
+            kv_layout=kv_layout,
         )
     table = Table(title=f"{result.model}: ONNX Runtime vs torch")
     for col in ("part", "output", "batch", "max abs", "max rel", "cosine", "ok"):

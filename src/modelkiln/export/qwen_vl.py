@@ -38,6 +38,7 @@ from modelkiln import zoo
 from modelkiln._deps import require
 from modelkiln.errors import ExportError, ParityFailed
 from modelkiln.export import exporter
+from modelkiln.export.builder.attention import SHARED, check_layout, shared_feed
 from modelkiln.export.builder.layers import Precision
 from modelkiln.export.builder.qwen2 import build_decoder, build_embedding
 from modelkiln.export.builder.tensors import SafetensorsFolder, StateDict, Tensors
@@ -96,17 +97,35 @@ def export(
     nms: bool = False,
     tolerance: Tolerance | None = None,
     precision: str | Precision | None = None,
+    kv_layout: str | None = None,
 ) -> ExportResult:
     """``exporter.export``'s signature: Qwen-VL families through the graph builder (unless
     ``MODELKILN_QWEN_TRACE=1``), every other family through ``exporter.export``. ``precision``
-    (fp32, fp16, w8: how the builder stores the language model's weights) applies to built
-    models only."""
+    (fp32, fp16, w8: how the builder stores the language model's weights) and ``kv_layout``
+    (shared, the default, or concat: ``builder/attention.py``) apply to built models only."""
     entry = model if isinstance(model, ZooModel) else zoo.get(model, image_size)
     if isinstance(entry, QwenVLFamily) and not traced_requested():
         if nms:
             raise ExportError(f"--nms applies to detectors; {entry.name} is a {entry.task} model")
         chosen = Precision.FP32 if precision is None else Precision.parse(precision)
-        return export_qwen_vl(entry, out, weights, precision=chosen, opset=opset, tolerance=tolerance)
+        return export_qwen_vl(
+            entry,
+            out,
+            weights,
+            precision=chosen,
+            opset=opset,
+            tolerance=tolerance,
+            kv_layout=kv_layout or SHARED,
+        )
+    if kv_layout is not None:
+        why = (
+            f"traced ({TRACE_ENV} is set): its cache layout is concat"
+            if isinstance(entry, QwenVLFamily)
+            else f"a {entry.task} model with no KV cache"
+        )
+        raise ExportError(
+            f"--kv-layout applies to Qwen-VL decoders built from their weights; {entry.name} is {why}"
+        )
     if isinstance(entry, QwenVLFamily) and precision is None:
         return _traced_qwen_vl(entry, out, weights, opset, tolerance)
     if precision is not None:
@@ -144,13 +163,16 @@ def export_qwen_vl(
     tolerance: Tolerance | None = None,
     block_size: int = 0,
     vision: bool = True,
+    kv_layout: str = SHARED,
 ) -> ExportResult:
     """Write ``entry``'s folder (embed.onnx and decoder.onnx in ``precision``, vision.onnx in FP32,
     processor files, genai.json) to ``out``; ParityFailed (nothing of that part written) when a
     part misses ``tolerance`` (default: per precision, ``TOLERANCES``). ``vision=False`` skips the
     vision graph (benchmarks of the builder alone: genai.json still names it, so such a folder does
-    not open in ChatModel)."""
+    not open in ChatModel). ``kv_layout``: the decoder's cache interface (``shared``: batched
+    decode without copies on ONNX Runtime; ``concat``: any runtime)."""
     precision = Precision.parse(precision)
+    check_layout(kv_layout)
     out = Path(out)
     started = time.perf_counter()
     ckpt = entry.checkpoint(weights if weights is not None else entry.default_weights)
@@ -165,10 +187,10 @@ def export_qwen_vl(
         tol = tolerance or TOLERANCES[precision]
         out.mkdir(parents=True, exist_ok=True)
         result.parity += _built_part(
-            entry, ckpt, tensors, "embed", paths, weights, precision, block_size, tol
+            entry, ckpt, tensors, "embed", paths, weights, precision, block_size, tol, kv_layout
         )
         result.parity += _built_part(
-            entry, ckpt, tensors, "decoder", paths, weights, precision, block_size, tol
+            entry, ckpt, tensors, "decoder", paths, weights, precision, block_size, tol, kv_layout
         )
         if vision:
             # FP32 whatever the decoder's precision: the encoder runs once per image, not per token;
@@ -207,6 +229,7 @@ def _built_part(
     precision: Precision,
     block_size: int,
     tol: Tolerance,
+    kv_layout: str = SHARED,
 ) -> list[TensorDiff]:
     """Build one part into a scratch folder beside its destination, check it, move it in."""
     text, target = entry.config.text_config, paths[name]
@@ -228,9 +251,12 @@ def _built_part(
                 meta,
                 block_size=block_size,
                 tie_word_embeddings=tie,
+                kv_layout=kv_layout,
             )
             log.info("built %s in %.0f s", built.name, time.perf_counter() - started)
-            checks = _check_decoder(entry, ckpt, tensors, built, scratch, precision, block_size, tol)
+            checks = _check_decoder(
+                entry, ckpt, tensors, built, scratch, precision, block_size, tol, kv_layout
+            )
         _raise_unless_passed(entry.name, name, checks)
         _move_graph(built, target)
     log.info("wrote %s (%s, %s)", target, name, precision.value)
@@ -282,10 +308,12 @@ def _check_decoder(
     precision: Precision,
     block_size: int,
     tol: Tolerance,
+    kv_layout: str = SHARED,
 ) -> list[TensorDiff]:
     """The decoder against transformers: the whole step when the model is in memory; otherwise a
     truncated decoder built by the same code from the same tensors against those layers loaded
-    into transformers."""
+    into transformers. A shared-layout graph gets the same feed in its own form (each past in a
+    buffer of exactly past + new positions, so its presents compare as they are)."""
     torch = require("torch", "checking the Qwen-VL decoder")
     text = entry.config.text_config
     if ckpt.model is not None:
@@ -302,6 +330,7 @@ def _check_decoder(
             layers=layers,
             block_size=block_size,
             tie_word_embeddings=tie,
+            kv_layout=kv_layout,
         )
         module = decoder_step_module(reference_text_model(entry, tensors, layers))
         log.info("checking %s through its first %d layers", entry.name, layers)
@@ -313,7 +342,7 @@ def _check_decoder(
         feed = decoder_example(part, batch, seq, past, batch)
         with torch.no_grad():
             refs = module(*(torch.from_numpy(feed[s.name]) for s in part.inputs))
-        got = backend.infer(feed)
+        got = backend.infer(shared_feed(feed) if kv_layout == SHARED else feed)
         for spec, ref in zip(part.outputs, refs, strict=True):
             checks.append(
                 tensor_diff(spec.name, got[spec.name], ref.numpy(), tol, part="decoder", batch=batch)

@@ -43,3 +43,23 @@ def test_eliminate_noops_keeps_broadcasting_mul() -> None:
     <float[2, 3] ones = {{1, 1, 1, 1, 1, 1}}>
     {{ y = Mul (x, ones) }}""")
     assert not EliminateNoOps()(model).modified
+
+
+def test_a_graph_output_keeps_its_declared_shape_when_its_noop_goes() -> None:
+    """y = Identity(u), u from an op shape inference does not know (no shape): removing the
+    Identity renames u to y, and y's declared type and shape must stay (ONNX's checker requires a
+    graph output's shape; the quantizer checks every model it writes)."""
+    import onnx
+    import onnx_ir as ir
+
+    model = parse(f"""{HEADER}
+    g (float[2, 3] x) => (float[2, 3] y)
+    {{ u = Relu (x)
+       y = Identity (u) }}""")
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.outputs[0].shape = None  # as a com.microsoft op's output after shape inference
+    relu.outputs[0].type = None
+    assert EliminateNoOps()(model).modified and ops(model) == ["Relu"]
+    out = model.graph.outputs[0]
+    assert out.name == "y" and out.shape == ir.Shape([2, 3]) and out.dtype == ir.DataType.FLOAT
+    onnx.checker.check_model(ir.to_proto(model))
