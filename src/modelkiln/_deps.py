@@ -14,6 +14,8 @@ _EXTRA = {
     "transformers": "export",
     "pycocotools": "eval",
     "matplotlib": "eval",
+    "PIL": "genai",
+    "jinja2": "genai",
 }
 
 

@@ -36,7 +36,7 @@ def add(
     vision_int8: bool = typer.Option(
         False,
         "--vision-int8",
-        help="Chat models: serve the folder's INT8 vision graphs (vision_*.int8.onnx).",
+        help="Chat models: serve the folder's weight-only INT8 vision encoder (vision.int8.onnx).",
     ),
     continuous: bool = typer.Option(
         True, "--continuous-batching/--no-continuous-batching", help="Chat models: decode sequences together."

@@ -141,7 +141,8 @@ class GenAIConfig:
     decoder: str | None = None
     #: Decode all running sequences in one batched step (weights read once per step for all).
     continuous_batching: bool = True
-    #: Run the weight-only INT8 vision graphs (vision_HxW.int8.onnx) of the folder.
+    #: Run the folder's weight-only INT8 vision encoder (vision.int8.onnx; per-bucket
+    #: vision_HxW.int8.onnx in folders exported before the any-size encoder).
     vision_int8: bool = False
 
     def __post_init__(self) -> None:
