@@ -13,7 +13,11 @@ Figures (one JSON line each, benchmarks/results/qwen_batching.jsonl):
 2. ``step_vs_context``: the time of one batched decode step of 4 sequences at context 100, 500,
    1000 and 2000 positions, per layout (the caches are filled with random values up to the context
    instead of prefilling 2000 real tokens: a step's time does not depend on the values);
-3. ``kv_bytes``: what a sequence holds per position against 2 x layers x kv x d x 4.
+3. ``attention_vs_context``: the share of a shared-layout step that is attention itself: one
+   GroupQueryAttention node alone (the same shapes: 4 rows, the layer's heads, in place on a buffer
+   holding the context) timed the same way, times the number of layers; ``rest_ms`` = the step
+   minus that, which is what must stay flat with context (no copy grows with it);
+4. ``kv_bytes``: what a sequence holds per position against 2 x layers x kv x d x 4.
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/qwen_batching.py [--threads 2] [--repeats 5]
 """
@@ -125,6 +129,73 @@ def step_ms(engine: Engine, context: int, chats: int, steps: int, seed: int) -> 
     return times
 
 
+def attention_ms(context: int, chats: int, threads: int, steps: int, seed: int) -> list[float]:
+    """One GroupQueryAttention of the mid config (decode: one new position per row, the cache
+    bound in place as the decoder binds it) at ``context`` positions: what a layer's attention
+    itself costs inside a shared-layout step."""
+    from onnx import TensorProto, helper
+
+    heads, kv = MID["heads"], MID["kv_heads"]
+    d = MID["hidden"] // heads
+    cap = context + 64
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"],
+        ["out", "present_k", "present_v"],
+        domain="com.microsoft",
+        num_heads=heads,
+        kv_num_heads=kv,
+        scale=float(d**-0.5),
+    )
+    f = TensorProto.FLOAT
+    cache = [chats, kv, cap, d]
+    graph = helper.make_graph(
+        [node],
+        "gqa",
+        [
+            helper.make_tensor_value_info("q", f, [chats, 1, heads * d]),
+            helper.make_tensor_value_info("k", f, [chats, 1, kv * d]),
+            helper.make_tensor_value_info("v", f, [chats, 1, kv * d]),
+            helper.make_tensor_value_info("past_k", f, cache),
+            helper.make_tensor_value_info("past_v", f, cache),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [chats]),
+            helper.make_tensor_value_info("total", TensorProto.INT32, []),
+        ],
+        [
+            helper.make_tensor_value_info("out", f, [chats, 1, heads * d]),
+            helper.make_tensor_value_info("present_k", f, cache),
+            helper.make_tensor_value_info("present_v", f, cache),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    session = cpu_backend(model, threads=threads).session
+    rng = np.random.default_rng(seed)
+    qkv = {
+        n: rng.standard_normal((chats, 1, w * d)).astype(np.float32)
+        for n, w in (("q", heads), ("k", kv), ("v", kv))
+    }
+    bufs = [(rng.standard_normal(cache) * 0.1).astype(np.float32) for _ in range(2)]
+    out = np.empty((chats, 1, heads * d), np.float32)
+    binding = session.io_binding()
+    for name, arr in qkv.items():
+        binding.bind_cpu_input(name, arr)
+    binding.bind_cpu_input("seqlens_k", np.full(chats, context, np.int32))
+    binding.bind_cpu_input("total", np.array(context + 1, np.int32))
+    for (past, present), buf in zip((("past_k", "present_k"), ("past_v", "present_v")), bufs, strict=True):
+        for name, bind in ((past, binding.bind_input), (present, binding.bind_output)):
+            bind(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+    binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    session.run_with_iobinding(binding)  # warm
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        session.run_with_iobinding(binding)
+        times.append((time.perf_counter() - began) * 1e3)
+    return times
+
+
 def write(record: dict[str, Any], machine: dict[str, Any]) -> None:
     record = {
         **record,
@@ -197,6 +268,25 @@ def main() -> None:
             },
             machine,
         )
+
+    attention: dict[int, list[float]] = {c: [] for c in contexts}
+    for rep in range(max(1, args.repeats // 2)):
+        for context in contexts:
+            attention[context] += attention_ms(context, 4, args.threads, 6, rep)
+    shared_steps = {c: statistics.median(steps["shared", c]) for c in contexts}
+    per_step = {c: MID["layers"] * statistics.median(attention[c]) for c in contexts}
+    write(
+        {
+            **base,
+            "figure": "attention_vs_context",
+            "layout": "shared",
+            "chats": 4,
+            "step_ms_median": {str(c): shared_steps[c] for c in contexts},
+            "attention_ms_median": {str(c): per_step[c] for c in contexts},
+            "rest_ms": {str(c): shared_steps[c] - per_step[c] for c in contexts},
+        },
+        machine,
+    )
 
     for layout, engine in runs.items():
         per_position = (engine.sequence_bytes(8192) - engine.sequence_bytes(4096)) / 4096

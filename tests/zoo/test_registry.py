@@ -68,8 +68,12 @@ def test_every_family_builds_and_its_examples_fit_its_parts(
     folders = request.getfixturevalue("qwen_folders") if name.startswith("qwen") else {}
     entry = zoo.get(name, SMALL.get(name))
     modules = entry.build(_weights(name, folders))
-    assert [p.name for p in entry.parts] == list(modules)
-    for part in entry.parts:
+    # Qwen-VL's vision encoder is built from the weights for any grid (export/builder/vision.py,
+    # checked there against transformers): it has a part but no torch module to trace
+    built_only = {"vision"} if name.startswith("qwen") else set()
+    assert [p.name for p in entry.parts if p.name not in built_only] == list(modules)
+    assert {p.name for p in entry.parts} - set(modules) == built_only
+    for part in (p for p in entry.parts if p.name in modules):
         feed = entry.example_inputs(part.name, batch=2, seed=1)
         _check_feed(part.inputs, feed)
         with torch.no_grad():

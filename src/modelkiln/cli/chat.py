@@ -36,7 +36,7 @@ def chat_cmd(
     vision_int8: bool = typer.Option(
         False,
         "--vision-int8",
-        help="Use the folder's weight-only INT8 vision graphs (kiln deploy writes them).",
+        help="Use the folder's weight-only INT8 vision encoder, vision.int8.onnx (kiln deploy writes it).",
     ),
     model_key: Path = typer.Option(
         None,
