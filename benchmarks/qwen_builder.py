@@ -1,6 +1,6 @@
 """Qwen2-VL at its real size through the graph builder: ``qwen2-vl-2b-random`` (Qwen2-VL-2B-Instruct's
-architecture, random bfloat16 weights written as safetensors shards), exported with the decoder and
-embedding built from the shards and the vision encoder traced; peak RSS and time of each stage, then
+architecture, random bfloat16 weights written as safetensors shards), exported with every graph built
+from the shards (decoder, embedding, the any-grid vision encoder); peak RSS and time of each stage, then
 a short greedy generation with the exported folder on 2 threads (time to first token, decode rate).
 
 Each stage runs in its own process, so its peak RSS (VmHWM, and VmRSS sampled every 50 ms to split
