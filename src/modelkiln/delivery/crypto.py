@@ -45,7 +45,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelkiln.delivery.errors import DecryptError, DeliveryError, KeyFileError
 from modelkiln.delivery.signing import write_secret
+from modelkiln.onnx_io import graph_tensors
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def encrypt_file(src: Path, dst: Path | None, key: ModelKey, external_data: tupl
 def external_locations(model: onnx.ModelProto) -> tuple[str, ...]:
     """The external-data files ``model``'s tensors refer to, in first-use order."""
     found: dict[str, None] = {}
-    for t in _tensors(model):
+    for t in graph_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             found[_location(t)] = None
     return tuple(found)
@@ -415,7 +416,7 @@ def _size_of(path: Path, loc: str) -> int:
 def fold_external_data(proto: onnx.ModelProto, blobs: Mapping[str, bytes], name: str) -> None:
     """Copy each external tensor's bytes from ``blobs`` (location -> file contents) into the tensor
     and mark it internal, as onnx.load does from files."""
-    for t in _tensors(proto):
+    for t in graph_tensors(proto.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
@@ -442,21 +443,3 @@ def _check_location(loc: str, model: Path) -> None:
     parts = loc.replace("\\", "/").split("/")
     if not loc or os.path.isabs(loc) or any(p in ("", ".", "..") for p in parts):
         raise DeliveryError(f"{model}: external data location '{loc}' is not a file beside the model")
-
-
-def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
-    yield from _graph_tensors(model.graph)
-
-
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _graph_tensors(g)

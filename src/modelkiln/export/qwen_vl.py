@@ -28,7 +28,6 @@ import os
 import tempfile
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from modelkiln.export.builder.vision import VisionShape, build_vision, vision_fe
 from modelkiln.export.exporter import DEFAULT_OPSET, ExportResult, output_paths
 from modelkiln.export.parity import PARITY_BATCHES
 from modelkiln.numerics import TensorDiff, Tolerance, tensor_diff, worst
+from modelkiln.onnx_io import graph_tensors
 from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 from modelkiln.zoo.base import Part, ZooModel
 from modelkiln.zoo.qwen_vl import (
@@ -455,7 +455,7 @@ def _built_vision(
 def _gather_external_data(proto: onnx.ModelProto, source: Path, target: Path) -> None:
     """Point every external initializer of ``proto`` (the tracer writes one file per tensor) into
     one ``<target>.data`` in ``source``, copying the bytes across a buffer at a time."""
-    external = [t for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [t for t in graph_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
         return
     data_name = f"{target.name}.data"
@@ -474,26 +474,11 @@ def _gather_external_data(proto: onnx.ModelProto, source: Path, target: Path) ->
             for key, value in (("location", data_name), ("offset", offset), ("length", copied)):
                 tensor.external_data.add(key=key, value=str(value))
             offset += copied
-    stray = {e.value for t in _tensors(proto.graph) for e in t.external_data if e.key == "location"} - {
+    stray = {e.value for t in graph_tensors(proto.graph) for e in t.external_data if e.key == "location"} - {
         data_name
     }
     if stray:
         raise ExportError(f"{target.name}: weights left outside {data_name}: {sorted(stray)[:3]}")
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of ``graph``: initializers, and the values of Constant nodes and other tensor
-    attributes (the tracer moves large ones out to files too), subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
 
 
 def _copy(src: Any, dst: Any, length: int | None, buffer: int = 64 << 20) -> int:

@@ -165,18 +165,10 @@ def tiny_config(
             "vocab_size": len(tokenizer),
             "max_position_embeddings": 2048,
             "rope_parameters": {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0},
-            "bos_token_id": None,
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
+            **_text_token_ids(ids),
         },
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=None,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        **_token_ids(ids),
     )
 
 
@@ -420,24 +412,28 @@ def preset_config(tokenizer: Any, family: str = "qwen2-vl", preset: str = "2b-ra
     transformers = require("transformers", f"the {family}-{preset} config")
     values = PRESETS[(family, preset)]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = {
-        **values["text_config"],
-        "bos_token_id": None,
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
     return getattr(transformers, FAMILIES[family][0])(
-        text_config=text,
+        text_config={**values["text_config"], **_text_token_ids(ids)},
         vision_config=dict(values["vision_config"]),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=None,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=values["tie_word_embeddings"],
+        **_token_ids(ids),
     )
+
+
+def _text_token_ids(ids: dict[str, int]) -> dict[str, Any]:
+    """The text config's special ids, from the tokenizer's (``SPECIAL_TOKENS``)."""
+    return {"bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+
+
+def _token_ids(ids: dict[str, int]) -> dict[str, Any]:
+    """The model config's special ids (image, video, vision span, end of turn, padding)."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        **_text_token_ids(ids),
+    }
 
 
 def real_size_processor(family: str = "qwen2-vl") -> Any:
