@@ -460,3 +460,17 @@ def test_traced_external_data_is_gathered_into_one_file(tmp_path) -> None:
             f.unlink()
     x = rng.standard_normal((2, 8)).astype(np.float32)
     assert np.allclose(_cpu(tmp_path / "vision.onnx").infer({"x": x})["y"], x @ w1 @ w2 + shift, atol=1e-5)
+
+
+def test_the_reference_head_keeps_bf16_weights_and_computes_float32_logits() -> None:
+    """The truncated check's LM head (a checkpoint on disk) holds the stored bfloat16 matrix and
+    widens it a block of rows at a time: the logits equal a float32 Linear over the widened matrix
+    (a head that computed in bfloat16, or dropped a block, would not)."""
+    from modelkiln.export.qwen_vl import _chunked_head
+
+    weight = (torch.randn(40000, 64) * 0.02).to(torch.bfloat16)  # more rows than one block
+    x = torch.randn(2, 1, 64)
+    got = _chunked_head(weight)(x)
+    want = torch.nn.functional.linear(x, weight.float())
+    assert got.shape == (2, 1, 40000) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
