@@ -8,6 +8,7 @@ ANCHORS, default /work/anchors); ours is an argument, so this reruns after our e
 
     .venv/bin/python benchmarks/qwen_anchors.py --ours /work/qwen2b/w8 [--anchors /work/anchors]
         [--ours /work/qwen2b/fp32 ...] [--engines ours-w8,llama-q8_0,...] [--rounds 3] [--new 64]
+    .venv/bin/python benchmarks/qwen_anchors.py --summarize STAMP   # summaries of a stopped run
 
 Method: the same two prompts of token ids for everyone (512 and 65 ids, drawn with a fixed seed
 from the vocabulary; no tokenizer: the random checkpoint's tokenizer is a tiny stand-in), greedy
@@ -21,7 +22,9 @@ the heavy-work lock (``flock /tmp/heavy.lock``) so no other timing overlaps it, 
 tokens/s after the first token (median, min, max), peak RSS (VmHWM: with mmapped weights that
 includes the file pages touched), and the first token (and the length of the common prefix of the
 64) compared with transformers FP32's. Rows go to benchmarks/results/qwen_anchors.jsonl: one per
-process (``row: run``) and one summary per engine (``row: summary``), with machine info.
+process (``row: run``) and one summary per engine (``row: summary``), with machine info. Each
+engine's first logits are kept in ANCHORS/logits/STAMP, so a run stopped before its end can be
+summarized afterwards from its run rows (``--summarize STAMP``).
 """
 
 from __future__ import annotations
@@ -212,13 +215,67 @@ def summarize(name: str, rows: list[dict], ref: Reference | None, logits: Path |
     return out
 
 
+def reference_of(rows: dict[str, list[dict]], logits: Path, anchors: Path, meta: dict) -> Reference | None:
+    """transformers FP32's answer from this run's rows (saved to ANCHORS/reference for later runs),
+    else the one saved by an earlier run with the same prompts and length."""
+    ref_rows = [r for r in rows.get(REFERENCE, []) if "error" not in r]
+    saved = logits / REFERENCE
+    if ref_rows and all((saved / f"{p}.npy").is_file() for p in ref_rows[0]["runs"]):
+        ref = Reference(
+            {p: x["tokens"] for p, x in ref_rows[0]["runs"].items()},
+            {p: np.load(saved / f"{p}.npy") for p in ref_rows[0]["runs"]},
+        )
+        ref.save(anchors / "reference", meta)
+        return ref
+    return Reference.load(anchors / "reference", meta)
+
+
+def write_summaries(
+    out, common: dict, rows: dict[str, list[dict]], ref: Reference | None, logits: Path, machine: dict
+) -> None:
+    """One summary row per engine (to ``out`` and stdout)."""
+    for name, engine_rows in rows.items():
+        summary = {**common, "row": "summary", **summarize(name, engine_rows, ref, logits / name)}
+        summary["machine"] = machine
+        out.write(json.dumps(summary) + "\n")
+        print(json.dumps(summary))
+
+
+def resummarize(args: argparse.Namespace, machine: dict) -> None:
+    """Summary rows again from the run rows of an earlier run (``--summarize STAMP``), e.g. one
+    stopped before its last round: its first logits are still in ANCHORS/logits/STAMP."""
+    rows: dict[str, list[dict]] = {}
+    common: dict = {}
+    for line in args.results.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("bench") == "qwen_anchors" and row.get("stamp") == args.summarize and row["row"] == "run":
+            keys = ("bench", "model", "stamp", "new_tokens", "threads", "note")
+            common = {k: row[k] for k in keys if k in row}
+            engine_row = {k: v for k, v in row.items() if k not in (*keys, "row", "round")}
+            rows.setdefault(row["engine"], []).append(engine_row)
+    if not rows:
+        raise SystemExit(f"{args.results}: no run rows with stamp {args.summarize}")
+    common["summarized_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    logits = logits_folder(args.anchors, args.summarize)
+    meta = {"prompt_seed": PROMPT_SEED, "new_tokens": common.get("new_tokens", args.new)}
+    ref = reference_of(rows, logits, args.anchors, meta)
+    with args.results.open("a") as out:
+        write_summaries(out, common, rows, ref, logits, machine)
+
+
+def logits_folder(anchors: Path, stamp: str) -> Path:
+    """Where a run keeps each engine's first logits (kept, so an interrupted run can be
+    summarized later)."""
+    return anchors / "logits" / stamp.replace(":", "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--ours",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         help="our exported folder (embed.onnx, decoder.onnx); repeat for several (e.g. w8 and fp32)",
     )
     ap.add_argument("--anchors", type=Path, default=Path("/work/anchors"), help="setup.sh's folder")
@@ -232,9 +289,18 @@ def main() -> None:
     ap.add_argument("--lock", type=Path, default=LOCK)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--note", default="", help="free text stored in every row (what changed)")
+    ap.add_argument(
+        "--summarize",
+        metavar="STAMP",
+        help="run nothing: write the summary rows of the earlier run with this stamp from its run rows",
+    )
     args = ap.parse_args()
     from modelkiln.bench.runner import machine_info
 
+    machine = machine_info(args.threads)
+    if args.summarize:
+        resummarize(args, machine)
+        return
     python = args.python or str(args.anchors / "venv" / "bin" / "python")
     chosen = [s for s in args.engines.split(",") if s]
     engines, skipped = [], {}
@@ -249,22 +315,22 @@ def main() -> None:
             engines.append(spec)
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", file=sys.stderr)
-    machine = machine_info(args.threads)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     common = {"bench": "qwen_anchors", "model": "qwen2-vl-2b-random (text decoder)", "stamp": stamp}
     common |= {"new_tokens": args.new, "threads": args.threads, "note": args.note}
     rows: dict[str, list[dict]] = {s.name: [] for s in engines}
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    logits = logits_folder(args.anchors, stamp)
+    print(f"stamp {stamp}; first logits in {logits}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp, args.results.open("a") as out:
         prompt_file = Path(tmp) / "prompts.json"
         prompt_file.write_text(json.dumps(prompts()))
-        kept = {s.name: Path(tmp) / "logits" / s.name for s in engines}
         for r in range(args.rounds):
             order = engines[r % len(engines) :] + engines[: r % len(engines)] if engines else []
             for spec in order:
                 first = not any("error" not in x for x in rows[spec.name])
-                logits = kept[spec.name] if first else None
-                row = run_engine(spec, prompt_file, args.new, args.threads, args.lock, logits)
+                keep = logits / spec.name if first else None
+                row = run_engine(spec, prompt_file, args.new, args.threads, args.lock, keep)
                 rows[spec.name].append(row)
                 brief = row.get("error", "")[-300:] or {
                     p: (x["ttft_ms"], x["decode_tok_s"]) for p, x in row["runs"].items()
@@ -273,24 +339,8 @@ def main() -> None:
                 out.write(json.dumps({**common, "row": "run", "round": r, **row}) + "\n")
                 out.flush()
         meta = {"prompt_seed": PROMPT_SEED, "new_tokens": args.new}
-        ref_rows = [r for r in rows.get(REFERENCE, []) if "error" not in r]
-        if ref_rows:
-            ref = Reference(
-                {p: x["tokens"] for p, x in ref_rows[0]["runs"].items()},
-                {p: np.load(kept[REFERENCE] / f"{p}.npy") for p in ref_rows[0]["runs"]},
-            )
-            ref.save(args.anchors / "reference", meta)
-        else:
-            ref = Reference.load(args.anchors / "reference", meta)
-        for spec in engines:
-            summary = {
-                **common,
-                "row": "summary",
-                **summarize(spec.name, rows[spec.name], ref, kept[spec.name]),
-            }
-            summary["machine"] = machine
-            out.write(json.dumps(summary) + "\n")
-            print(json.dumps(summary))
+        ref = reference_of(rows, logits, args.anchors, meta)
+        write_summaries(out, common, rows, ref, logits, machine)
         for name, why in skipped.items():
             out.write(json.dumps({**common, "row": "summary", "engine": name, "skipped": why}) + "\n")
 

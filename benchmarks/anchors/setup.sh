@@ -7,6 +7,7 @@
 # model builder to int8 / int4 (CPU). Every step is skipped when its output is already there.
 #
 #   bash benchmarks/anchors/setup.sh [ANCHORS=/work/anchors] [CHECKPOINT=/work/qwen2b/ckpt]
+#   (env: GGUF_TYPES="q8_0 f16 f32", GENAI_PRECISIONS="int8 int4": which of them to make)
 #
 # CHECKPOINT: the folder `kiln export qwen2-vl-2b-random --weights DIR` (or
 # modelkiln.zoo.qwen_vl.ensure_random_checkpoint) writes. Steps that need more than ~4 GB of RAM
@@ -25,7 +26,9 @@ SDIST="$ANCHORS/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
 LLAMA_SRC="$ANCHORS/src/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
 mkdir -p "$ANCHORS"
 log() { echo "[anchors $(date -u +%H:%M:%S)] $*" >&2; }
-timed() { /usr/bin/time -f "%e s, peak RSS %M kB" "$@"; }
+# a command, not a function: flock execs its argument, so `timed` must be a program too
+TIMED=(/usr/bin/time -f "%e s, peak RSS %M kB")
+timed() { "${TIMED[@]}" "$@"; }
 
 # 1. The venv. torch is pinned in every install so pip never resolves another one.
 if [ ! -x "$PY" ]; then
@@ -63,11 +66,11 @@ fi
 
 # 4. GGUF by llama.cpp's converter (its own Q8_0 quantization).
 mkdir -p "$ANCHORS/gguf"
-for t in q8_0 f16 f32; do
+for t in ${GGUF_TYPES:-q8_0 f16 f32}; do
   out="$ANCHORS/gguf/qwen2-vl-2b-random-text-$t.gguf"
   if [ ! -f "$out" ]; then
     log "GGUF $t"
-    flock "$LOCK" timed nice -n 5 "$PY" "$HERE/convert_gguf.py" "$LLAMA_SRC" "$TEXT" "$out.partial" --outtype "$t" \
+    flock "$LOCK" "${TIMED[@]}" nice -n 5 "$PY" "$HERE/convert_gguf.py" "$LLAMA_SRC" "$TEXT" "$out.partial" --outtype "$t" \
       > "$ANCHORS/gguf_$t.log" 2>&1
     mv "$out.partial" "$out"
   fi
@@ -75,11 +78,11 @@ done
 
 # 5. ONNX Runtime GenAI's model builder, CPU, its defaults for int8 and int4 (MatMulNBits, block 32,
 #    accuracy level 4); then the decoder session's intra-op threads set to THREADS.
-for p in int8 int4; do
+for p in ${GENAI_PRECISIONS:-int8 int4}; do
   out="$ANCHORS/genai-$p"
   if [ ! -f "$out/genai_config.json" ]; then
     log "ONNX Runtime GenAI $p"
-    flock "$LOCK" timed nice -n 5 "$PY" -m onnxruntime_genai.models.builder -i "$TEXT" -o "$out" -p "$p" -e cpu \
+    flock "$LOCK" "${TIMED[@]}" nice -n 5 "$PY" -m onnxruntime_genai.models.builder -i "$TEXT" -o "$out" -p "$p" -e cpu \
       -c "$ANCHORS/hfcache" > "$ANCHORS/genai_$p.log" 2>&1
   fi
   "$PY" - "$out/genai_config.json" "$THREADS" <<'EOF'
