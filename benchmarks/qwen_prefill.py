@@ -255,7 +255,8 @@ def _op_model(k: int, n: int, block: int) -> bytes:
     """One linear layer [1, s, K] -> [1, s, N]: FP32 MatMul (block 0) or W8 MatMulNBits."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from modelkiln.export.builder.nbits import ACCURACY_INT8, pack_rows
+    from modelkiln.quantmath import NBITS_ACCURACY_INT8 as ACCURACY_INT8
+    from modelkiln.quantmath import pack_int8_rows as pack_rows
 
     w = (np.random.default_rng(0).standard_normal((n, k)) * 0.02).astype(np.float32)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])
@@ -278,7 +279,7 @@ def _op_model(k: int, n: int, block: int) -> bytes:
 def stage_ops(rows_m: list[int], reps: int) -> list[dict]:
     """Per 2B shape: FP32, the padded per-channel block, the default block and its neighbours,
     interleaved per repetition; median and min ms per row count M."""
-    from modelkiln.export.builder.nbits import default_block, per_channel_block
+    from modelkiln.quantmath import default_block, per_channel_block
     from modelkiln.runtime.backends.onnxruntime import cpu_backend
 
     out = []

@@ -101,3 +101,55 @@ def bias_qparams(input_scale: np.ndarray, weight_scale: np.ndarray) -> QParams:
         np.zeros(scale.shape, np.int32).reshape(-1) if scale.ndim else np.zeros((), np.int32),
         0 if scale.ndim else None,
     )
+
+
+# -- 8-bit MatMulNBits (com.microsoft) blocks: shared by quant/matmul_nbits.py (weight-only INT8 of
+# a model) and export/builder/nbits.py (the graph builder's W8), so both write the same bytes -----
+
+#: MatMulNBits' accuracy level 4: int8 activations inside the kernel (quant/matmul_nbits.py says why).
+NBITS_ACCURACY_INT8 = 4
+#: The smallest block MatMulNBits accepts.
+NBITS_MIN_BLOCK = 16
+
+
+def per_channel_block(k: int) -> int:
+    """The smallest power-of-two block (>= 16) covering all of K: one scale per output channel,
+    K zero-padded up to the block (the layout written before ``default_block``)."""
+    return max(NBITS_MIN_BLOCK, 1 << (k - 1).bit_length())
+
+
+def padded_k(k: int, block: int) -> int:
+    """K rounded up to whole blocks: the values per output channel a W8 matrix stores."""
+    return -(-k // block) * block
+
+
+def default_block(k: int) -> int:
+    """The block that pads K least, the largest such (fewest scales). MatMulNBits takes
+    power-of-two blocks only, so "one scale per output channel" padded K (Qwen2-VL-2B: 1536 ->
+    2048, 8960 -> 16384); this is K itself when K is a power of two, else the largest power-of-two
+    divisor of K (1536 -> 512, 8960 -> 256); a K with no power-of-two divisor >= 16 (the vision
+    patch embedding's 1176 = 8 x 147) takes the block that pads it least (1176 -> 32, to 1184)."""
+    best = block = NBITS_MIN_BLOCK
+    while block <= per_channel_block(k):
+        if padded_k(k, block) <= padded_k(k, best):
+            best = block
+        block *= 2
+    return best
+
+
+def pack_int8_rows(w_nk: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of the rows of ``w_nk`` [N, K] (one row per output channel) per block of K,
+    K zero-padded to whole blocks: (B [N, blocks, block] uint8 = int8 + 128, scales [N, blocks]
+    float32; an all-zero block's scale is 1)."""
+    n, k = w_nk.shape
+    blocks = -(-k // block)
+    if blocks * block == k:  # no padding: group the rows in place (no padded copy)
+        grouped = np.asarray(w_nk, np.float32).reshape(n, blocks, block)
+    else:
+        padded = np.zeros((n, blocks * block), np.float32)
+        padded[:, :k] = w_nk
+        grouped = padded.reshape(n, blocks, block)
+    scale = np.abs(grouped).max(axis=2) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(grouped / scale[..., None]), -127, 127).astype(np.int16) + 128
+    return q.astype(np.uint8), scale

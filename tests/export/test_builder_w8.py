@@ -13,18 +13,13 @@ import pytest
 from onnx import TensorProto
 
 from modelkiln.export.builder.layers import Precision, linear
-from modelkiln.export.builder.nbits import (
-    PER_CHANNEL,
-    default_block,
-    pack_rows,
-    padded_k,
-    per_channel_block,
-    resolve_block,
-)
+from modelkiln.export.builder.nbits import PER_CHANNEL, resolve_block
 from modelkiln.export.builder.qwen2 import build_decoder
 from modelkiln.export.builder.tensors import StateDict
 from modelkiln.export.builder.writer import GraphWriter
 from modelkiln.quant import matmul_nbits
+from modelkiln.quantmath import default_block, padded_k, per_channel_block
+from modelkiln.quantmath import pack_int8_rows as pack_rows
 from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 
 #: The issue's bound for W8 against FP32 logits on the mid configuration.

@@ -12,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modelkiln.errors import ConfigError
 from modelkiln.quant.config import QuantConfig, WeightKernel
-from modelkiln.quant.matmul_nbits import pack_int8_blocks, per_channel_block, unpack_int8_blocks
+from modelkiln.quant.matmul_nbits import pack_int8_blocks, unpack_int8_blocks
 from modelkiln.quant.quantize import quantize
+from modelkiln.quantmath import per_channel_block
 from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 
 NBITS = QuantConfig(weight_only=True, weight_kernel=WeightKernel.MATMUL_NBITS)

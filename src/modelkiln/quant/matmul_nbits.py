@@ -13,8 +13,9 @@ following constant bias Add is folded into the op's bias input.
 The block (``default_block``): the op takes power-of-two blocks only, so "one scale per output
 channel" costs padding wherever K is not a power of two (Qwen2-VL-2B: 1536 -> 2048, 8960 -> 16384,
 46% more bytes and multiplies); the largest power-of-two divisor of K stores K exactly, with a few
-more scales (and a little more accuracy). export/builder/nbits.py restates the same rule: a model
-quantized here and one the graph builder writes in W8 are the same bit for bit.
+more scales (and a little more accuracy). The rule and the packing are ``quantmath``'s, which the
+graph builder's W8 (export/builder/nbits.py) calls too: a model quantized here and one the builder
+writes in W8 are the same bit for bit.
 """
 
 from __future__ import annotations
@@ -31,41 +32,16 @@ from modelkiln.ir_utils import (
     replace_value,
     single_consumer,
 )
+from modelkiln.quantmath import NBITS_ACCURACY_INT8, default_block, pack_int8_rows
 
 DOMAIN = "com.microsoft"
-ACCURACY_INT8 = 4
-
-
-def per_channel_block(k: int) -> int:
-    """The smallest power-of-two block (>= 16) covering all of K: one scale per output channel,
-    K zero-padded up to it (the default before ``default_block``)."""
-    return max(16, 1 << (k - 1).bit_length())
-
-
-def default_block(k: int) -> int:
-    """The block ``block_size`` 0 means: the largest power-of-two block (>= 16) among those that pad
-    K least, i.e. K when K is a power of two (one scale per output channel), else the largest
-    power-of-two divisor of K (1536 -> 512, 8960 -> 256), else (no divisor >= 16) the least padding."""
-    best, block = 16, 16
-    while block <= per_channel_block(k):
-        if -(-k // block) * block <= -(-k // best) * best:
-            best = block
-        block *= 2
-    return best
 
 
 def pack_int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 of ``w`` [K, N] per (column, block of K): (B [N, blocks, block] uint8,
     scales [N * blocks] float32)."""
-    k, n = w.shape
-    blocks = -(-k // block)
-    padded = np.zeros((blocks * block, n), np.float32)
-    padded[:k] = w
-    grouped = padded.T.reshape(n, blocks, block)
-    scale = np.abs(grouped).max(axis=2) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(grouped / scale[..., None]), -127, 127).astype(np.int16) + 128
-    return q.astype(np.uint8), scale.reshape(-1)
+    b, scale = pack_int8_rows(w.T, block)
+    return b, scale.reshape(-1)
 
 
 def unpack_int8_blocks(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
@@ -132,7 +108,7 @@ def quantize_matmul_nbits(model: ir.Model, block_size: int = 0, exclude: tuple[s
             bias = next(v for v in add.inputs if v is not out)
             inputs += [None, None, bias]
             out = add.outputs[0]
-        attrs = {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": ACCURACY_INT8}
+        attrs = {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": NBITS_ACCURACY_INT8}
         attributes = [ir.AttrInt64(key, value) for key, value in attrs.items()]
         fused = ir.Node(DOMAIN, "MatMulNBits", inputs, attributes=attributes, name=f"{node.name}_nbits")
         graph.insert_before(node, fused)

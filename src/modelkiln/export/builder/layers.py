@@ -15,8 +15,9 @@ import numpy as np
 from onnx import TensorProto
 
 from modelkiln.errors import ConfigError
-from modelkiln.export.builder.nbits import ACCURACY_INT8, pack_chunks, resolve_block
+from modelkiln.export.builder.nbits import pack_chunks, resolve_block
 from modelkiln.export.builder.writer import MS_DOMAIN, GraphWriter
+from modelkiln.quantmath import NBITS_ACCURACY_INT8
 
 #: Input rows (of K) converted and written per chunk when a weight is transposed to [in, out].
 ROWS_PER_CHUNK = 256
@@ -83,7 +84,7 @@ def linear(
         inputs = [x, b_name, s_name]
         if bias is not None:
             inputs += ["", "", g.weight(bias.astype(np.float32), f"{name}.bias")]
-        attrs = {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": ACCURACY_INT8}
+        attrs = {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": NBITS_ACCURACY_INT8}
         return g.op1("MatMulNBits", inputs, domain=MS_DOMAIN, **attrs)
     if precision is Precision.W8_DYNAMIC:
         return _dynamic_int8(g, x, name, w, bias)
