@@ -17,14 +17,6 @@ pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def exported(qwen_tiny_export) -> Path:
-    """``kiln export qwen2-vl-tiny`` (every part parity-checked against torch)."""
-    out, result = qwen_tiny_export
-    assert result.passed
-    return out
-
-
-@pytest.fixture(scope="module")
 def chat(exported: Path):
     from modelkiln.genai.chat import ChatModel
 

@@ -45,18 +45,6 @@ def mid():
     return build_tiny(**MID)
 
 
-@pytest.fixture(scope="module")
-def graphs(tiny, tmp_path_factory) -> Path:
-    """The tiny model's embedding and both decoder layouts."""
-    model, _ = tiny
-    text, tensors = model.model.language_model.config, StateDict(model.state_dict())
-    folder = tmp_path_factory.mktemp("tiny-layouts")
-    build_decoder(text, tensors, folder, "concat.onnx")
-    build_decoder(text, tensors, folder, "shared.onnx", kv_layout="shared")
-    build_embedding(text, tensors, folder)
-    return folder
-
-
 def _engine(folder: Path, name: str, **kw):
     from modelkiln.genai.engine import Engine
 
@@ -102,18 +90,18 @@ def test_shared_step_matches_transformers(size, tiny, mid, tmp_path) -> None:
     assert worst["logits"] <= LOGIT_TOL and worst["cache"] <= LOGIT_TOL, worst
 
 
-def test_layout_is_a_builder_option_read_from_the_graph(graphs: Path) -> None:
+def test_layout_is_a_builder_option_read_from_the_graph(tiny_layouts: Path) -> None:
     import onnx
 
-    shared = onnx.load(graphs / "shared.onnx")
+    shared = onnx.load(tiny_layouts / "shared.onnx")
     ops = {n.op_type for n in shared.graph.node}
     assert "GroupQueryAttention" in ops and "Concat" in ops  # rotary halves still concatenated
     names = [i.name for i in shared.graph.input]
     assert names[:4] == ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"]
     assert "attention_mask" not in names
-    assert _engine(graphs, "shared.onnx").shared and not _engine(graphs, "concat.onnx").shared
+    assert _engine(tiny_layouts, "shared.onnx").shared and not _engine(tiny_layouts, "concat.onnx").shared
     with pytest.raises(ConfigError, match="KV-cache layout 'paged'"):
-        build_decoder(None, None, graphs, kv_layout="paged")
+        build_decoder(None, None, tiny_layouts, kv_layout="paged")
 
 
 def test_greedy_generation_is_transformers_token_for_token(mid, tmp_path) -> None:
@@ -137,7 +125,7 @@ def test_greedy_generation_is_transformers_token_for_token(mid, tmp_path) -> Non
     assert engine.shared and len(ours) == 16 and ours == ref[0, len(ids) :].tolist()
 
 
-def test_batched_decode_with_sequences_joining_and_leaving_equals_each_alone(graphs: Path) -> None:
+def test_batched_decode_with_sequences_joining_and_leaving_equals_each_alone(tiny_layouts: Path) -> None:
     """Four sequences of different prompt lengths, answer lengths and samplers; two join while
     others run (one of them into the slot a finished one left, another after a hole opened), so
     steps bind slot ranges with holes. Every token equals the sequence run alone, on both layouts;
@@ -151,7 +139,7 @@ def test_batched_decode_with_sequences_joining_and_leaving_equals_each_alone(gra
     joins = {0: 0, 1: 0, 2: 0, 3: 0, 4: 5, 5: 8}  # sequence -> the step it starts at
     results = {}
     for name in ("concat.onnx", "shared.onnx"):
-        engine = _engine(graphs, name)
+        engine = _engine(tiny_layouts, name)
         alone = []
         for ids, new, seed in zip(prompts, news, seeds, strict=True):
             g = _start(engine, ids, new, seed)
@@ -183,13 +171,13 @@ def test_batched_decode_with_sequences_joining_and_leaving_equals_each_alone(gra
     assert results["concat.onnx"] == results["shared.onnx"]
 
 
-def test_a_sequence_holds_exactly_its_bytes_once(graphs: Path) -> None:
+def test_a_sequence_holds_exactly_its_bytes_once(tiny_layouts: Path) -> None:
     """sequence_bytes = the pages its positions fill in its slot + its logits; per token that is
     2 x layers x kv_heads x head_dim x 4 bytes (no second ping-pong buffer), pages rounded."""
     from modelkiln.genai.kv_cache import PAGE
 
-    engine = _engine(graphs, "shared.onnx")
-    concat = _engine(graphs, "concat.onnx")
+    engine = _engine(tiny_layouts, "shared.onnx")
+    concat = _engine(tiny_layouts, "concat.onnx")
     per_token = len(engine.past_names) * engine.kv_heads * engine.head_dim * 4
     positions_per_page = PAGE // (engine.head_dim * 4)
     for capacity in (positions_per_page, 8 * positions_per_page):
@@ -203,8 +191,8 @@ def test_a_sequence_holds_exactly_its_bytes_once(graphs: Path) -> None:
     assert engine.pool.stats().in_use_bytes == 0 and engine.kv.in_use == 0
 
 
-def test_limits_of_the_shared_cache_are_errors_naming_them(graphs: Path) -> None:
-    engine = _engine(graphs, "shared.onnx", slots=2, capacity=64)
+def test_limits_of_the_shared_cache_are_errors_naming_them(tiny_layouts: Path) -> None:
+    engine = _engine(tiny_layouts, "shared.onnx", slots=2, capacity=64)
     a = _start(engine, [1, 2, 3], 5)
     b = _start(engine, [4, 5], 5)
     assert {a.cache.slot, b.cache.slot} == {0, 1}

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelkiln.export.builder.qwen2 import build_decoder, build_embedding
-from modelkiln.export.builder.tensors import StateDict
 from modelkiln.genai import batch as genai_batch
 from modelkiln.genai.plan import Executor, plan_step, run_to_end
 
@@ -19,19 +17,6 @@ pytest.importorskip("torch")
 
 PROMPTS = [[5, 9, 31, 7, 2], [100, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [42, 43, 44]]
 NEW = [6, 9, 7]
-
-
-@pytest.fixture(scope="module")
-def graphs(tmp_path_factory) -> Path:
-    from modelkiln.zoo.qwen_vl import build_tiny
-
-    model, _ = build_tiny()
-    text, tensors = model.model.language_model.config, StateDict(model.state_dict())
-    folder = tmp_path_factory.mktemp("plan")
-    build_decoder(text, tensors, folder, "concat.onnx")
-    build_decoder(text, tensors, folder, "shared.onnx", kv_layout="shared")
-    build_embedding(text, tensors, folder)
-    return folder
 
 
 def _engine(folder: Path, name: str):
@@ -57,8 +42,8 @@ def _alone(engine) -> list[list[int]]:
     return out
 
 
-def test_a_plan_finishes_prefills_and_decodes(graphs: Path) -> None:
-    engine = _engine(graphs, "shared.onnx")
+def test_a_plan_finishes_prefills_and_decodes(tiny_layouts: Path) -> None:
+    engine = _engine(tiny_layouts, "shared.onnx")
     a, b, c = (_start(engine, i) for i in range(3))
     plan = plan_step([a, b, c])
     assert plan.prefill == (a,) and plan.decode == () and plan.finish == ()  # one prefill per step
@@ -76,8 +61,8 @@ def test_a_plan_finishes_prefills_and_decodes(graphs: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", ["concat", "shared"])
-def test_run_to_end_equals_each_sequence_alone(graphs: Path, layout: str) -> None:
-    engine = _engine(graphs, f"{layout}.onnx")
+def test_run_to_end_equals_each_sequence_alone(tiny_layouts: Path, layout: str) -> None:
+    engine = _engine(tiny_layouts, f"{layout}.onnx")
     expected = _alone(engine)
     gens = [_start(engine, i) for i in range(3)]
     seen: dict[int, list[int]] = {}
@@ -88,12 +73,12 @@ def test_run_to_end_equals_each_sequence_alone(graphs: Path, layout: str) -> Non
 
 @pytest.mark.parametrize("layout", ["concat", "shared"])
 def test_a_failing_step_fails_only_the_sequence_that_fails_alone(
-    graphs: Path, layout: str, monkeypatch: pytest.MonkeyPatch
+    tiny_layouts: Path, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sequence 1's next input is broken after its 3rd token (a wrong-sized embedding, which no
     run accepts): the batched step fails, each sequence is retried alone, sequence 1 fails with
     its own error and the others produce exactly what they produce alone."""
-    engine = _engine(graphs, f"{layout}.onnx")
+    engine = _engine(tiny_layouts, f"{layout}.onnx")
     expected = _alone(engine)
     gens = [_start(engine, i) for i in range(3)]
     victim = gens[1]
@@ -117,11 +102,11 @@ def test_a_failing_step_fails_only_the_sequence_that_fails_alone(
 
 
 def test_a_sequence_that_moved_before_the_failure_is_not_run_twice(
-    graphs: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_layouts: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batched step that fails after some sequences took their token: those keep it and are
     not stepped again; the rest are retried alone."""
-    engine = _engine(graphs, "shared.onnx")
+    engine = _engine(tiny_layouts, "shared.onnx")
     expected = _alone(engine)
     gens = [_start(engine, i) for i in range(3)]
     for g in gens:

@@ -95,20 +95,6 @@ def test_settings_come_from_either_processor_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(qwen_tiny_export) -> Path:
-    out, result = qwen_tiny_export
-    assert result.passed
-    return out
-
-
-@pytest.fixture(scope="module")
-def chat(exported: Path):
-    from modelkiln.genai.chat import ChatModel
-
-    return ChatModel(exported)
-
-
-@pytest.fixture(scope="module")
 def reference():
     from modelkiln.zoo.qwen_vl import build_tiny
 
