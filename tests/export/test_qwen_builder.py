@@ -362,6 +362,23 @@ def test_export_from_a_weights_folder_checks_a_truncated_decoder(weights_folder,
     assert gen.tokens == ref[0, len(ids) :].tolist()
 
 
+def test_w8a8_exports_from_a_weights_folder_and_passes_its_bound(weights_folder, tmp_path) -> None:
+    """W8A8 goes through ``export`` with its own bound against transformers (every precision has
+    one: a missing one was a KeyError after the whole build), down_proj in MatMulNBits (its
+    heavy-tailed input), QKV, o_proj, gate+up and the head through the int8 GEMM."""
+    from collections import Counter
+
+    from modelkiln.export.qwen_vl import TOLERANCES, export
+
+    assert set(TOLERANCES) == set(Precision)
+    result = export(QwenVLFamily(tiny=False), tmp_path, weights=str(weights_folder), precision="w8a8")
+    assert result.passed, result
+    kinds = Counter(
+        n.op_type for n in onnx.load(tmp_path / "decoder.onnx", load_external_data=False).graph.node
+    )
+    assert (kinds["MatMulInteger"], kinds["MatMulNBits"]) == (3 * 3 + 1, 3)  # 3 layers, + the head
+
+
 # -- the random 2B preset ---------------------------------------------------------------------------
 
 

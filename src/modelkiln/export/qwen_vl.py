@@ -70,6 +70,7 @@ TOLERANCES = {
     Precision.FP32: Tolerance(),
     Precision.FP16: Tolerance(atol=None, min_cosine=0.9999),
     Precision.W8: Tolerance(atol=None, min_cosine=0.999),
+    Precision.W8A8: Tolerance(atol=None, min_cosine=0.999),
 }
 _QWEN2, _QWEN25 = (
     "transformers.models.qwen2_vl.modeling_qwen2_vl",

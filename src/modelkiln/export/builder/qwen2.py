@@ -357,7 +357,6 @@ class _Step:
             "Split", [gate_up, g.const(np.array([s.intermediate, s.intermediate], i64))], 2, axis=-1
         )
         act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
-        down = linear(
-            g, act, f"layers.{i}.down_proj", [t.get(p + "mlp.down_proj.weight")], None, precision, block
-        )
+        down_w = [t.get(p + "mlp.down_proj.weight")]
+        down = linear(g, act, f"layers.{i}.down_proj", down_w, None, precision.heavy_tailed_input(), block)
         return g.op1("Add", [x, down])
