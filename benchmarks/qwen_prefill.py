@@ -1,7 +1,7 @@
 """Prefill against decode for the graph builder's decoders: FP32, W8 as first written (one block
 covering K, K zero-padded to a power of two: "w8_pow2"), W8 now (the block that pads K least:
-"w8") and W8A8 ("w8a8": per-token int8 activations through MatMulInteger, down_proj W8; earlier
-rows also hold "w8_dynamic", DynamicQuantizeMatMul with one activation scale per call, since
+"w8"), W8 with blocks of 32 ("w8_b32": llama.cpp Q8_0's block) and W8A8 ("w8a8": per-token
+int8 activations through MatMulInteger, down_proj W8; earlier rows also hold "w8_dynamic", DynamicQuantizeMatMul with one activation scale per call, since
 dropped). Per variant: decoder file size, time to first token for a 65- and a 512-token prompt
 (prefill + first token; the prompt's embeddings are given, so the embedding graph is not timed),
 decode tokens/s after each, and the first token's logit cosine to FP32's.
@@ -37,7 +37,7 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "qwen_prefill.jsonl"
 MID = {"hidden": 512, "layers": 8, "heads": 4, "kv_heads": 2}
-VARIANTS = ("fp32", "w8_pow2", "w8", "w8a8")
+VARIANTS = ("fp32", "w8_pow2", "w8", "w8_b32", "w8a8")
 #: 2B linear shapes (K, N): Q/K/V packed, O, gate/up packed, down (the LM head runs on one row).
 OPS_2B = ((1536, 2048), (1536, 1536), (1536, 17920), (8960, 1536))
 
@@ -91,7 +91,7 @@ def stage_build(size: str, work: Path, ckpt: Path | None, variants: list[str]) -
         if (folder / "decoder.onnx").is_file():
             continue
         precision = {"fp32": Precision.FP32, "w8a8": Precision.W8A8}.get(variant, Precision.W8)
-        block = PER_CHANNEL if variant == "w8_pow2" else 0
+        block = {"w8_pow2": PER_CHANNEL, "w8_b32": 32}.get(variant, 0)
         start = time.perf_counter()
         build_decoder(
             text,
