@@ -379,6 +379,26 @@ def test_w8a8_exports_from_a_weights_folder_and_passes_its_bound(weights_folder,
     assert (kinds["MatMulInteger"], kinds["MatMulNBits"]) == (3 * 3 + 1, 3)  # 3 layers, + the head
 
 
+def test_a_w8a8_decoder_with_int8_weights_names_the_cpu_it_needs(monkeypatch) -> None:
+    """int8 weights (built on a VNNI/AMX CPU) saturate on AVX2: the decoder's metadata says so, and
+    an AVX2-only CPU is told how to rebuild it; uint8 weights (the AVX2 build) need nothing."""
+    from modelkiln.export.qwen_vl import _metadata
+    from modelkiln.runtime.cpu import CpuInfo, unmet_requirement
+
+    avx2 = CpuInfo("x86_64", "AMD EPYC", frozenset({"avx2"}))
+    vnni = CpuInfo("x86_64", "Xeon", frozenset({"avx2", "avx512_vnni"}))
+    entry = QwenVLFamily(tiny=True)
+    monkeypatch.setenv("MODELKILN_W8A8_WEIGHTS", "s8")
+    props = _metadata(entry, "decoder", None, Precision.W8A8)
+    reason = unmet_requirement(props, avx2)
+    assert reason is not None and "MODELKILN_W8A8_WEIGHTS=u8" in reason and "w8a8" in reason
+    assert unmet_requirement(props, vnni) is None
+    assert unmet_requirement(_metadata(entry, "embed", None, Precision.W8A8), avx2) is None
+    monkeypatch.setenv("MODELKILN_W8A8_WEIGHTS", "u8")
+    assert unmet_requirement(_metadata(entry, "decoder", None, Precision.W8A8), avx2) is None
+    assert unmet_requirement(_metadata(entry, "decoder", None, Precision.W8), avx2) is None
+
+
 # -- the random 2B preset ---------------------------------------------------------------------------
 
 

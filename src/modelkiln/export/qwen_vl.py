@@ -38,7 +38,7 @@ from modelkiln._deps import require
 from modelkiln.errors import ExportError, ParityFailed
 from modelkiln.export import exporter
 from modelkiln.export.builder.attention import SHARED, check_layout, shared_feed
-from modelkiln.export.builder.layers import Precision
+from modelkiln.export.builder.layers import Precision, w8a8_signed
 from modelkiln.export.builder.qwen2 import build_decoder, build_embedding
 from modelkiln.export.builder.tensors import SafetensorsFolder, StateDict, Tensors
 from modelkiln.export.builder.vision import VisionShape, build_vision, vision_feed
@@ -46,6 +46,7 @@ from modelkiln.export.exporter import DEFAULT_OPSET, ExportResult, output_paths
 from modelkiln.export.parity import PARITY_BATCHES
 from modelkiln.numerics import TensorDiff, Tolerance, tensor_diff, worst
 from modelkiln.onnx_io import graph_tensors
+from modelkiln.runtime import cpu
 from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 from modelkiln.zoo.base import Part, ZooModel
 from modelkiln.zoo.qwen_vl import (
@@ -213,11 +214,20 @@ def _folder(ckpt: Checkpoint) -> Path:
 
 
 def _metadata(entry: QwenVLFamily, part: str, weights: str | None, precision: Precision) -> dict[str, str]:
-    return {
+    """The part's provenance; a W8A8 decoder built with int8 weights (on a CPU with VNNI/AMX) also
+    names the int32 dot product it needs, so loading it on an AVX2-only CPU warns (cpu.py)."""
+    meta = {
         **zoo.export_metadata(entry, part, weights),
         "modelkiln.export.method": "builder",
         "modelkiln.precision": precision.value,
     }
+    if part == "decoder" and precision is Precision.W8A8 and w8a8_signed():
+        meta[cpu.INT8_FORMAT_KEY] = "w8a8 (int8 weights)"
+        meta[cpu.INT8_REQUIRES_KEY] = cpu.INT32_DOT
+        meta[cpu.INT8_REMEDY_KEY] = (
+            "Export it again with MODELKILN_W8A8_WEIGHTS=u8 (uint8 weights: exact on every CPU)"
+        )
+    return meta
 
 
 def _built_part(

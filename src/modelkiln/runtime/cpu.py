@@ -128,6 +128,8 @@ INT8_FORMAT_KEY = "modelkiln.int8.format"
 INT8_WEIGHTS_KEY = "modelkiln.int8.weights"
 INT8_ACTIVATIONS_KEY = "modelkiln.int8.activations"
 INT8_REQUIRES_KEY = "modelkiln.int8.requires"
+#: How to rebuild the model for any CPU, when that is not ``kiln quantize --cpu portable``.
+INT8_REMEDY_KEY = "modelkiln.int8.remedy"
 #: The capability VNNI-format models need: u8 x s8 products summed in int32 (see CpuInfo.int32_dot).
 INT32_DOT = "int32_dot"
 
@@ -145,6 +147,8 @@ def unmet_requirement(props: dict[str, str], info: CpuInfo | None = None) -> str
     return (
         f"it was quantized in the '{fmt}' INT8 format, which needs an int32 dot product "
         f"(x86: {', '.join(X86_INT32_DOT)}; any ARM64), and this CPU, {info.describe()}, has none: "
-        "its u8 x s8 products saturate in int16 and accuracy drops. Re-quantize it with "
-        "`kiln quantize --cpu portable` (exact on every CPU)"
+        "its u8 x s8 products saturate in int16 and accuracy drops. "
+        + props.get(
+            INT8_REMEDY_KEY, "Re-quantize it with `kiln quantize --cpu portable` (exact on every CPU)"
+        )
     )
