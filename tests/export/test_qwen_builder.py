@@ -379,6 +379,44 @@ def test_w8a8_exports_from_a_weights_folder_and_passes_its_bound(weights_folder,
     assert (kinds["MatMulInteger"], kinds["MatMulNBits"]) == (3 * 3 + 1, 3)  # 3 layers, + the head
 
 
+def test_export_block_size_reaches_every_matmulnbits_and_bad_ones_are_refused(
+    weights_folder, tmp_path
+) -> None:
+    """``kiln export --block-size 32``: every MatMulNBits of the W8 decoder packed in blocks of 32
+    (llama.cpp Q8_0's), the check passed; a block MatMulNBits cannot take, a precision without
+    blocks, or a model not built from its weights is refused before any work, naming the value."""
+    from modelkiln.export.qwen_vl import export
+
+    result = export(
+        QwenVLFamily(tiny=False), tmp_path / "b32", weights=str(weights_folder), precision="w8", block_size=32
+    )
+    assert result.passed
+    nodes = onnx.load(tmp_path / "b32" / "decoder.onnx", load_external_data=False).graph.node
+    blocks = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {32}
+    with pytest.raises(ConfigError, match="power of two >= 16, got 24"):
+        export(
+            QwenVLFamily(tiny=False),
+            tmp_path / "b24",
+            weights=str(weights_folder),
+            precision="w8",
+            block_size=24,
+        )
+    with pytest.raises(ConfigError, match="precision fp16 has none"):
+        export(
+            QwenVLFamily(tiny=False),
+            tmp_path / "f16",
+            weights=str(weights_folder),
+            precision="fp16",
+            block_size=32,
+        )
+    assert not (tmp_path / "b24").exists() and not (tmp_path / "f16").exists()
+    from modelkiln.errors import ExportError
+
+    with pytest.raises(ExportError, match="--block-size applies to Qwen-VL"):
+        export("resnet50", tmp_path / "r.onnx", weights="random", image_size=32, block_size=32)
+
+
 def test_a_w8a8_decoder_with_int8_weights_names_the_cpu_it_needs(monkeypatch) -> None:
     """int8 weights (built on a VNNI/AMX CPU) saturate on AVX2: the decoder's metadata says so, and
     an AVX2-only CPU is told how to rebuild it; uint8 weights (the AVX2 build) need nothing."""

@@ -108,7 +108,10 @@ def quantize_cmd(
         help="Weight-only kernel: dequantize (any runtime) or matmulnbits (ORT CPU, fast decoders).",
     ),
     block_size: int = typer.Option(
-        0, "--block-size", help="matmulnbits: block along K (power of two >= 16); 0 is per channel."
+        0,
+        "--block-size",
+        help="matmulnbits: block along K (power of two >= 16; 32: finest, as llama.cpp's Q8_0); 0 is "
+        "the largest power of two dividing K (one scale per output channel when K is a power of two).",
     ),
     dynamic: bool = typer.Option(
         False, "--dynamic", help="MatMul activations quantized per batch at run time (ORT CPU); no --calib."

@@ -35,10 +35,11 @@ import onnx
 
 from modelkiln import zoo
 from modelkiln._deps import require
-from modelkiln.errors import ExportError, ParityFailed
+from modelkiln.errors import ConfigError, ExportError, ParityFailed
 from modelkiln.export import exporter
 from modelkiln.export.builder.attention import SHARED, check_layout, shared_feed
 from modelkiln.export.builder.layers import Precision, w8a8_signed
+from modelkiln.export.builder.nbits import PER_CHANNEL
 from modelkiln.export.builder.qwen2 import build_decoder, build_embedding
 from modelkiln.export.builder.tensors import SafetensorsFolder, StateDict, Tensors
 from modelkiln.export.builder.vision import VisionShape, build_vision, vision_feed
@@ -46,6 +47,7 @@ from modelkiln.export.exporter import DEFAULT_OPSET, ExportResult, output_paths
 from modelkiln.export.parity import PARITY_BATCHES
 from modelkiln.numerics import TensorDiff, Tolerance, tensor_diff, worst
 from modelkiln.onnx_io import graph_tensors
+from modelkiln.quantmath import NBITS_MIN_BLOCK
 from modelkiln.runtime import cpu
 from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 from modelkiln.zoo.base import Part, ZooModel
@@ -100,10 +102,12 @@ def export(
     tolerance: Tolerance | None = None,
     precision: str | Precision | None = None,
     kv_layout: str | None = None,
+    block_size: int = 0,
 ) -> ExportResult:
     """``exporter.export``'s signature: Qwen-VL families through the graph builder (unless
     ``MODELKILN_QWEN_TRACE=1``), every other family through ``exporter.export``. ``precision``
-    (fp32, fp16, w8: how the builder stores the language model's weights) and ``kv_layout``
+    (fp32, fp16, w8, w8a8: how the builder stores the language model's weights), ``block_size``
+    (W8's MatMulNBits block along K; 0: the largest power of two dividing K) and ``kv_layout``
     (shared, the default, or concat: ``builder/attention.py``) apply to built models only."""
     entry = model if isinstance(model, ZooModel) else zoo.get(model, image_size)
     if isinstance(entry, QwenVLFamily) and not traced_requested():
@@ -117,6 +121,7 @@ def export(
             precision=chosen,
             opset=opset,
             tolerance=tolerance,
+            block_size=block_size,
             kv_layout=kv_layout or SHARED,
         )
     if kv_layout is not None:
@@ -127,6 +132,10 @@ def export(
         )
         raise ExportError(
             f"--kv-layout applies to Qwen-VL decoders built from their weights; {entry.name} is {why}"
+        )
+    if block_size:
+        raise ExportError(
+            f"--block-size applies to Qwen-VL decoders built from their weights, not {entry.name}"
         )
     if isinstance(entry, QwenVLFamily) and precision is None:
         return _traced_qwen_vl(entry, out, weights, opset, tolerance)
@@ -175,6 +184,7 @@ def export_qwen_vl(
     decode without copies on ONNX Runtime; ``concat``: any runtime)."""
     precision = Precision.parse(precision)
     check_layout(kv_layout)
+    check_block_size(block_size, precision)
     out = Path(out)
     started = time.perf_counter()
     ckpt = entry.checkpoint(weights if weights is not None else entry.default_weights)
@@ -211,6 +221,20 @@ def _folder(ckpt: Checkpoint) -> Path:
     if ckpt.folder is None:
         raise ExportError("a checkpoint without a model in memory needs a weights folder")
     return ckpt.folder
+
+
+def check_block_size(block_size: int, precision: Precision) -> None:
+    """ConfigError unless ``block_size`` is 0 (the default block), ``nbits.PER_CHANNEL`` or one
+    MatMulNBits takes, for a precision that stores MatMulNBits blocks (W8; W8A8's down_proj)."""
+    if not block_size:
+        return
+    if precision not in (Precision.W8, Precision.W8A8):
+        raise ConfigError(
+            f"--block-size sets W8's MatMulNBits block; precision {precision.value} has none "
+            "(use --precision w8 or w8a8)"
+        )
+    if block_size != PER_CHANNEL and (block_size < NBITS_MIN_BLOCK or block_size & (block_size - 1)):
+        raise ConfigError(f"--block-size must be a power of two >= {NBITS_MIN_BLOCK}, got {block_size}")
 
 
 def _metadata(entry: QwenVLFamily, part: str, weights: str | None, precision: Precision) -> dict[str, str]:

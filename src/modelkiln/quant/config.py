@@ -127,7 +127,8 @@ class QuantConfig:
             raise ConfigError("the matmulnbits kernel is for weight-only quantization (weight_only=True)")
         if self.block_size and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ConfigError(
-                f"block_size must be 0 (per channel) or a power of two >= 16, got {self.block_size}"
+                f"block_size must be 0 (the largest power of two dividing K) or a power of two >= 16, "
+                f"got {self.block_size}"
             )
         if self.ffn_spread < 1:
             raise ConfigError(f"ffn_spread must be >= 1, got {self.ffn_spread}")
