@@ -5,6 +5,11 @@ latency for a few image sizes on 2 threads.
 
     .venv/bin/python benchmarks/qwen_vision.py --ckpt /work/qwen2b/ckpt --work DIR \\
         [--stages build,check,latency] [--sizes 224x224,448x448,448x1008] [--rounds 5]
+    .venv/bin/python benchmarks/qwen_vision.py --ckpt CKPT --work W8_DIR --precision w8 --stages build
+    .venv/bin/python benchmarks/qwen_vision.py --ckpt CKPT --work W8_DIR --stages compare --reference FP32_DIR
+
+``compare`` runs two built encoders (e.g. W8 against FP32) on the same processor-resized images,
+interleaved: each one's latency, and the cosine of their image embeddings per merged token.
 
 ``--ckpt`` is a Qwen2-VL weights folder (the random 2B one: ``zoo.qwen_vl.ensure_random_checkpoint``).
 Each stage runs in its own process (its peak RSS, VmHWM, is its own). ``DIR/vision.onnx`` is the
@@ -148,6 +153,54 @@ def stage_latency(ckpt: Path, work: Path, sizes: list[tuple[int, int]], rounds: 
     }
 
 
+def stage_compare(
+    ckpt: Path, work: Path, reference: Path, sizes: list[tuple[int, int]], rounds: int
+) -> dict[str, Any]:
+    """``work``'s encoder against ``reference``'s on the same images: latency of each (interleaved)
+    and the per-token cosine of the image embeddings (mean and min)."""
+    from modelkiln.bench.runner import machine_info
+    from modelkiln.export.builder.vision import VisionShape, vision_feed
+    from modelkiln.genai.images import ImageProcessor
+    from modelkiln.runtime.backends.onnxruntime import cpu_backend
+
+    shape = VisionShape.of(_config(ckpt).vision_config, "qwen2-vl").to_dict()
+    ours, ref = (
+        cpu_backend(work / "vision.onnx", threads=2),
+        cpu_backend(reference / "vision.onnx", threads=2),
+    )
+    processor = ImageProcessor()
+    rng = np.random.default_rng(0)
+    images: dict[str, Any] = {}
+    for h, w in sizes:
+        pixels, grid = processor.patches((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        feed = vision_feed(pixels, grid, shape)
+        a, b = ours.infer(feed)["image_embeds"], ref.infer(feed)["image_embeds"]  # warm-up, and the outputs
+        cos = np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        times: dict[str, list[float]] = {"ours": [], "reference": []}
+        for _ in range(rounds):
+            for key, backend in (("ours", ours), ("reference", ref)):
+                began = time.perf_counter()
+                backend.infer(feed)
+                times[key].append(time.perf_counter() - began)
+        images[f"{h}x{w}"] = {
+            "patches": int(np.prod(grid)),
+            "cosine_mean": round(float(cos.mean()), 6),
+            "cosine_min": round(float(cos.min()), 6),
+            **{f"{k}_median_ms": round(statistics.median(t) * 1e3, 1) for k, t in times.items()},
+            **{f"{k}_min_ms": round(min(t) * 1e3, 1) for k, t in times.items()},
+        }
+    return {
+        "stage": "compare",
+        "reference": str(reference),
+        "threads": 2,
+        "rounds": rounds,
+        "images": images,
+        "loadavg": os.getloadavg(),
+        "peak_rss_gb": round(status_kb("VmHWM") / 1e6, 2),
+        "machine": machine_info(threads=2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, required=True)
@@ -156,6 +209,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--sizes", default="224x224,448x448,448x1008")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reference", type=Path, help="compare: the encoder folder to compare with")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # the child process's one stage
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -165,6 +219,8 @@ def main() -> None:
             row = stage_build(args.ckpt, args.work, args.precision)
         elif args.stage == "check":
             row = stage_check(args.ckpt, args.work)
+        elif args.stage == "compare":
+            row = stage_compare(args.ckpt, args.work, args.reference, sizes, args.rounds)  # type: ignore[arg-type]
         else:
             row = stage_latency(args.ckpt, args.work, sizes, args.rounds)  # type: ignore[arg-type]
         print(json.dumps(row))
@@ -172,6 +228,7 @@ def main() -> None:
     for stage in args.stages.split(","):
         cmd = [sys.executable, __file__, "--ckpt", str(args.ckpt), "--work", str(args.work), "--stage", stage]
         cmd += ["--precision", args.precision, "--sizes", args.sizes, "--rounds", str(args.rounds)]
+        cmd += ["--reference", str(args.reference)] if args.reference else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)

@@ -363,20 +363,33 @@ def test_export_from_a_weights_folder_checks_a_truncated_decoder(weights_folder,
 
 
 def test_w8a8_exports_from_a_weights_folder_and_passes_its_bound(weights_folder, tmp_path) -> None:
-    """W8A8 goes through ``export`` with its own bound against transformers (every precision has
-    one: a missing one was a KeyError after the whole build), down_proj in MatMulNBits (its
-    heavy-tailed input), QKV, o_proj, gate+up and the head through the int8 GEMM."""
+    """W8A8 (the decoder and, asked for, the vision encoder) goes through ``export`` with its own
+    bound against transformers (every precision has one: a missing one was a KeyError after the
+    whole build), down_proj in MatMulNBits (its heavy-tailed input), QKV, o_proj, gate+up and the
+    head through the int8 GEMM."""
     from collections import Counter
 
     from modelkiln.export.qwen_vl import TOLERANCES, export
 
     assert set(TOLERANCES) == set(Precision)
-    result = export(QwenVLFamily(tiny=False), tmp_path, weights=str(weights_folder), precision="w8a8")
-    assert result.passed, result
-    kinds = Counter(
-        n.op_type for n in onnx.load(tmp_path / "decoder.onnx", load_external_data=False).graph.node
+    result = export(
+        QwenVLFamily(tiny=False),
+        tmp_path,
+        weights=str(weights_folder),
+        precision="w8a8",
+        vision_precision="w8a8",
     )
-    assert (kinds["MatMulInteger"], kinds["MatMulNBits"]) == (3 * 3 + 1, 3)  # 3 layers, + the head
+    assert result.passed, result
+
+    def kinds(name: str) -> Counter[str]:
+        return Counter(n.op_type for n in onnx.load(tmp_path / name, load_external_data=False).graph.node)
+
+    assert (kinds("decoder.onnx")["MatMulInteger"], kinds("decoder.onnx")["MatMulNBits"]) == (3 * 3 + 1, 3)
+    # the encoder (quick-GELU MLP, no heavy-tailed product): patch embedding, QKV, proj, fc1, fc2
+    # per block, the merger's two
+    depth = json.loads((weights_folder / "config.json").read_text())["vision_config"]["depth"]
+    assert kinds("vision.onnx")["MatMulInteger"] == 1 + 4 * depth + 2
+    assert any(p.part == "vision" for p in result.parity)
 
 
 def test_export_block_size_reaches_every_matmulnbits_and_bad_ones_are_refused(
@@ -431,6 +444,7 @@ def test_a_w8a8_decoder_with_int8_weights_names_the_cpu_it_needs(monkeypatch) ->
     reason = unmet_requirement(props, avx2)
     assert reason is not None and "MODELKILN_W8A8_WEIGHTS=u8" in reason and "w8a8" in reason
     assert unmet_requirement(props, vnni) is None
+    assert unmet_requirement(_metadata(entry, "vision", None, Precision.W8A8), avx2) is not None
     assert unmet_requirement(_metadata(entry, "embed", None, Precision.W8A8), avx2) is None
     monkeypatch.setenv("MODELKILN_W8A8_WEIGHTS", "u8")
     assert unmet_requirement(_metadata(entry, "decoder", None, Precision.W8A8), avx2) is None

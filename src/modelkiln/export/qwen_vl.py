@@ -103,6 +103,7 @@ def export(
     precision: str | Precision | None = None,
     kv_layout: str | None = None,
     block_size: int = 0,
+    vision_precision: str | None = None,
 ) -> ExportResult:
     """``exporter.export``'s signature: Qwen-VL families through the graph builder (unless
     ``MODELKILN_QWEN_TRACE=1``), every other family through ``exporter.export``. ``precision``
@@ -123,6 +124,7 @@ def export(
             tolerance=tolerance,
             block_size=block_size,
             kv_layout=kv_layout or SHARED,
+            vision_precision=vision_precision or Precision.FP32,
         )
     if kv_layout is not None:
         why = (
@@ -175,14 +177,17 @@ def export_qwen_vl(
     block_size: int = 0,
     vision: bool = True,
     kv_layout: str = SHARED,
+    vision_precision: str | Precision = Precision.FP32,
 ) -> ExportResult:
-    """Write ``entry``'s folder (embed.onnx and decoder.onnx in ``precision``, vision.onnx in FP32,
-    processor files, genai.json) to ``out``; ParityFailed (nothing of that part written) when a
-    part misses ``tolerance`` (default: per precision, ``TOLERANCES``). ``vision=False`` skips the
+    """Write ``entry``'s folder (embed.onnx and decoder.onnx in ``precision``, vision.onnx in
+    ``vision_precision``, processor files, genai.json) to ``out``; ParityFailed (nothing of that
+    part written) when a part misses ``tolerance`` (default: per precision, ``TOLERANCES``; the
+    vision encoder always its precision's bound). ``vision=False`` skips the
     vision graph (benchmarks of the builder alone: genai.json still names it, so such a folder does
     not open in ChatModel). ``kv_layout``: the decoder's cache interface (``shared``: batched
     decode without copies on ONNX Runtime; ``concat``: any runtime)."""
     precision = Precision.parse(precision)
+    vision_precision = Precision.parse(vision_precision)
     check_layout(kv_layout)
     check_block_size(block_size, precision)
     out = Path(out)
@@ -205,10 +210,10 @@ def export_qwen_vl(
             entry, ckpt, tensors, "decoder", paths, weights, precision, block_size, tol, kv_layout
         )
         if vision:
-            # FP32 whatever the decoder's precision: the encoder runs once per image, not per token;
-            # its INT8 is deploy's weight-only vision.int8.onnx, judged by embedding cosine
+            # FP32 unless asked: the reference encoder (deploy adds a weight-only vision.int8.onnx);
+            # W8A8 is the fast one for large images on CPUs without VNNI (docs/genai.md)
             result.parity += _built_vision(
-                entry, ckpt, tensors, paths, weights, Precision.FP32, 0, Tolerance()
+                entry, ckpt, tensors, paths, weights, vision_precision, 0, TOLERANCES[vision_precision]
             )
         entry.write_assets(out)
     finally:
@@ -238,14 +243,15 @@ def check_block_size(block_size: int, precision: Precision) -> None:
 
 
 def _metadata(entry: QwenVLFamily, part: str, weights: str | None, precision: Precision) -> dict[str, str]:
-    """The part's provenance; a W8A8 decoder built with int8 weights (on a CPU with VNNI/AMX) also
-    names the int32 dot product it needs, so loading it on an AVX2-only CPU warns (cpu.py)."""
+    """The part's provenance; a W8A8 decoder or encoder built with int8 weights (on a CPU with
+    VNNI/AMX) also names the int32 dot product it needs, so loading it on an AVX2-only CPU warns
+    (cpu.py)."""
     meta = {
         **zoo.export_metadata(entry, part, weights),
         "modelkiln.export.method": "builder",
         "modelkiln.precision": precision.value,
     }
-    if part == "decoder" and precision is Precision.W8A8 and w8a8_signed():
+    if part in ("decoder", "vision") and precision is Precision.W8A8 and w8a8_signed():
         meta[cpu.INT8_FORMAT_KEY] = "w8a8 (int8 weights)"
         meta[cpu.INT8_REQUIRES_KEY] = cpu.INT32_DOT
         meta[cpu.INT8_REMEDY_KEY] = (

@@ -302,10 +302,15 @@ class _Encoder:
     def _w(self, name: str) -> np.ndarray:
         return self.t.get(f"visual.{name}")
 
-    def _linear(self, x: str, name: str, weights: list[str], with_bias: bool = True) -> str:
+    def _linear(
+        self, x: str, name: str, weights: list[str], with_bias: bool = True, heavy_tailed: bool = False
+    ) -> str:
+        """A Linear of the encoder; ``heavy_tailed``: its input is an MLP activation's product (see
+        ``Precision.heavy_tailed_input``)."""
         ws = [self._w(f"{n}.weight") for n in weights]
         bias = np.concatenate([self._w(f"{n}.bias") for n in weights]) if with_bias else None
-        return linear(self.g, x, f"visual.{name}", ws, bias, self.precision, self.block_size)
+        precision = self.precision.heavy_tailed_input() if heavy_tailed else self.precision
+        return linear(self.g, x, f"visual.{name}", ws, bias, precision, self.block_size)
 
     def _norm(self, x: str, name: str) -> str:
         g = self.g
@@ -361,7 +366,7 @@ class _Encoder:
             gate_up = self._linear(h, p + "mlp.gate_up", [p + "mlp.gate_proj", p + "mlp.up_proj"])
             gate, up = g.op("Split", [gate_up, g.const(np.array([s.mlp, s.mlp], _I64))], 2, axis=-1)
             act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
-            out = self._linear(act, p + "mlp.down_proj", [p + "mlp.down_proj"])
+            out = self._linear(act, p + "mlp.down_proj", [p + "mlp.down_proj"], heavy_tailed=True)
         else:
             fc1 = self._linear(h, p + "mlp.fc1", [p + "mlp.fc1"])
             act = g.op1("Mul", [fc1, g.op1("Sigmoid", [g.op1("Mul", [fc1, g.const(np.float32(1.702))])])])
