@@ -191,6 +191,7 @@ def stage_compare(
         }
     return {
         "stage": "compare",
+        "encoder": str(work),
         "reference": str(reference),
         "threads": 2,
         "rounds": rounds,
