@@ -407,22 +407,18 @@ def test_export_block_size_reaches_every_matmulnbits_and_bad_ones_are_refused(
     nodes = onnx.load(tmp_path / "b32" / "decoder.onnx", load_external_data=False).graph.node
     blocks = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
     assert blocks == {32}
-    with pytest.raises(ConfigError, match="power of two >= 16, got 24"):
-        export(
-            QwenVLFamily(tiny=False),
-            tmp_path / "b24",
-            weights=str(weights_folder),
-            precision="w8",
-            block_size=24,
-        )
-    with pytest.raises(ConfigError, match="precision fp16 has none"):
-        export(
-            QwenVLFamily(tiny=False),
-            tmp_path / "f16",
-            weights=str(weights_folder),
-            precision="fp16",
-            block_size=32,
-        )
+    for folder, precision, block, message in (
+        ("b24", "w8", 24, "power of two >= 16, got 24"),
+        ("f16", "fp16", 32, "precision fp16 has none"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            export(
+                QwenVLFamily(tiny=False),
+                tmp_path / folder,
+                weights=str(weights_folder),
+                precision=precision,
+                block_size=block,
+            )
     assert not (tmp_path / "b24").exists() and not (tmp_path / "f16").exists()
     from modelkiln.errors import ExportError
 
