@@ -424,6 +424,8 @@ def test_export_block_size_reaches_every_matmulnbits_and_bad_ones_are_refused(
 
     with pytest.raises(ExportError, match="--block-size applies to Qwen-VL"):
         export("resnet50", tmp_path / "r.onnx", weights="random", image_size=32, block_size=32)
+    with pytest.raises(ExportError, match="--vision-precision applies to Qwen-VL"):  # was silently ignored
+        export("resnet50", tmp_path / "r.onnx", weights="random", image_size=32, vision_precision="w8a8")
 
 
 def test_a_w8a8_decoder_with_int8_weights_names_the_cpu_it_needs(monkeypatch) -> None:

@@ -135,10 +135,12 @@ def export(
         raise ExportError(
             f"--kv-layout applies to Qwen-VL decoders built from their weights; {entry.name} is {why}"
         )
-    if block_size:
-        raise ExportError(
-            f"--block-size applies to Qwen-VL decoders built from their weights, not {entry.name}"
-        )
+    for flag, given in (("--block-size", block_size), ("--vision-precision", vision_precision)):
+        if given:
+            raise ExportError(
+                f"{flag} applies to Qwen-VL models built from their weights ({TRACE_ENV} unset); "
+                f"{entry.name} is not one"
+            )
     if isinstance(entry, QwenVLFamily) and precision is None:
         return _traced_qwen_vl(entry, out, weights, opset, tolerance)
     if precision is not None:
