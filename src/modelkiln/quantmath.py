@@ -112,6 +112,11 @@ NBITS_ACCURACY_INT8 = 4
 NBITS_MIN_BLOCK = 16
 
 
+def is_nbits_block(block: int) -> bool:
+    """A block MatMulNBits takes: a power of two, at least ``NBITS_MIN_BLOCK``."""
+    return block >= NBITS_MIN_BLOCK and block & (block - 1) == 0
+
+
 def per_channel_block(k: int) -> int:
     """The smallest power-of-two block (>= 16) covering all of K: one scale per output channel,
     K zero-padded up to the block (the layout written before ``default_block``)."""

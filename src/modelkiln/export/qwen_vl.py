@@ -47,7 +47,7 @@ from modelkiln.export.exporter import DEFAULT_OPSET, ExportResult, output_paths
 from modelkiln.export.parity import PARITY_BATCHES
 from modelkiln.numerics import TensorDiff, Tolerance, tensor_diff, worst
 from modelkiln.onnx_io import graph_tensors
-from modelkiln.quantmath import NBITS_MIN_BLOCK
+from modelkiln.quantmath import NBITS_MIN_BLOCK, is_nbits_block
 from modelkiln.runtime import cpu
 from modelkiln.runtime.backends.onnxruntime import GraphOptimization, cpu_backend
 from modelkiln.zoo.base import Part, ZooModel
@@ -240,7 +240,7 @@ def check_block_size(block_size: int, precision: Precision) -> None:
             f"--block-size sets W8's MatMulNBits block; precision {precision.value} has none "
             "(use --precision w8 or w8a8)"
         )
-    if block_size != PER_CHANNEL and (block_size < NBITS_MIN_BLOCK or block_size & (block_size - 1)):
+    if block_size != PER_CHANNEL and not is_nbits_block(block_size):
         raise ConfigError(f"--block-size must be a power of two >= {NBITS_MIN_BLOCK}, got {block_size}")
 
 

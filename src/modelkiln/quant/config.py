@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkiln.errors import ConfigError
+from modelkiln.quantmath import is_nbits_block
 
 
 class Method(enum.Enum):
@@ -125,7 +126,7 @@ class QuantConfig:
             raise ConfigError(f"weight_kernel must be a WeightKernel, got {self.weight_kernel!r}")
         if self.weight_kernel is WeightKernel.MATMUL_NBITS and not self.weight_only:
             raise ConfigError("the matmulnbits kernel is for weight-only quantization (weight_only=True)")
-        if self.block_size and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+        if self.block_size and not is_nbits_block(self.block_size):
             raise ConfigError(
                 f"block_size must be 0 (the largest power of two dividing K) or a power of two >= 16, "
                 f"got {self.block_size}"
