@@ -39,9 +39,10 @@ class Precision(enum.StrEnum):
     #: 8-bit weights [K, N] with one scale per output channel, activations quantized per row (per
     #: token, symmetric, absmax / 127) in the graph, MatMulInteger: ONNX Runtime's int8 GEMM for
     #: prefill; an outlier token coarsens only itself (ONNX Runtime's DynamicQuantizeMatMul takes
-    #: one scale per call: 2B logit cosine 0.889 on a 512-token prompt, dropped for this). Weights are uint8 (zero point 128) unless the CPU multiplies u8 x s8 into int32
-    #: (``w8a8_signed``): AVX2's VPMADDUBSW would saturate pairs of u8 x s8 products in int16.
-    #: Layers with heavy-tailed inputs stay W8 (``heavy_tailed_input``)
+    #: one scale per call: 2B logit cosine 0.889 on a 512-token prompt, dropped for this). Weights
+    #: are uint8 (zero point 128) unless the CPU multiplies u8 x s8 into int32 (``w8a8_signed``):
+    #: AVX2's VPMADDUBSW would saturate pairs of u8 x s8 products in int16. Layers with
+    #: heavy-tailed inputs stay W8 (``heavy_tailed_input``)
     W8A8 = "w8a8"
 
     def heavy_tailed_input(self) -> Precision:
