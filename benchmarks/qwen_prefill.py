@@ -1,8 +1,8 @@
 """Prefill against decode for the graph builder's decoders: FP32, W8 as first written (one block
 covering K, K zero-padded to a power of two: "w8_pow2"), W8 now (the block that pads K least:
 "w8"), W8 with blocks of 32 ("w8_b32": llama.cpp Q8_0's block) and W8A8 ("w8a8": per-token
-int8 activations through MatMulInteger, down_proj W8; earlier rows also hold "w8_dynamic", DynamicQuantizeMatMul with one activation scale per call, since
-dropped). Per variant: decoder file size, time to first token for a 65- and a 512-token prompt
+int8 activations through MatMulInteger, down_proj W8; earlier rows also hold "w8_dynamic",
+DynamicQuantizeMatMul with one activation scale per call, since dropped). Per variant: decoder file size, time to first token for a 65- and a 512-token prompt
 (prefill + first token; the prompt's embeddings are given, so the embedding graph is not timed),
 decode tokens/s after each, and the first token's logit cosine to FP32's.
 
